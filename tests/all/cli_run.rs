@@ -1,0 +1,111 @@
+//! `wasmesh run`, through the real binary.
+
+use std::process::Command;
+
+use wasmesh_plugins as plugins;
+
+use crate::support::root;
+
+fn wasmesh() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wasmesh"))
+}
+
+#[test]
+fn run_prints_event_display_verbatim_and_the_disposition_on_stderr() {
+    let seed = root().join("tests/data/seed-event.json");
+    let out = wasmesh()
+        .args(["run", plugins::EVENT_DISPLAY, "--event"])
+        .arg(&seed)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let golden = std::fs::read(root().join("tests/golden/seed-event.display.txt")).expect("golden");
+    assert_eq!(
+        out.stdout, golden,
+        "stdout is the plugin's output and nothing else"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "disposition: ack"
+    );
+}
+
+#[test]
+fn run_passes_config_to_a_filter_and_shows_replies_and_logs() {
+    let seed = root().join("tests/data/seed-event.json");
+    let out = wasmesh()
+        .args([
+            "run",
+            plugins::TYPE_FILTER,
+            "--config",
+            "prefix=com.example.",
+        ])
+        .arg("--event")
+        .arg(&seed)
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "not matched");
+
+    let out = wasmesh()
+        .args(["run", plugins::POD_STARTED, "--event"])
+        .arg(&seed)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("[pod-started] INFO: pod default/busybox started"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("disposition: reply"), "{stderr}");
+    assert!(
+        stderr.contains("\"type\": \"com.example.pod.started\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_reports_failures_clearly() {
+    let seed = root().join("tests/data/seed-event.json");
+    let out = wasmesh()
+        .args(["run", plugins::FIXTURE_SPIN, "--timeout", "50", "--event"])
+        .arg(&seed)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: fixture-spin: deadline of 50 ms exceeded"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad_event = dir.path().join("bad.json");
+    std::fs::write(&bad_event, r#"{"specversion":"1.0","id":"1","type":"t"}"#).expect("write");
+    let out = wasmesh()
+        .args(["run", plugins::EVENT_DISPLAY, "--event"])
+        .arg(&bad_event)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.json: not a valid structured CloudEvent"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("source"), "{stderr}");
+
+    let missing = wasmesh()
+        .args(["run", "/nonexistent/plugin.wasm", "--event"])
+        .arg(&seed)
+        .output()
+        .expect("runs");
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("cannot read /nonexistent/plugin.wasm")
+    );
+}

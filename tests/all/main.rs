@@ -1,0 +1,6 @@
+//! wasmesh's integration tests: one binary, a module per area. Everything here is real: Wasm
+//! components built from `plugins/`, the real `wasmesh` binary.
+
+mod cli_run;
+mod runtime;
+mod support;
