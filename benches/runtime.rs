@@ -34,29 +34,6 @@ fn function(engine: &PluginEngine, path: &str, kind: PluginKind, isolation: Isol
     wasmesh_runtime::load_function(engine, "bench", &bytes, Some(kind), settings).expect("loads")
 }
 
-fn native_display(event: &Event) -> String {
-    let data = wasmesh_core::event::data_bytes(event);
-    let source = event.source().to_string();
-    let spec = event.specversion().to_string();
-    wasmesh_display::render(&wasmesh_display::DisplayEvent {
-        specversion: &spec,
-        ty: event.ty(),
-        source: &source,
-        subject: event.subject(),
-        id: event.id(),
-        time: event
-            .time()
-            .map(|t| (t.timestamp(), t.timestamp_subsec_nanos())),
-        dataschema: None,
-        datacontenttype: event.datacontenttype(),
-        extensions: event
-            .iter_extensions()
-            .map(|(k, v)| (k, v.to_string()))
-            .collect(),
-        data: data.as_deref(),
-    })
-}
-
 fn runtime(c: &mut Criterion) {
     let engine = PluginEngine::new(EngineConfig::default()).expect("engine");
     let event = seed_event();
@@ -105,7 +82,7 @@ fn runtime(c: &mut Criterion) {
     let mut sink = std::io::sink();
     g.bench_function("e2_native_event_display", |b| {
         b.iter(|| {
-            let text = native_display(black_box(&event));
+            let text = wasmesh_core::display::render(black_box(&event));
             std::io::Write::write_all(&mut sink, text.as_bytes()).expect("sink");
         })
     });

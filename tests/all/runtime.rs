@@ -8,19 +8,12 @@ use wasmesh_runtime::{
     PluginKind,
 };
 
-use crate::support::{engine, function, root, seed_event, tight};
+use crate::support::{engine, filter, function, root, seed_event, subscriber, tight};
 
 #[test]
 fn event_display_prints_the_seed_event_as_knative_does() {
     let engine = engine();
-    let f = function(
-        &engine,
-        plugins::EVENT_DISPLAY,
-        PluginKind::Subscriber,
-        &[],
-        Limits::default(),
-        Isolation::Warm,
-    );
+    let f = subscriber(&engine, plugins::EVENT_DISPLAY);
     let called = f
         .handle(&seed_event())
         .expect("event-display handles the event");
@@ -38,14 +31,7 @@ fn event_display_prints_the_seed_event_as_knative_does() {
 #[test]
 fn hostile_plugins_are_contained_and_named() {
     let engine = engine();
-    let display = function(
-        &engine,
-        plugins::EVENT_DISPLAY,
-        PluginKind::Subscriber,
-        &[],
-        Limits::default(),
-        Isolation::Warm,
-    );
+    let display = subscriber(&engine, plugins::EVENT_DISPLAY);
     let event = seed_event();
     let cases = [
         (
@@ -114,14 +100,7 @@ fn log_spam_is_capped_and_panics_are_explained() {
 #[test]
 fn malformed_reply_is_an_error_naming_the_problem() {
     let engine = engine();
-    let f = function(
-        &engine,
-        plugins::FIXTURE_BAD_REPLY,
-        PluginKind::Subscriber,
-        &[],
-        Limits::default(),
-        Isolation::Warm,
-    );
+    let f = subscriber(&engine, plugins::FIXTURE_BAD_REPLY);
     let err = f.handle(&seed_event()).expect_err("malformed reply");
     assert!(matches!(err.kind, CallErrorKind::MalformedReply(_)));
     assert_eq!(
@@ -133,14 +112,7 @@ fn malformed_reply_is_an_error_naming_the_problem() {
 #[test]
 fn pod_started_replies_with_a_smaller_event_and_logs() {
     let engine = engine();
-    let f = function(
-        &engine,
-        plugins::POD_STARTED,
-        PluginKind::Subscriber,
-        &[],
-        Limits::default(),
-        Isolation::Warm,
-    );
+    let f = subscriber(&engine, plugins::POD_STARTED);
     let called = f.handle(&seed_event()).expect("handled");
     let Disposition::Reply(reply) = called.value else {
         panic!("expected a reply, got {:?}", called.value);
@@ -159,50 +131,30 @@ fn pod_started_replies_with_a_smaller_event_and_logs() {
 fn a_filter_reading_attributes_never_receives_the_data() {
     let engine = engine();
     let event = seed_event();
-    let attrs_only = function(
-        &engine,
-        plugins::TYPE_FILTER,
-        PluginKind::Filter,
-        &[("prefix", "dev.knative.")],
-        Limits::default(),
-        Isolation::Warm,
-    );
+    let attrs_only = filter(&engine, plugins::TYPE_FILTER, &[("prefix", "dev.knative.")]);
     let called = attrs_only.matches(&event).expect("filter runs");
     assert!(called.value);
     assert_eq!(called.output.data_bytes_read, 0);
 
-    let reads_data = function(
+    let reads_data = filter(
         &engine,
         plugins::TYPE_FILTER,
-        PluginKind::Filter,
         &[
             ("prefix", "dev.knative."),
             ("data-contains", "Started container"),
         ],
-        Limits::default(),
-        Isolation::Warm,
     );
     let called = reads_data.matches(&event).expect("filter runs");
     assert!(called.value);
     let len = wasmesh_core::event::data_bytes(&event).expect("data").len();
     assert_eq!(called.output.data_bytes_read, len);
 
-    let other_prefix = function(
-        &engine,
-        plugins::TYPE_FILTER,
-        PluginKind::Filter,
-        &[("prefix", "com.example.")],
-        Limits::default(),
-        Isolation::Warm,
-    );
+    let other_prefix = filter(&engine, plugins::TYPE_FILTER, &[("prefix", "com.example.")]);
     assert!(!other_prefix.matches(&event).expect("filter runs").value);
-    let by_extension = function(
+    let by_extension = filter(
         &engine,
         plugins::TYPE_FILTER,
-        PluginKind::Filter,
         &[("attribute", "kind"), ("prefix", "Ev")],
-        Limits::default(),
-        Isolation::Warm,
     );
     assert!(by_extension.matches(&event).expect("filter runs").value);
 }
@@ -211,14 +163,7 @@ fn a_filter_reading_attributes_never_receives_the_data() {
 fn warm_instances_are_reused_and_fresh_ones_are_not() {
     let engine = engine();
     let event = seed_event();
-    let warm = function(
-        &engine,
-        plugins::TYPE_FILTER,
-        PluginKind::Filter,
-        &[],
-        Limits::default(),
-        Isolation::Warm,
-    );
+    let warm = filter(&engine, plugins::TYPE_FILTER, &[]);
     for _ in 0..3 {
         assert!(warm.matches(&event).expect("runs").value);
         assert_eq!(warm.idle_instances(), 1, "one instance serves every event");
@@ -314,15 +259,8 @@ fn native_and_wasm_event_display_agree() {
     // The benchmark compares the two; they must do the same work.
     let event = seed_event();
     let engine = engine();
-    let f = function(
-        &engine,
-        plugins::EVENT_DISPLAY,
-        PluginKind::Subscriber,
-        &[],
-        Limits::default(),
-        Isolation::Warm,
-    );
+    let f = subscriber(&engine, plugins::EVENT_DISPLAY);
     let wasm = f.handle(&event).expect("handled").output.stdout;
-    let native = crate::support::native_display(&event);
+    let native = wasmesh_core::display::render(&event);
     assert_eq!(String::from_utf8_lossy(&wasm), native);
 }

@@ -64,29 +64,26 @@ pub(crate) fn function(
     .expect("plugin loads")
 }
 
-/// event-display's work done natively, for comparison.
-pub(crate) fn native_display(event: &Event) -> String {
-    use wasmesh_core::AttributesReader;
-    let data = wasmesh_core::event::data_bytes(event);
-    let time = event
-        .time()
-        .map(|t| (t.timestamp(), t.timestamp_subsec_nanos()));
-    let source = event.source().to_string();
-    let schema = event.dataschema().map(|u| u.to_string());
-    let spec = event.specversion().to_string();
-    wasmesh_display::render(&wasmesh_display::DisplayEvent {
-        specversion: &spec,
-        ty: event.ty(),
-        source: &source,
-        subject: event.subject(),
-        id: event.id(),
-        time,
-        dataschema: schema.as_deref(),
-        datacontenttype: event.datacontenttype(),
-        extensions: event
-            .iter_extensions()
-            .map(|(k, v)| (k, v.to_string()))
-            .collect(),
-        data: data.as_deref(),
-    })
+/// A subscriber with default limits and warm instances.
+pub(crate) fn subscriber(engine: &PluginEngine, path: &str) -> Function {
+    function(
+        engine,
+        path,
+        PluginKind::Subscriber,
+        &[],
+        Limits::default(),
+        Isolation::Warm,
+    )
+}
+
+/// A filter with the given configuration, default limits and warm instances.
+pub(crate) fn filter(engine: &PluginEngine, path: &str, config: &[(&str, &str)]) -> Function {
+    function(
+        engine,
+        path,
+        PluginKind::Filter,
+        config,
+        Limits::default(),
+        Isolation::Warm,
+    )
 }
