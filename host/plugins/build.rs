@@ -6,6 +6,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Plugins that `module: builtin:<name>` can name.
+const BUILTINS: &[&str] = &["event-display", "type-filter", "pod-started"];
+
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let root = manifest_dir.join("../..");
@@ -62,6 +65,17 @@ fn main() {
             items,
             "/// Path of the `{name}` component.\npub const {}: &str = {path:?};",
             name.replace('-', "_").to_uppercase()
+        );
+    }
+    consts.push_str("];\n");
+    // The example plugins are built into the binary too, for `module: builtin:<name>`.
+    consts.push_str("/// Example plugins built into the binary: (name, component bytes).\npub const BUILTINS: &[(&str, &[u8])] = &[\n");
+    for name in BUILTINS {
+        let file = wasm_dir.join(format!("{}.wasm", name.replace('-', "_")));
+        let _ = writeln!(
+            consts,
+            "    ({name:?}, include_bytes!({:?})),",
+            file.display().to_string()
         );
     }
     consts.push_str("];\n");

@@ -1,8 +1,13 @@
-//! The core of wasmesh: the CloudEvent model (over cloudevents-sdk) and, as the project grows,
-//! the resource kinds and filter dialects. No I/O and no async runtime live here.
+//! The core of wasmesh: the CloudEvent model (over cloudevents-sdk), the resource kinds users
+//! declare and their validation, YAML reading with located errors, and the native filter
+//! dialects. No I/O and no async runtime live here.
 
 pub mod display;
+pub mod duration;
 pub mod event;
+pub mod filter;
+pub mod resources;
+pub mod yaml;
 
 pub use cloudevents::event::{ExtensionValue, SpecVersion};
 pub use cloudevents::{

@@ -23,7 +23,7 @@ pub(crate) struct RunArgs {
     #[arg(long, short = 'e')]
     event: PathBuf,
     /// A configuration entry the plugin reads through the `config` import (repeatable).
-    #[arg(long = "config", short = 'c', value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    #[arg(long = "config", short = 'c', value_name = "KEY=VALUE", value_parser = crate::commands::parse_key_value)]
     config: Vec<(String, String)>,
     /// Wall-time limit of the call, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
@@ -34,13 +34,6 @@ pub(crate) struct RunArgs {
     /// Where compiled components are cached (`<DIR>/components`); without it, nothing is kept.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-}
-
-fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("expected KEY=VALUE, got `{s}`")),
-    }
 }
 
 pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {

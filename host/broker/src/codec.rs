@@ -1,0 +1,268 @@
+//! CloudEvents over HTTP (the HTTP protocol binding): binary, structured and batch content
+//! modes, with the binding's percent-encoding of header values.
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http::{HeaderMap, HeaderName, HeaderValue, header::CONTENT_TYPE};
+use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
+use wasmesh_core::{AttributesReader, Data, Event, EventBuilder, EventBuilderV10, ExtensionValue};
+
+/// Why a request does not carry valid CloudEvents. Each becomes a 400 naming the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("header `{0}` is missing")]
+    MissingHeader(&'static str),
+    #[error("header `{name}` is not valid: {why}")]
+    BadHeader { name: String, why: String },
+    #[error("specversion `{0}` is not supported (use 1.0)")]
+    SpecVersion(String),
+    #[error(transparent)]
+    Event(#[from] wasmesh_core::event::EventError),
+    #[error("not a valid batch of CloudEvents: {0}")]
+    Batch(String),
+    #[error("invalid event: {0}")]
+    Build(String),
+}
+
+/// The content mode a Content-Type selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Binary,
+    Structured,
+    Batch,
+}
+
+/// Mode by Content-Type prefix, as the binding says.
+pub fn mode(headers: &HeaderMap) -> Mode {
+    let ct = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim_start()
+        .to_ascii_lowercase();
+    if ct.starts_with("application/cloudevents-batch") {
+        Mode::Batch
+    } else if ct.starts_with("application/cloudevents") {
+        Mode::Structured
+    } else {
+        Mode::Binary
+    }
+}
+
+/// Reads the events of one request.
+pub fn decode(headers: &HeaderMap, body: Bytes) -> Result<Vec<Event>, DecodeError> {
+    match mode(headers) {
+        Mode::Structured => Ok(vec![wasmesh_core::event::parse_json(&body)?]),
+        Mode::Batch => {
+            let items: Vec<serde_json::Value> =
+                serde_json::from_slice(&body).map_err(|e| DecodeError::Batch(e.to_string()))?;
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let bytes =
+                        serde_json::to_vec(&v).map_err(|e| DecodeError::Batch(e.to_string()))?;
+                    wasmesh_core::event::parse_json(&bytes)
+                        .map_err(|e| DecodeError::Batch(format!("event {i}: {e}")))
+                })
+                .collect()
+        }
+        Mode::Binary => decode_binary(headers, body).map(|e| vec![e]),
+    }
+}
+
+fn header(headers: &HeaderMap, name: &'static str) -> Result<Option<String>, DecodeError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => decode_value(name, v).map(Some),
+    }
+}
+
+fn decode_value(name: &str, v: &HeaderValue) -> Result<String, DecodeError> {
+    let raw = v.to_str().map_err(|_| DecodeError::BadHeader {
+        name: name.to_string(),
+        why: "not visible ASCII; non-ASCII must be percent-encoded".into(),
+    })?;
+    percent_decode_str(raw)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| DecodeError::BadHeader {
+            name: name.to_string(),
+            why: "percent-encoding does not decode to UTF-8".into(),
+        })
+}
+
+fn decode_binary(headers: &HeaderMap, body: Bytes) -> Result<Event, DecodeError> {
+    let spec =
+        header(headers, "ce-specversion")?.ok_or(DecodeError::MissingHeader("ce-specversion"))?;
+    if spec != "1.0" {
+        return Err(DecodeError::SpecVersion(spec));
+    }
+    let id = header(headers, "ce-id")?.ok_or(DecodeError::MissingHeader("ce-id"))?;
+    let source = header(headers, "ce-source")?.ok_or(DecodeError::MissingHeader("ce-source"))?;
+    let ty = header(headers, "ce-type")?.ok_or(DecodeError::MissingHeader("ce-type"))?;
+    let mut b = EventBuilderV10::new().id(id).source(source).ty(ty);
+    if let Some(subject) = header(headers, "ce-subject")? {
+        b = b.subject(subject);
+    }
+    if let Some(time) = header(headers, "ce-time")? {
+        let t = DateTime::parse_from_rfc3339(&time).map_err(|e| DecodeError::BadHeader {
+            name: "ce-time".into(),
+            why: format!("`{time}` is not an RFC 3339 timestamp: {e}"),
+        })?;
+        b = b.time(t.with_timezone(&Utc));
+    }
+    for (name, value) in headers {
+        let Some(attr) = name.as_str().strip_prefix("ce-") else {
+            continue;
+        };
+        if matches!(
+            attr,
+            "specversion"
+                | "id"
+                | "source"
+                | "type"
+                | "subject"
+                | "time"
+                | "dataschema"
+                | "datacontenttype"
+        ) {
+            continue;
+        }
+        let value = decode_value(name.as_str(), value)?;
+        b = b.extension(attr, value);
+    }
+    let ct = header(headers, "content-type")?;
+    let schema = match header(headers, "ce-dataschema")? {
+        Some(s) => Some(url::Url::parse(&s).map_err(|e| DecodeError::BadHeader {
+            name: "ce-dataschema".into(),
+            why: format!("`{s}`: {e}"),
+        })?),
+        None => None,
+    };
+    if !body.is_empty() || ct.is_some() {
+        let ct = ct.unwrap_or_else(|| "application/octet-stream".into());
+        let data = Data::Binary(body.to_vec());
+        b = match schema {
+            Some(s) => b.data_with_schema(ct, s, data),
+            None => b.data(ct, data),
+        };
+    }
+    let event = b.build().map_err(|e| DecodeError::Build(e.to_string()))?;
+    wasmesh_core::event::validate(&event)?;
+    Ok(event)
+}
+
+/// What the binding percent-encodes in header values: space, `"`, `%`, and anything outside
+/// U+0021..U+007E (non-ASCII is encoded as its UTF-8 bytes).
+const HEADER_VALUE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%').add(0x7f);
+
+/// Percent-encodes one header value as the binding says.
+pub fn encode_value(v: &str) -> HeaderValue {
+    let encoded = utf8_percent_encode(v, HEADER_VALUE).to_string();
+    // Every byte left is visible ASCII, which a HeaderValue always accepts.
+    HeaderValue::from_str(&encoded).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Binary mode: attributes as `ce-` headers, the data as the body.
+pub fn encode_binary(event: &Event, headers: &mut HeaderMap) -> Bytes {
+    let mut put = |name: &str, value: &str| {
+        if let Ok(n) = HeaderName::from_bytes(format!("ce-{name}").as_bytes()) {
+            headers.insert(n, encode_value(value));
+        }
+    };
+    put("specversion", event.specversion().as_str());
+    put("id", event.id());
+    put("source", event.source());
+    put("type", event.ty());
+    if let Some(s) = event.subject() {
+        put("subject", s);
+    }
+    if let Some(t) = event.time() {
+        put(
+            "time",
+            &t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+        );
+    }
+    if let Some(s) = event.dataschema() {
+        put("dataschema", s.as_str());
+    }
+    for (name, value) in event.iter_extensions() {
+        match value {
+            ExtensionValue::String(s) => put(name, s),
+            other => put(name, &other.to_string()),
+        }
+    }
+    if let Some(ct) = event.datacontenttype() {
+        headers.insert(CONTENT_TYPE, encode_value(ct));
+    }
+    match event.data() {
+        Some(Data::Binary(b)) => Bytes::copy_from_slice(b),
+        Some(Data::String(s)) => Bytes::copy_from_slice(s.as_bytes()),
+        Some(Data::Json(v)) => Bytes::from(serde_json::to_vec(v).unwrap_or_default()),
+        None => Bytes::new(),
+    }
+}
+
+/// Structured mode: the event in the JSON format.
+pub fn encode_structured(event: &Event) -> Bytes {
+    Bytes::from(serde_json::to_vec(event).unwrap_or_default())
+}
+
+/// True when a response's headers say it carries a CloudEvent (for replies).
+pub fn carries_event(headers: &HeaderMap) -> bool {
+    headers.contains_key("ce-specversion") || mode(headers) != Mode::Binary
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_encoding_round_trips() {
+        let tricky = "Euro € 😀 \"quoted\" 100% done";
+        let encoded = encode_value(tricky);
+        assert_eq!(
+            encoded.to_str().expect("ascii"),
+            "Euro%20%E2%82%AC%20%F0%9F%98%80%20%22quoted%22%20100%25%20done"
+        );
+        assert_eq!(decode_value("x", &encoded).expect("decodes"), tricky);
+        // Lower-case hex is accepted; invalid UTF-8 is refused.
+        assert_eq!(
+            decode_value("x", &HeaderValue::from_static("%e2%82%ac")).expect("ok"),
+            "€"
+        );
+        assert!(decode_value("x", &HeaderValue::from_static("%ff%fe")).is_err());
+    }
+
+    #[test]
+    fn binary_mode_round_trips() {
+        let mut h = HeaderMap::new();
+        h.insert("ce-specversion", HeaderValue::from_static("1.0"));
+        h.insert("ce-id", HeaderValue::from_static("1"));
+        h.insert("ce-source", HeaderValue::from_static("/s"));
+        h.insert("ce-type", HeaderValue::from_static("t"));
+        h.insert("ce-myext", HeaderValue::from_static("a%20b"));
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let ev = decode(&h, Bytes::from_static(b"{\"x\":1}"))
+            .expect("valid")
+            .remove(0);
+        assert_eq!(
+            ev.extension("myext"),
+            Some(&ExtensionValue::String("a b".into()))
+        );
+        let mut out = HeaderMap::new();
+        let body = encode_binary(&ev, &mut out);
+        assert_eq!(body.as_ref(), b"{\"x\":1}");
+        assert_eq!(out["ce-myext"], "a%20b");
+        assert_eq!(out[CONTENT_TYPE], "application/json");
+        let mut missing = h.clone();
+        missing.remove("ce-id");
+        assert_eq!(
+            decode(&missing, Bytes::new())
+                .expect_err("no id")
+                .to_string(),
+            "header `ce-id` is missing"
+        );
+    }
+}

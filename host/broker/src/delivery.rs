@@ -1,0 +1,96 @@
+//! Delivery policy: retries, backoff, timeout and the dead-letter sink, as Knative's
+//! `DeliverySpec` describes them, plus the outcome classes Knative retries.
+
+use std::time::Duration;
+
+use wasmesh_core::resources::{BackoffPolicy, DeliverySpec};
+
+use crate::sink::Sink;
+
+/// The cluster default of Knative: retry 10, exponential, PT0.2S.
+pub const DEFAULT_RETRY: u32 = 10;
+pub const DEFAULT_BACKOFF_DELAY: Duration = Duration::from_millis(200);
+
+/// A trigger's resolved delivery settings.
+#[derive(Debug, Clone)]
+pub struct DeliveryPolicy {
+    /// Retries after the first attempt.
+    pub retry: u32,
+    pub backoff: BackoffPolicy,
+    pub delay: Duration,
+    /// Per-request timeout (HTTP subscribers).
+    pub timeout: Option<Duration>,
+    pub dead_letter: Option<Sink>,
+}
+
+impl Default for DeliveryPolicy {
+    fn default() -> Self {
+        Self {
+            retry: DEFAULT_RETRY,
+            backoff: BackoffPolicy::Exponential,
+            delay: DEFAULT_BACKOFF_DELAY,
+            timeout: None,
+            dead_letter: None,
+        }
+    }
+}
+
+impl DeliveryPolicy {
+    /// Builds the policy from a spec; fields the spec leaves unset keep Knative's defaults.
+    pub fn from_spec(spec: &DeliverySpec, dead_letter: Option<Sink>) -> Self {
+        let d = Self::default();
+        Self {
+            retry: spec.retry.unwrap_or(d.retry),
+            backoff: spec.backoff_policy.unwrap_or(d.backoff),
+            delay: spec.backoff_delay.as_ref().map_or(d.delay, |x| x.get()),
+            timeout: spec.timeout.as_ref().map(|x| x.get()),
+            dead_letter,
+        }
+    }
+
+    /// The wait before retry number `n` (1-based): linear `delay × n`, exponential
+    /// `delay × 2^n`.
+    pub fn backoff(&self, n: u32) -> Duration {
+        match self.backoff {
+            BackoffPolicy::Linear => self.delay.saturating_mul(n),
+            BackoffPolicy::Exponential => self
+                .delay
+                .saturating_mul(1u32.checked_shl(n).unwrap_or(u32::MAX)),
+        }
+    }
+}
+
+/// Whether an HTTP status is one Knative retries: 404, 408, 409, 429 and every 5xx.
+pub fn is_retryable_status(code: u16) -> bool {
+    matches!(code, 404 | 408 | 409 | 429) || (500..600).contains(&code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_policies() {
+        let mut p = DeliveryPolicy {
+            delay: Duration::from_millis(100),
+            backoff: BackoffPolicy::Linear,
+            ..Default::default()
+        };
+        assert_eq!(p.backoff(1), Duration::from_millis(100));
+        assert_eq!(p.backoff(3), Duration::from_millis(300));
+        p.backoff = BackoffPolicy::Exponential;
+        assert_eq!(p.backoff(1), Duration::from_millis(200));
+        assert_eq!(p.backoff(3), Duration::from_millis(800));
+        assert!(p.backoff(200) >= Duration::from_secs(3600), "no overflow");
+    }
+
+    #[test]
+    fn retried_statuses() {
+        for c in [404, 408, 409, 429, 500, 502, 503, 599] {
+            assert!(is_retryable_status(c), "{c}");
+        }
+        for c in [200, 202, 400, 401, 403, 410, 413, 422] {
+            assert!(!is_retryable_status(c), "{c}");
+        }
+    }
+}

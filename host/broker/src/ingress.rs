@@ -1,0 +1,185 @@
+//! Broker ingress over HTTP (hyper 1): Knative's paths, methods and status codes, plus 413 for
+//! oversized bodies and 429 when a trigger's queue is full.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::codec;
+use crate::mesh::{BrokerKey, Mesh, PublishError};
+
+/// Settings of the ingress listener.
+#[derive(Debug, Clone)]
+pub struct IngressConfig {
+    /// Bodies above this size are refused with 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 << 20,
+        }
+    }
+}
+
+type Body = Full<Bytes>;
+
+/// Serves ingress on `listener` until `stop` turns true; connections in progress finish.
+pub async fn serve(
+    listener: TcpListener,
+    mesh: Arc<Mesh>,
+    config: IngressConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let config = Arc::new(config);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let mesh = Arc::clone(&mesh);
+        let config = Arc::clone(&config);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let mesh = Arc::clone(&mesh);
+                let config = Arc::clone(&config);
+                async move { Ok::<_, Infallible>(handle(req, &mesh, &config, peer).await) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    mesh: &Mesh,
+    config: &IngressConfig,
+    _peer: SocketAddr,
+) -> Response<Body> {
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    if path.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no broker here: POST to /<namespace>/<broker>",
+        );
+    }
+    if segments.len() != 2 || segments.iter().any(|s| s.is_empty()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the path must be /<namespace>/<broker>",
+        );
+    }
+    let key = BrokerKey::new(segments[0], segments[1]);
+    match *req.method() {
+        Method::POST => {}
+        Method::OPTIONS => {
+            return response(StatusCode::OK)
+                .header("WebHook-Allowed-Origin", "*")
+                .header("WebHook-Allowed-Rate", "*")
+                .header(header::ALLOW, "POST, OPTIONS")
+                .body(Body::default())
+                .unwrap_or_default();
+        }
+        _ => {
+            return response(StatusCode::METHOD_NOT_ALLOWED)
+                .header(header::ALLOW, "POST, OPTIONS")
+                .body(Body::default())
+                .unwrap_or_default();
+        }
+    }
+    if !mesh.has_broker(&key) {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("broker {key} does not exist"),
+        );
+    }
+    let too_big = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the body is larger than {} bytes", config.max_body_bytes),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > config.max_body_bytes) {
+        return too_big();
+    }
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, config.max_body_bytes).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return too_big(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("reading the body: {e}")),
+    };
+    let mut events = match codec::decode(&parts.headers, body) {
+        Ok(events) => events,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    for (name, value) in &parts.headers {
+        let name = name.as_str();
+        if (name == "traceparent" || name == "tracestate")
+            && let Ok(v) = value.to_str()
+        {
+            for ev in &mut events {
+                if ev.extension(name).is_none() {
+                    ev.set_extension(name, v.to_string());
+                }
+            }
+        }
+    }
+    match mesh.publish(&key, events) {
+        Ok(()) => response(StatusCode::ACCEPTED)
+            .body(Body::default())
+            .unwrap_or_default(),
+        Err(PublishError::UnknownBroker(_)) => error(
+            StatusCode::NOT_FOUND,
+            &format!("broker {key} does not exist"),
+        ),
+        Err(e @ PublishError::TtlExhausted) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e @ PublishError::Full(_)) => {
+            let mut r = error(StatusCode::TOO_MANY_REQUESTS, &e.to_string());
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            r
+        }
+    }
+}
+
+fn response(status: StatusCode) -> http::response::Builder {
+    Response::builder().status(status)
+}
+
+/// An error response with a JSON body naming the problem.
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    response(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::new(Bytes::from(body)))
+        .unwrap_or_default()
+}

@@ -1,0 +1,16 @@
+//! The wasmesh broker: CloudEvents ingress over HTTP, per-trigger queues (the seam the durable
+//! log replaces), native and Wasm filters, delivery with retries and backoff, dead letters and
+//! replies.
+
+pub mod codec;
+pub mod delivery;
+pub mod ingress;
+pub mod mesh;
+pub mod output;
+pub mod sink;
+
+pub use delivery::DeliveryPolicy;
+pub use ingress::{IngressConfig, serve};
+pub use mesh::{BrokerKey, Mesh, MeshConfig, PublishError, TriggerSpecRuntime};
+pub use output::FunctionOutput;
+pub use sink::Sink;

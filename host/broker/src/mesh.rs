@@ -1,0 +1,447 @@
+//! The running data plane: brokers, their triggers, and the path of an event from `publish` to
+//! each matching trigger's queue and on to its subscriber.
+//!
+//! The queue behind [`Mesh::publish`] is the seam the durable log replaces: today a bounded
+//! in-memory channel per trigger.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use base64::Engine as _;
+use chrono::{SecondsFormat, Utc};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use wasmesh_core::filter::Filter;
+use wasmesh_core::{AttributesReader, Event, ExtensionValue};
+use wasmesh_runtime::Function;
+
+use crate::delivery::DeliveryPolicy;
+use crate::output::FunctionOutput;
+use crate::sink::{self, Failure, HttpClient, Outcome, Sink};
+
+/// A broker's identity: namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BrokerKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl BrokerKey {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for BrokerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The TTL a broker gives an event that has none (Knative's default).
+pub const DEFAULT_TTL: i32 = 255;
+const TTL_EXTENSION: &str = "knativebrokerttl";
+
+/// An event in a trigger's queue, with the TTL it carries (stripped from the event itself so
+/// that subscribers never see it; put back on a reply).
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub event: Arc<Event>,
+    pub ttl: i32,
+}
+
+/// Settings of the data plane.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// Events each trigger may hold before ingress answers 429.
+    pub queue_capacity: usize,
+    /// Deliveries in flight per trigger.
+    pub concurrency: usize,
+    /// How function output is printed.
+    pub output: FunctionOutput,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 1024,
+            concurrency: 16,
+            output: FunctionOutput::default(),
+        }
+    }
+}
+
+/// A trigger as it runs.
+pub struct TriggerSpecRuntime {
+    pub namespace: String,
+    pub name: String,
+    pub broker: BrokerKey,
+    pub filter: Filter,
+    pub wasm_filter: Option<Arc<Function>>,
+    pub subscriber: Sink,
+    pub policy: DeliveryPolicy,
+}
+
+struct TriggerRuntime {
+    spec: Arc<TriggerSpecRuntime>,
+    queue: mpsc::Sender<Envelope>,
+}
+
+struct BrokerRuntime {
+    triggers: Vec<Arc<TriggerRuntime>>,
+}
+
+/// Why an event was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("broker {0} does not exist")]
+    UnknownBroker(BrokerKey),
+    #[error("the event's TTL (knativebrokerttl) is exhausted")]
+    TtlExhausted,
+    #[error("trigger {0} is full; retry later")]
+    Full(String),
+}
+
+/// The data plane: brokers, triggers, their queues and delivery workers.
+pub struct Mesh {
+    brokers: RwLock<HashMap<BrokerKey, Arc<BrokerRuntime>>>,
+    client: HttpClient,
+    config: MeshConfig,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Mesh {
+    /// An empty mesh.
+    pub fn new(config: MeshConfig) -> Arc<Self> {
+        Arc::new(Self {
+            brokers: RwLock::new(HashMap::new()),
+            client: sink::http_client(),
+            config,
+            workers: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Adds a broker (no triggers yet); adding an existing one changes nothing.
+    pub fn add_broker(&self, key: BrokerKey) {
+        let mut brokers = self.brokers.write().unwrap_or_else(PoisonError::into_inner);
+        brokers.entry(key).or_insert_with(|| {
+            Arc::new(BrokerRuntime {
+                triggers: Vec::new(),
+            })
+        });
+    }
+
+    /// The brokers, sorted.
+    pub fn brokers(&self) -> Vec<BrokerKey> {
+        let brokers = self.brokers.read().unwrap_or_else(PoisonError::into_inner);
+        let mut keys: Vec<BrokerKey> = brokers.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    /// True when the broker exists.
+    pub fn has_broker(&self, key: &BrokerKey) -> bool {
+        self.brokers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(key)
+    }
+
+    /// Adds a trigger to its (existing) broker and starts its delivery workers.
+    pub fn add_trigger(self: &Arc<Self>, spec: TriggerSpecRuntime) -> Result<(), PublishError> {
+        let (tx, rx) = mpsc::channel(self.config.queue_capacity.max(1));
+        let key = spec.broker.clone();
+        let spec = Arc::new(spec);
+        let trigger = Arc::new(TriggerRuntime {
+            spec: Arc::clone(&spec),
+            queue: tx,
+        });
+        {
+            let mut brokers = self.brokers.write().unwrap_or_else(PoisonError::into_inner);
+            let broker = brokers
+                .get(&key)
+                .ok_or_else(|| PublishError::UnknownBroker(key.clone()))?;
+            let mut triggers = broker.triggers.clone();
+            triggers.push(Arc::clone(&trigger));
+            brokers.insert(key, Arc::new(BrokerRuntime { triggers }));
+        }
+        let mesh = Arc::clone(self);
+        // The worker holds the spec, not the sender: dropping the broker closes the queue.
+        let handle = tokio::spawn(async move { mesh.run_trigger(spec, rx).await });
+        self.workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(handle);
+        Ok(())
+    }
+
+    /// Accepts events into a broker: sets `knativearrivaltime`, applies the TTL rules, and queues
+    /// each event for every trigger whose native filters it passes. All or nothing: when any
+    /// matching trigger is full, nothing is queued and the caller gets [`PublishError::Full`].
+    pub fn publish(&self, key: &BrokerKey, events: Vec<Event>) -> Result<(), PublishError> {
+        let broker = {
+            let brokers = self.brokers.read().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(
+                brokers
+                    .get(key)
+                    .ok_or_else(|| PublishError::UnknownBroker(key.clone()))?,
+            )
+        };
+        let arrival = Utc::now().to_rfc3339_opts(SecondsFormat::AutoSi, true);
+        let mut prepared = Vec::with_capacity(events.len());
+        for mut event in events {
+            let ttl = match event.remove_extension(TTL_EXTENSION) {
+                None => DEFAULT_TTL,
+                Some(v) => match parse_ttl(&v) {
+                    Some(t) => t - 1,
+                    None => DEFAULT_TTL,
+                },
+            };
+            if ttl <= 0 {
+                return Err(PublishError::TtlExhausted);
+            }
+            event.set_extension("knativearrivaltime", arrival.clone());
+            prepared.push(Envelope {
+                event: Arc::new(event),
+                ttl,
+            });
+        }
+        let mut permits = Vec::new();
+        for env in &prepared {
+            for trigger in &broker.triggers {
+                if !trigger.spec.filter.matches(&env.event) {
+                    continue;
+                }
+                match trigger.queue.try_reserve() {
+                    Ok(permit) => permits.push((permit, env.clone())),
+                    Err(_) => {
+                        return Err(PublishError::Full(format!(
+                            "{}/{}",
+                            trigger.spec.namespace, trigger.spec.name
+                        )));
+                    }
+                }
+            }
+        }
+        for (permit, env) in permits {
+            permit.send(env);
+        }
+        Ok(())
+    }
+
+    /// Sends one event from a source to a sink, once: into a broker of this process (no HTTP
+    /// hop), to a Function, or to an HTTP endpoint. The source decides about retries.
+    pub async fn send_to(&self, sink: &Sink, namespace: &str, event: Event) -> Result<(), String> {
+        let outcome = match sink {
+            Sink::Broker(key) => return self.publish(key, vec![event]).map_err(|e| e.to_string()),
+            Sink::Function(f) => sink::send_function(f, Arc::new(event), &self.config.output).await,
+            Sink::Http(uri) => sink::send_http(&self.client, uri, &event, namespace, None).await,
+        };
+        match outcome {
+            Outcome::Delivered(_) => Ok(()),
+            Outcome::Retry(f) | Outcome::Fail(f) => Err(format!(
+                "{} answered {}: {}",
+                sink.describe(),
+                f.code.map_or("no response".to_string(), |c| c.to_string()),
+                String::from_utf8_lossy(&f.data)
+            )),
+        }
+    }
+
+    /// Stops taking events and waits (up to `grace`) for queued and in-flight deliveries.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.brokers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        let workers: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.workers.lock().unwrap_or_else(PoisonError::into_inner));
+        let all = futures_join(workers);
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(
+                "shutdown: deliveries still in flight after {} ms",
+                grace.as_millis()
+            );
+        }
+    }
+
+    async fn run_trigger(
+        self: Arc<Self>,
+        trigger: Arc<TriggerSpecRuntime>,
+        mut rx: mpsc::Receiver<Envelope>,
+    ) {
+        let limit = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let mut inflight = tokio::task::JoinSet::new();
+        while let Some(env) = rx.recv().await {
+            let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
+                break;
+            };
+            let mesh = Arc::clone(&self);
+            let trigger = Arc::clone(&trigger);
+            inflight.spawn(async move {
+                mesh.deliver(&trigger, env).await;
+                drop(permit);
+            });
+            while inflight.try_join_next().is_some() {}
+        }
+        while inflight.join_next().await.is_some() {}
+    }
+
+    /// One event to one trigger: the Wasm filter, then the subscriber with retries, then the
+    /// reply or the dead letter.
+    async fn deliver(&self, t: &TriggerSpecRuntime, env: Envelope) {
+        if let Some(wf) = &t.wasm_filter {
+            let f = Arc::clone(wf);
+            let ev = Arc::clone(&env.event);
+            match tokio::task::spawn_blocking(move || f.matches(&ev)).await {
+                Ok(Ok(called)) => {
+                    self.config.output.write(wf.name(), &called.output);
+                    if !called.value {
+                        return;
+                    }
+                }
+                Ok(Err(e)) => {
+                    self.config.output.write(wf.name(), &e.output);
+                    tracing::warn!(trigger = %t.name, error = %e, "wasm filter failed");
+                    let failure = Failure::message(Some(500), e.to_string());
+                    self.dead_letter(t, &env.event, &Sink::Function(Arc::clone(wf)), failure)
+                        .await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(trigger = %t.name, error = %e, "wasm filter aborted");
+                    return;
+                }
+            }
+        }
+        match self.send_with_retries(t, &t.subscriber, &env.event).await {
+            Ok(Some(reply)) => self.reply(t, reply, env.ttl),
+            Ok(None) => {}
+            Err(failure) => {
+                self.dead_letter(t, &env.event, &t.subscriber, failure)
+                    .await
+            }
+        }
+    }
+
+    async fn send_with_retries(
+        &self,
+        t: &TriggerSpecRuntime,
+        sink: &Sink,
+        event: &Arc<Event>,
+    ) -> Result<Option<Box<Event>>, Failure> {
+        let mut retries = 0;
+        loop {
+            let outcome = self.send_once(t, sink, event).await;
+            let failure = match outcome {
+                Outcome::Delivered(reply) => return Ok(reply),
+                Outcome::Fail(f) => return Err(f),
+                Outcome::Retry(f) => f,
+            };
+            if retries >= t.policy.retry {
+                return Err(failure);
+            }
+            retries += 1;
+            let wait = failure
+                .retry_after
+                .unwrap_or_else(|| t.policy.backoff(retries));
+            tracing::debug!(trigger = %t.name, retry = retries, wait_ms = wait.as_millis() as u64, "retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn send_once(&self, t: &TriggerSpecRuntime, sink: &Sink, event: &Arc<Event>) -> Outcome {
+        match sink {
+            Sink::Function(f) => {
+                sink::send_function(f, Arc::clone(event), &self.config.output).await
+            }
+            Sink::Http(uri) => {
+                sink::send_http(&self.client, uri, event, &t.namespace, t.policy.timeout).await
+            }
+            Sink::Broker(key) => match self.publish(key, vec![(**event).clone()]) {
+                Ok(()) => Outcome::Delivered(None),
+                Err(PublishError::Full(why)) => Outcome::Retry(Failure::message(Some(429), why)),
+                Err(e) => Outcome::Fail(Failure::message(Some(400), e.to_string())),
+            },
+        }
+    }
+
+    /// A reply goes back into the trigger's broker with the event's TTL, one hop spent there.
+    fn reply(&self, t: &TriggerSpecRuntime, reply: Box<Event>, ttl: i32) {
+        let mut reply = *reply;
+        reply.set_extension(TTL_EXTENSION, ExtensionValue::Integer(i64::from(ttl)));
+        let id = reply.id().to_string();
+        match self.publish(&t.broker, vec![reply]) {
+            Ok(()) => tracing::debug!(trigger = %t.name, reply = %id, "reply published"),
+            Err(PublishError::TtlExhausted) => {
+                tracing::info!(trigger = %t.name, reply = %id, "reply dropped: TTL exhausted (a reply loop ends here)")
+            }
+            Err(e) => tracing::error!(trigger = %t.name, reply = %id, error = %e, "reply lost"),
+        }
+    }
+
+    /// After the last retry: the event, with Knative's error extensions, to the dead-letter sink.
+    async fn dead_letter(
+        &self,
+        t: &TriggerSpecRuntime,
+        event: &Arc<Event>,
+        dest: &Sink,
+        failure: Failure,
+    ) {
+        let Some(dls) = &t.policy.dead_letter else {
+            tracing::error!(
+                trigger = %t.name, event = %event.id(), destination = %dest.describe(),
+                code = ?failure.code, "delivery failed and no dead-letter sink is set: event dropped"
+            );
+            return;
+        };
+        let mut dead = (**event).clone();
+        dead.set_extension("knativeerrordest", dest.describe());
+        if let Some(code) = failure.code {
+            dead.set_extension("knativeerrorcode", ExtensionValue::Integer(i64::from(code)));
+        }
+        if !failure.data.is_empty() {
+            let mut data = base64::engine::general_purpose::STANDARD.encode(&failure.data);
+            data.truncate(1024);
+            dead.set_extension("knativeerrordata", data);
+        }
+        let dead = Arc::new(dead);
+        let mut policy_less = TriggerSpecRuntime {
+            namespace: t.namespace.clone(),
+            name: t.name.clone(),
+            broker: t.broker.clone(),
+            filter: Filter::True,
+            wasm_filter: None,
+            subscriber: dls.clone(),
+            policy: t.policy.clone(),
+        };
+        policy_less.policy.dead_letter = None;
+        match self.send_with_retries(&policy_less, dls, &dead).await {
+            Ok(_) => {
+                tracing::info!(trigger = %t.name, event = %event.id(), sink = %dls.describe(), "dead-lettered")
+            }
+            Err(f) => tracing::error!(
+                trigger = %t.name, event = %event.id(), sink = %dls.describe(), code = ?f.code,
+                "the dead-letter sink failed too: event dropped"
+            ),
+        }
+    }
+}
+
+fn parse_ttl(v: &ExtensionValue) -> Option<i32> {
+    match v {
+        ExtensionValue::Integer(i) => i32::try_from(*i).ok(),
+        ExtensionValue::String(s) => s.trim().parse().ok(),
+        ExtensionValue::Boolean(_) => None,
+    }
+}
+
+async fn futures_join(handles: Vec<JoinHandle<()>>) {
+    for h in handles {
+        let _ = h.await;
+    }
+}

@@ -1,0 +1,223 @@
+//! Where a delivery goes: a Wasm Function, an HTTP URI, or a broker in this process; and what
+//! came back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use wasmesh_core::Event;
+use wasmesh_runtime::{CallErrorKind, Disposition, Function};
+
+use crate::codec;
+use crate::delivery::is_retryable_status;
+use crate::mesh::BrokerKey;
+
+/// A resolved destination.
+#[derive(Clone)]
+pub enum Sink {
+    /// A Wasm subscriber, called in this process.
+    Function(Arc<Function>),
+    /// An HTTP endpoint, sent binary-mode CloudEvents.
+    Http(http::Uri),
+    /// A broker of this process (a Broker `ref` as sink).
+    Broker(BrokerKey),
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl Sink {
+    /// How `knativeerrordest` and logs name it.
+    pub fn describe(&self) -> String {
+        match self {
+            Sink::Function(func) => format!("function:{}", func.name()),
+            Sink::Http(uri) => uri.to_string(),
+            Sink::Broker(key) => format!("broker:{}/{}", key.namespace, key.name),
+        }
+    }
+}
+
+/// What one delivery attempt came to.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Delivered; maybe with a reply.
+    Delivered(Option<Box<Event>>),
+    /// Failed in a way Knative retries (transport error, 5xx, 404, 408, 409, 429; a Wasm trap
+    /// or deadline; a Wasm `retry`).
+    Retry(Failure),
+    /// Failed for good (other 4xx, a Wasm `reject`): straight to the dead-letter sink.
+    Fail(Failure),
+}
+
+/// Details of a failed attempt, carried into the dead-letter event.
+#[derive(Debug, Clone, Default)]
+pub struct Failure {
+    /// The status code, when there was a response.
+    pub code: Option<u16>,
+    /// The response body or the error message.
+    pub data: Bytes,
+    /// A delay the subscriber asked for (Wasm `retry(after)`, HTTP `Retry-After`).
+    pub retry_after: Option<Duration>,
+}
+
+impl Failure {
+    pub(crate) fn message(code: Option<u16>, text: impl Into<String>) -> Self {
+        Failure {
+            code,
+            data: Bytes::from(text.into()),
+            retry_after: None,
+        }
+    }
+}
+
+/// The HTTP client shared by every HTTP sink (keep-alive connection pools).
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Builds the shared client.
+pub fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build_http()
+}
+
+/// The most of a response body kept for a reply or for `knativeerrordata`.
+const MAX_RESPONSE: usize = 4 << 20;
+
+/// Sends one event to an HTTP subscriber in binary mode and applies Knative's reply rules.
+pub async fn send_http(
+    client: &HttpClient,
+    uri: &http::Uri,
+    event: &Event,
+    namespace: &str,
+    timeout: Option<Duration>,
+) -> Outcome {
+    let mut headers = HeaderMap::new();
+    let body = codec::encode_binary(event, &mut headers);
+    for trace in ["traceparent", "tracestate"] {
+        if let Some(v) = event.extension(trace) {
+            headers.insert(trace, codec::encode_value(&v.to_string()));
+        }
+    }
+    if let Ok(ns) = HeaderValue::from_str(namespace) {
+        headers.insert("kn-namespace", ns);
+    }
+    let mut req = match Request::builder()
+        .method(Method::POST)
+        .uri(uri.clone())
+        .body(Full::new(body))
+    {
+        Ok(r) => r,
+        Err(e) => return Outcome::Fail(Failure::message(None, format!("bad request: {e}"))),
+    };
+    req.headers_mut().extend(headers);
+    let call = async {
+        let resp = client.request(req).await.map_err(|e| format!("{e}"))?;
+        let (parts, body) = resp.into_parts();
+        let bytes = Limited::new(body, MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the response: {e}"))?
+            .to_bytes();
+        Ok::<_, String>((parts, bytes))
+    };
+    let result = match timeout {
+        Some(t) => match tokio::time::timeout(t, call).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("timed out after {} ms", t.as_millis())),
+        },
+        None => call.await,
+    };
+    let (parts, body) = match result {
+        Ok(r) => r,
+        Err(e) => return Outcome::Retry(Failure::message(None, e)),
+    };
+    let code = parts.status.as_u16();
+    if parts.status.is_success() {
+        if parts.status == StatusCode::ACCEPTED {
+            return Outcome::Delivered(None);
+        }
+        if codec::carries_event(&parts.headers) {
+            return match codec::decode(&parts.headers, body.clone()) {
+                Ok(mut events) if events.len() == 1 => {
+                    Outcome::Delivered(events.pop().map(Box::new))
+                }
+                Ok(_) => Outcome::Retry(Failure::message(Some(502), "a reply must be one event")),
+                Err(e) => {
+                    Outcome::Retry(Failure::message(Some(502), format!("invalid reply: {e}")))
+                }
+            };
+        }
+        if body.is_empty() {
+            return Outcome::Delivered(None);
+        }
+        return Outcome::Retry(Failure {
+            code: Some(502),
+            data: body,
+            retry_after: None,
+        });
+    }
+    let retry_after = parts
+        .headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let failure = Failure {
+        code: Some(code),
+        data: body,
+        retry_after,
+    };
+    if is_retryable_status(code) {
+        Outcome::Retry(failure)
+    } else {
+        Outcome::Fail(failure)
+    }
+}
+
+/// Hands one event to a Wasm subscriber on the blocking pool (Wasm calls never run on Tokio's
+/// workers: WASI output blocks) and maps its disposition onto delivery outcomes.
+pub async fn send_function(
+    func: &Arc<Function>,
+    event: Arc<Event>,
+    output: &crate::output::FunctionOutput,
+) -> Outcome {
+    let f = Arc::clone(func);
+    let joined = tokio::task::spawn_blocking(move || f.handle(&event)).await;
+    let result = match joined {
+        Ok(r) => r,
+        Err(e) => return Outcome::Retry(Failure::message(Some(500), format!("call aborted: {e}"))),
+    };
+    match result {
+        Ok(called) => {
+            output.write(func.name(), &called.output);
+            match called.value {
+                Disposition::Ack => Outcome::Delivered(None),
+                Disposition::Reply(ev) => Outcome::Delivered(Some(ev)),
+                Disposition::Retry(after) => Outcome::Retry(Failure {
+                    code: None,
+                    data: Bytes::from_static(b"the function asked to retry"),
+                    retry_after: after.map(|ms| Duration::from_millis(u64::from(ms))),
+                }),
+                Disposition::Reject(reason) => Outcome::Fail(Failure::message(Some(422), reason)),
+            }
+        }
+        Err(e) => {
+            output.write(func.name(), &e.output);
+            let code = match e.kind {
+                CallErrorKind::Deadline(_) => 504,
+                CallErrorKind::MalformedReply(_) => 502,
+                _ => 500,
+            };
+            tracing::warn!(function = %func.name(), error = %e, "function call failed");
+            Outcome::Retry(Failure::message(Some(code), e.to_string()))
+        }
+    }
+}

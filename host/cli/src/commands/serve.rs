@@ -1,0 +1,169 @@
+//! `wasmesh serve -f PATH... [--listen ADDR] [--data-dir DIR]`: runs what the files declare.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use wasmesh_broker::{FunctionOutput, IngressConfig, Mesh, MeshConfig};
+use wasmesh_core::yaml::{Located, YamlErrors};
+use wasmesh_runtime::{EngineConfig, PluginEngine};
+
+#[derive(clap::Args)]
+pub(crate) struct ServeArgs {
+    /// YAML files or directories of them (every *.yaml and *.yml inside, in name order).
+    #[arg(short = 'f', long = "filename", required = true, value_name = "PATH")]
+    files: Vec<PathBuf>,
+    /// Where ingress listens (port 0 picks a free one; the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Where wasmesh keeps its state (compiled components, later the event log).
+    #[arg(long, default_value = ".wasmesh")]
+    data_dir: PathBuf,
+    /// Largest accepted request body, in bytes (413 above it).
+    #[arg(long, default_value_t = 4 << 20)]
+    max_body: usize,
+    /// Events each trigger may queue before ingress answers 429.
+    #[arg(long, default_value_t = 1024)]
+    queue: usize,
+    /// Deliveries in flight per trigger.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Prefix each line a function prints with `[namespace/name] `.
+    #[arg(long)]
+    prefix_output: bool,
+}
+
+/// Reads every declaration file; all errors of all files are reported together.
+pub(crate) fn load(paths: &[PathBuf]) -> anyhow::Result<Result<Vec<Located>, YamlErrors>> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut inside: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("cannot read directory {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                .collect();
+            inside.sort();
+            files.extend(inside);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    let mut all = Vec::new();
+    let mut errors = Vec::new();
+    for f in files {
+        let text =
+            std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
+        match wasmesh_core::yaml::parse_documents(&display(&f), &text) {
+            Ok(docs) => all.extend(docs),
+            Err(YamlErrors(e)) => errors.extend(e),
+        }
+    }
+    Ok(if errors.is_empty() {
+        Ok(all)
+    } else {
+        Err(YamlErrors(errors))
+    })
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}
+
+pub(crate) fn builtins() -> wasmesh_control::Builtins {
+    wasmesh_plugins::BUILTINS
+        .iter()
+        .map(|(n, b)| (n.to_string(), *b))
+        .collect()
+}
+
+pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let resources = match load(&args.files)? {
+        Ok(r) => r,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    std::fs::create_dir_all(&args.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            args.data_dir.display()
+        )
+    })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("wasmesh")
+        .build()?;
+    runtime.block_on(run(args, resources))
+}
+
+async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCode> {
+    let engine = PluginEngine::new(EngineConfig::with_data_dir(&args.data_dir))
+        .map_err(|e| anyhow::anyhow!("cannot start the Wasm engine: {e:#}"))?;
+    let mesh = Mesh::new(MeshConfig {
+        queue_capacity: args.queue,
+        concurrency: args.concurrency,
+        output: FunctionOutput {
+            prefix: args.prefix_output,
+        },
+    });
+    let running = wasmesh_control::start(&engine, &builtins(), mesh, &resources);
+    for s in &running.statuses {
+        if s.ready {
+            tracing::info!("{s}");
+        } else {
+            tracing::warn!("{s}");
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    eprintln!("wasmesh: ingress listening on http://{addr}");
+    for key in running.mesh.brokers() {
+        eprintln!(
+            "wasmesh: Broker {key} ready at http://{addr}/{}/{}",
+            key.namespace, key.name
+        );
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(wasmesh_broker::serve(
+        listener,
+        std::sync::Arc::clone(&running.mesh),
+        IngressConfig {
+            max_body_bytes: args.max_body,
+        },
+        stop_rx,
+    ));
+    shutdown_signal().await;
+    eprintln!("wasmesh: shutting down");
+    let _ = stop_tx.send(true);
+    running.stop_sources();
+    let _ = server.await;
+    running.mesh.shutdown(Duration::from_secs(5)).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,540 @@
+//! The resource kinds users declare, in Knative's own kinds and versions plus wasmesh's
+//! `Function`. Each type checks its own values while it is deserialized, so that an error
+//! carries the file, line, column and field path of the value (see [`crate::yaml`]).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::filter::FilterSpec;
+
+/// Kubernetes object metadata: what wasmesh reads, plus the fields a `kubectl get -o yaml`
+/// carries, accepted and ignored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ObjectMeta {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing)]
+    pub uid: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    pub resource_version: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    pub generation: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    pub creation_timestamp: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    pub owner_references: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    pub finalizers: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    pub managed_fields: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    pub self_link: Option<serde_json::Value>,
+}
+
+impl ObjectMeta {
+    /// The namespace, `default` when unset (as `kubectl apply` does).
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("default")
+    }
+}
+
+/// One declared object of kind `S`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Object<S> {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: S,
+    #[serde(default, skip_serializing)]
+    pub status: Option<serde_json::Value>,
+}
+
+/// A `Namespace`: only its labels matter (`knative-eventing-injection=enabled`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NamespaceObject {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub spec: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    pub status: Option<serde_json::Value>,
+}
+
+/// A reference to another object (Knative's `KReference`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KReference {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// Where events go: an object reference or a URI.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, try_from = "RawDestination")]
+pub struct Destination {
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<KReference>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDestination {
+    #[serde(default, rename = "ref")]
+    reference: Option<KReference>,
+    #[serde(default)]
+    uri: Option<String>,
+    #[serde(default, rename = "CACerts")]
+    _ca_certs: Option<String>,
+    // The v1alpha1 sources wrote the sink as an object reference, without `ref:`.
+    #[serde(default, rename = "apiVersion")]
+    api_version: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default, rename = "audience")]
+    _audience: Option<String>,
+}
+
+impl TryFrom<RawDestination> for Destination {
+    type Error = String;
+
+    fn try_from(mut raw: RawDestination) -> Result<Self, String> {
+        if raw.api_version.is_some() || raw.kind.is_some() || raw.name.is_some() {
+            if raw.reference.is_some() {
+                return Err("set `ref`, or the inline apiVersion/kind/name, not both".into());
+            }
+            match (raw.api_version.take(), raw.kind.take(), raw.name.take()) {
+                (Some(api_version), Some(kind), Some(name)) => {
+                    raw.reference = Some(KReference {
+                        api_version,
+                        kind,
+                        name,
+                        namespace: raw.namespace.take(),
+                    })
+                }
+                _ => return Err("an inline reference needs apiVersion, kind and name".into()),
+            }
+        }
+        match (&raw.reference, &raw.uri) {
+            (None, None) => Err("a destination needs `ref` or `uri`".into()),
+            (Some(_), Some(_)) => Err("set one of `ref` or `uri`, not both".into()),
+            (None, Some(uri)) => {
+                let parsed = url::Url::parse(uri).map_err(|e| format!("uri `{uri}`: {e}"))?;
+                if !matches!(parsed.scheme(), "http" | "https") {
+                    return Err(format!("uri `{uri}`: only http and https are supported"));
+                }
+                Ok(Destination {
+                    reference: None,
+                    uri: raw.uri,
+                })
+            }
+            (Some(_), None) => Ok(Destination {
+                reference: raw.reference,
+                uri: None,
+            }),
+        }
+    }
+}
+
+/// `linear` (delay × n) or `exponential` (delay × 2^n).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackoffPolicy {
+    Linear,
+    #[default]
+    Exponential,
+}
+
+/// A duration written in ISO-8601 (`PT0.2S`), kept with its spelling.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct IsoDuration {
+    text: String,
+    value: Duration,
+}
+
+impl IsoDuration {
+    /// The duration.
+    pub fn get(&self) -> Duration {
+        self.value
+    }
+}
+
+impl TryFrom<String> for IsoDuration {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let value = crate::duration::parse_iso8601(&text)?;
+        Ok(Self { text, value })
+    }
+}
+
+impl From<IsoDuration> for String {
+    fn from(d: IsoDuration) -> String {
+        d.text
+    }
+}
+
+/// A duration in ISO-8601 or short form (`100ms`, `2s`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct FlexDuration {
+    text: String,
+    value: Duration,
+}
+
+impl FlexDuration {
+    /// The duration.
+    pub fn get(&self) -> Duration {
+        self.value
+    }
+}
+
+impl TryFrom<String> for FlexDuration {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let value = crate::duration::parse_flexible(&text)?;
+        if value.is_zero() {
+            return Err("must be above zero".into());
+        }
+        Ok(Self { text, value })
+    }
+}
+
+impl From<FlexDuration> for String {
+    fn from(d: FlexDuration) -> String {
+        d.text
+    }
+}
+
+/// How a trigger delivers (Knative's `DeliverySpec`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DeliverySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_policy: Option<BackoffPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_delay: Option<IsoDuration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<IsoDuration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_sink: Option<Destination>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_max: Option<IsoDuration>,
+}
+
+/// `Broker.spec`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BrokerSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<KReference>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliverySpec>,
+}
+
+/// `Trigger.spec.filter`: attributes that must match exactly.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerFilter {
+    #[serde(default)]
+    pub attributes: BTreeMap<AttributeName, String>,
+}
+
+/// A CloudEvents attribute name: `^[a-z][a-z0-9]*$` (Knative's rule for filter keys).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AttributeName(String);
+
+impl AttributeName {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for AttributeName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let mut chars = s.chars();
+        let ok = chars.next().is_some_and(|c| c.is_ascii_lowercase())
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        if ok {
+            Ok(Self(s))
+        } else {
+            Err(format!(
+                "attribute name `{s}` is invalid: it must match ^[a-z][a-z0-9]*$"
+            ))
+        }
+    }
+}
+
+impl From<AttributeName> for String {
+    fn from(a: AttributeName) -> String {
+        a.0
+    }
+}
+
+/// `Trigger.spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TriggerSpec {
+    #[serde(default = "default_broker")]
+    pub broker: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<TriggerFilter>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<FilterSpec>,
+    pub subscriber: Destination,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliverySpec>,
+    /// wasmesh: a Function of the `filter` world, run on the events the native filters pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm_filter: Option<String>,
+}
+
+fn default_broker() -> String {
+    "default".into()
+}
+
+/// Memory in Kubernetes quantity form: `16Mi`, `1Gi`, `512Ki`, or bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Memory {
+    text: String,
+    bytes: usize,
+}
+
+impl Memory {
+    /// In bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl TryFrom<String> for Memory {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (num, unit) = text.split_at(split);
+        let n: usize = num
+            .parse()
+            .map_err(|_| format!("`{text}` is not a memory size (e.g. 16Mi, 1Gi)"))?;
+        let mult = match unit {
+            "" => 1,
+            "Ki" => 1 << 10,
+            "Mi" => 1 << 20,
+            "Gi" => 1 << 30,
+            _ => return Err(format!("`{text}`: use the units Ki, Mi or Gi")),
+        };
+        let bytes = n
+            .checked_mul(mult)
+            .filter(|b| *b > 0)
+            .ok_or_else(|| format!("`{text}` is out of range"))?;
+        Ok(Self { text, bytes })
+    }
+}
+
+impl From<Memory> for String {
+    fn from(m: Memory) -> String {
+        m.text
+    }
+}
+
+/// `Function.spec.limits`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Memory>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<FlexDuration>,
+}
+
+/// `warm` (instances serve many events) or `fresh` (one instance per event).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IsolationSpec {
+    #[default]
+    Warm,
+    Fresh,
+}
+
+/// `Function.spec` (`wasmesh.dev/v1alpha1`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionSpec {
+    /// A path relative to the declaring file, or `sha256:<hex>` of an uploaded module.
+    pub module: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<FunctionLimits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<IsolationSpec>,
+}
+
+/// `PingSource.spec` (`sources.knative.dev/v1`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PingSourceSpec {
+    pub schedule: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
+    pub sink: Destination,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ce_overrides: Option<CeOverrides>,
+}
+
+/// `ceOverrides`: extensions set on every event a source sends.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CeOverrides {
+    #[serde(default)]
+    pub extensions: BTreeMap<AttributeName, String>,
+}
+
+/// A label selector (`matchLabels`, `matchExpressions`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+/// One `matchExpressions` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelSelectorRequirement {
+    pub key: String,
+    pub operator: SelectorOperator,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
+/// `In`, `NotIn`, `Exists`, `DoesNotExist`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SelectorOperator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+/// One watched resource of an ApiServerSource.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ApiServerResource {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    /// v1alpha1 spelling of `selector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_selector: Option<LabelSelector>,
+    /// v1alpha1: only objects controlled by the owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller_selector: Option<serde_json::Value>,
+}
+
+/// `Resource` (the whole object) or `Reference` (kind, namespace, name, apiVersion).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApiServerMode {
+    #[default]
+    Reference,
+    Resource,
+}
+
+/// `ApiServerSource.owner`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OwnerFilter {
+    #[serde(default)]
+    pub api_version: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+}
+
+/// `ApiServerSource.spec` (both `sources.knative.dev/v1` and the seed's v1alpha1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ApiServerSourceSpec {
+    pub resources: Vec<ApiServerResource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<OwnerFilter>,
+    #[serde(default)]
+    pub mode: ApiServerMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    pub sink: Destination,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ce_overrides: Option<CeOverrides>,
+}
+
+/// Any declared object wasmesh knows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resource {
+    Namespace(NamespaceObject),
+    Broker(Object<BrokerSpec>),
+    Trigger(Object<TriggerSpec>),
+    Function(Object<FunctionSpec>),
+    PingSource(Object<PingSourceSpec>),
+    ApiServerSource(Object<ApiServerSourceSpec>),
+    /// A kind that only means something inside Kubernetes (RBAC, ServiceAccount, a Knative
+    /// Service whose container wasmesh replaces with a Function): accepted, not run.
+    Ignored {
+        kind: String,
+        name: String,
+        why: &'static str,
+    },
+}
+
+impl Resource {
+    /// `Kind/namespace/name`, for messages.
+    pub fn id(&self) -> String {
+        let (kind, meta) = match self {
+            Resource::Namespace(o) => return format!("Namespace/{}", o.metadata.name),
+            Resource::Broker(o) => ("Broker", &o.metadata),
+            Resource::Trigger(o) => ("Trigger", &o.metadata),
+            Resource::Function(o) => ("Function", &o.metadata),
+            Resource::PingSource(o) => ("PingSource", &o.metadata),
+            Resource::ApiServerSource(o) => ("ApiServerSource", &o.metadata),
+            Resource::Ignored { kind, name, .. } => return format!("{kind}/{name}"),
+        };
+        format!("{kind}/{}/{}", meta.namespace(), meta.name)
+    }
+}

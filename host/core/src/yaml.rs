@@ -1,0 +1,258 @@
+//! Reading declarations: multi-document YAML of Knative's kinds (and wasmesh's `Function`).
+//! Every error names the file, the line and column, the field path and what was expected.
+
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+
+use crate::resources::{NamespaceObject, Object, Resource};
+
+/// A parsed object and where it was declared.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Located {
+    /// The file, as given.
+    pub file: String,
+    /// The line (1-based) where the object's document starts.
+    pub line: usize,
+    /// The object.
+    pub resource: Resource,
+}
+
+/// One error in a declaration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct YamlError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    /// The field path (`spec.subscriber.ref.kind`), empty for the document itself.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for YamlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every error of one or more files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct YamlErrors(pub Vec<YamlError>);
+
+impl fmt::Display for YamlErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for YamlErrors {}
+
+const NAMESPACE: &[&str] = &["v1"];
+const EVENTING: &[&str] = &[
+    "eventing.knative.dev/v1",
+    "eventing.knative.dev/v1beta1",
+    "eventing.knative.dev/v1alpha1",
+];
+const FUNCTION: &[&str] = &["wasmesh.dev/v1alpha1"];
+const PING: &[&str] = &["sources.knative.dev/v1", "sources.knative.dev/v1beta2"];
+const APISERVER: &[&str] = &[
+    "sources.knative.dev/v1",
+    "sources.knative.dev/v1beta1",
+    "sources.eventing.knative.dev/v1alpha1",
+];
+
+/// Parses every document of one file. `file` is how errors name it.
+pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Located>, YamlErrors> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (first_line, doc) in split_documents(text) {
+        match parse_document(file, first_line, doc) {
+            Ok(Some(resource)) => out.push(Located {
+                file: file.to_string(),
+                line: first_line + 1,
+                resource,
+            }),
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(YamlErrors(errors))
+    }
+}
+
+/// Splits at `---` lines; yields (0-based index of the document's first line, text).
+fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let mut start_line = 0;
+    let mut start_byte = 0;
+    let mut offset = 0;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end();
+        if bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t") {
+            docs.push((start_line, &text[start_byte..offset]));
+            start_line = i + 1;
+            start_byte = offset + line.len();
+        }
+        offset += line.len();
+    }
+    docs.push((start_line, &text[start_byte..]));
+    docs
+}
+
+fn parse_document(file: &str, first_line: usize, doc: &str) -> Result<Option<Resource>, YamlError> {
+    let err_at = |line: usize, column: usize, path: &str, message: String| YamlError {
+        file: file.to_string(),
+        line: first_line + line,
+        column,
+        path: path.to_string(),
+        message,
+    };
+    let value: serde_yaml_ng::Value = match serde_yaml_ng::from_str(doc) {
+        Ok(v) => v,
+        Err(e) => {
+            let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+            return Err(err_at(line, column, "", strip_location(&e.to_string())));
+        }
+    };
+    let map = match &value {
+        serde_yaml_ng::Value::Null => return Ok(None),
+        serde_yaml_ng::Value::Mapping(m) => m,
+        _ => {
+            return Err(err_at(
+                1,
+                1,
+                "",
+                "expected a mapping with apiVersion, kind and metadata".into(),
+            ));
+        }
+    };
+    let field = |name: &str| -> Result<String, YamlError> {
+        match map.get(name) {
+            Some(serde_yaml_ng::Value::String(s)) => Ok(s.clone()),
+            Some(_) => Err(err_at(1, 1, name, "expected a string".into())),
+            None => Err(err_at(1, 1, name, "missing field".into())),
+        }
+    };
+    let api_version = field("apiVersion")?;
+    let kind = field("kind")?;
+    let typed = |versions: &[&str]| -> Result<(), YamlError> {
+        if versions.contains(&api_version.as_str()) {
+            Ok(())
+        } else {
+            Err(err_at(
+                1,
+                1,
+                "apiVersion",
+                format!(
+                    "apiVersion `{api_version}` of kind {kind} is not supported; expected one of: {}",
+                    versions.join(", ")
+                ),
+            ))
+        }
+    };
+    let parse = |_: ()| ();
+    let _ = parse;
+    let resource = match kind.as_str() {
+        "Namespace" => {
+            typed(NAMESPACE)?;
+            Resource::Namespace(typed_parse::<NamespaceObject>(file, first_line, doc)?)
+        }
+        "Broker" => {
+            typed(EVENTING)?;
+            Resource::Broker(typed_parse::<Object<_>>(file, first_line, doc)?)
+        }
+        "Trigger" => {
+            typed(EVENTING)?;
+            Resource::Trigger(typed_parse::<Object<_>>(file, first_line, doc)?)
+        }
+        "Function" => {
+            typed(FUNCTION)?;
+            Resource::Function(typed_parse::<Object<_>>(file, first_line, doc)?)
+        }
+        "PingSource" => {
+            typed(PING)?;
+            Resource::PingSource(typed_parse::<Object<_>>(file, first_line, doc)?)
+        }
+        "ApiServerSource" => {
+            typed(APISERVER)?;
+            Resource::ApiServerSource(typed_parse::<Object<_>>(file, first_line, doc)?)
+        }
+        "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding" => {
+            Resource::Ignored {
+                kind,
+                name: name_of(map),
+                why: "only meaningful inside Kubernetes",
+            }
+        }
+        "Service" if api_version.starts_with("serving.knative.dev/") => Resource::Ignored {
+            kind,
+            name: name_of(map),
+            why: "a Knative Service runs a container; wasmesh runs a Function of the same name",
+        },
+        other => {
+            return Err(err_at(
+                1,
+                1,
+                "kind",
+                format!(
+                    "kind `{other}` is not supported; expected one of: Broker, Trigger, Function, \
+                     PingSource, ApiServerSource, Namespace (and RBAC kinds, which are ignored)"
+                ),
+            ));
+        }
+    };
+    Ok(Some(resource))
+}
+
+fn name_of(map: &serde_yaml_ng::Mapping) -> String {
+    map.get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+fn typed_parse<T: DeserializeOwned>(
+    file: &str,
+    first_line: usize,
+    doc: &str,
+) -> Result<T, YamlError> {
+    let de = serde_yaml_ng::Deserializer::from_str(doc);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let (line, column) = inner.location().map_or((1, 1), |l| (l.line(), l.column()));
+        let mut message = strip_location(&inner.to_string());
+        // serde_yaml_ng may prefix the path itself; say it once.
+        if let Some(rest) = message.strip_prefix(&format!("{path}: ")) {
+            message = rest.to_string();
+        }
+        YamlError {
+            file: file.to_string(),
+            line: first_line + line,
+            column,
+            path: if path == "." { String::new() } else { path },
+            message,
+        }
+    })
+}
+
+fn strip_location(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
