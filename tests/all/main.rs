@@ -1,6 +1,9 @@
 //! wasmesh's integration tests: one binary, a module per area. Everything here is real: Wasm
 //! components built from `plugins/`, the real `wasmesh` binary.
 
+mod broker;
 mod cli_run;
+mod harness;
 mod runtime;
 mod support;
+mod yaml;

@@ -132,7 +132,18 @@ fn decode_binary(headers: &HeaderMap, body: Bytes) -> Result<Event, DecodeError>
         let value = decode_value(name.as_str(), value)?;
         b = b.extension(attr, value);
     }
-    let ct = header(headers, "content-type")?;
+    // Content-Type is an ordinary HTTP header: the binding's percent-encoding is for ce- only.
+    let ct = match headers.get(CONTENT_TYPE) {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| DecodeError::BadHeader {
+                    name: "content-type".into(),
+                    why: "not visible ASCII".into(),
+                })?
+                .to_string(),
+        ),
+        None => None,
+    };
     let schema = match header(headers, "ce-dataschema")? {
         Some(s) => Some(url::Url::parse(&s).map_err(|e| DecodeError::BadHeader {
             name: "ce-dataschema".into(),
@@ -140,15 +151,24 @@ fn decode_binary(headers: &HeaderMap, body: Bytes) -> Result<Event, DecodeError>
         })?),
         None => None,
     };
-    if !body.is_empty() || ct.is_some() {
-        let ct = ct.unwrap_or_else(|| "application/octet-stream".into());
-        let data = Data::Binary(body.to_vec());
-        b = match schema {
-            Some(s) => b.data_with_schema(ct, s, data),
-            None => b.data(ct, data),
+    let data = Data::Binary(body.to_vec());
+    let has_data = !body.is_empty();
+    if let Some(ct) = ct.clone() {
+        b = match schema.clone() {
+            Some(s) => b.data_with_schema(ct, s, data.clone()),
+            None => b.data(ct, data.clone()),
         };
     }
-    let event = b.build().map_err(|e| DecodeError::Build(e.to_string()))?;
+    let mut event = b.build().map_err(|e| DecodeError::Build(e.to_string()))?;
+    if ct.is_none() {
+        // Data without a Content-Type keeps no datacontenttype, as it came.
+        if has_data {
+            event.set_data_unchecked(data);
+        }
+        if let Some(s) = schema {
+            wasmesh_core::AttributesWriter::set_dataschema(&mut event, Some(s));
+        }
+    }
     wasmesh_core::event::validate(&event)?;
     Ok(event)
 }
@@ -193,8 +213,10 @@ pub fn encode_binary(event: &Event, headers: &mut HeaderMap) -> Bytes {
             other => put(name, &other.to_string()),
         }
     }
-    if let Some(ct) = event.datacontenttype() {
-        headers.insert(CONTENT_TYPE, encode_value(ct));
+    if let Some(ct) = event.datacontenttype()
+        && let Ok(v) = HeaderValue::from_str(ct)
+    {
+        headers.insert(CONTENT_TYPE, v);
     }
     match event.data() {
         Some(Data::Binary(b)) => Bytes::copy_from_slice(b),

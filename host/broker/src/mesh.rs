@@ -334,24 +334,7 @@ impl Mesh {
         sink: &Sink,
         event: &Arc<Event>,
     ) -> Result<Option<Box<Event>>, Failure> {
-        let mut retries = 0;
-        loop {
-            let outcome = self.send_once(t, sink, event).await;
-            let failure = match outcome {
-                Outcome::Delivered(reply) => return Ok(reply),
-                Outcome::Fail(f) => return Err(f),
-                Outcome::Retry(f) => f,
-            };
-            if retries >= t.policy.retry {
-                return Err(failure);
-            }
-            retries += 1;
-            let wait = failure
-                .retry_after
-                .unwrap_or_else(|| t.policy.backoff(retries));
-            tracing::debug!(trigger = %t.name, retry = retries, wait_ms = wait.as_millis() as u64, "retrying");
-            tokio::time::sleep(wait).await;
-        }
+        retry_loop(&t.policy, &t.name, || self.send_once(t, sink, event)).await
     }
 
     async fn send_once(&self, t: &TriggerSpecRuntime, sink: &Sink, event: &Arc<Event>) -> Outcome {
@@ -432,6 +415,41 @@ impl Mesh {
     }
 }
 
+/// Attempts a delivery until it succeeds, fails for good, or the policy's retries are spent;
+/// between attempts it waits the subscriber's `retry-after` or the policy's backoff.
+pub(crate) async fn retry_loop<F, Fut>(
+    policy: &DeliveryPolicy,
+    trigger: &str,
+    mut attempt: F,
+) -> Result<Option<Box<Event>>, Failure>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Outcome>,
+{
+    let mut retries = 0;
+    loop {
+        let failure = match attempt().await {
+            Outcome::Delivered(reply) => return Ok(reply),
+            Outcome::Fail(f) => return Err(f),
+            Outcome::Retry(f) => f,
+        };
+        if retries >= policy.retry {
+            return Err(failure);
+        }
+        retries += 1;
+        let wait = failure
+            .retry_after
+            .unwrap_or_else(|| policy.backoff(retries));
+        tracing::debug!(
+            trigger,
+            retry = retries,
+            wait_ms = wait.as_millis() as u64,
+            "retrying"
+        );
+        tokio::time::sleep(wait).await;
+    }
+}
+
 fn parse_ttl(v: &ExtensionValue) -> Option<i32> {
     match v {
         ExtensionValue::Integer(i) => i32::try_from(*i).ok(),
@@ -443,5 +461,84 @@ fn parse_ttl(v: &ExtensionValue) -> Option<i32> {
 async fn futures_join(handles: Vec<JoinHandle<()>>) {
     for h in handles {
         let _ = h.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+    use wasmesh_core::resources::BackoffPolicy;
+
+    /// Retries with paused time: the waits between attempts are exactly the policy's backoff.
+    async fn gaps(backoff: BackoffPolicy, retry: u32, succeed_on: usize) -> (Vec<Duration>, bool) {
+        let policy = DeliveryPolicy {
+            retry,
+            backoff,
+            delay: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let times = std::sync::Mutex::new(Vec::new());
+        let result = retry_loop(&policy, "t", || {
+            let n = {
+                let mut t = times.lock().expect("lock");
+                t.push(Instant::now());
+                t.len()
+            };
+            async move {
+                if n == succeed_on {
+                    Outcome::Delivered(None)
+                } else {
+                    Outcome::Retry(Failure::message(Some(503), "busy"))
+                }
+            }
+        })
+        .await;
+        let t = times.into_inner().expect("lock");
+        (t.windows(2).map(|w| w[1] - w[0]).collect(), result.is_ok())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn linear_backoff_between_retries() {
+        let (g, ok) = gaps(BackoffPolicy::Linear, 3, 0).await;
+        assert!(
+            !ok,
+            "every attempt failed: the error goes to the dead-letter sink"
+        );
+        let ms: Vec<u128> = g.iter().map(|d| d.as_millis()).collect();
+        assert_eq!(ms, [100, 200, 300]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exponential_backoff_between_retries() {
+        let (g, ok) = gaps(BackoffPolicy::Exponential, 3, 3).await;
+        assert!(ok, "the third attempt succeeded");
+        let ms: Vec<u128> = g.iter().map(|d| d.as_millis()).collect();
+        assert_eq!(ms, [200, 400]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_wins_and_fail_stops_at_once() {
+        let policy = DeliveryPolicy::default();
+        let mut n = 0;
+        let start = Instant::now();
+        let r = retry_loop(&policy, "t", || {
+            n += 1;
+            let first = n == 1;
+            async move {
+                if first {
+                    Outcome::Retry(Failure {
+                        retry_after: Some(Duration::from_secs(7)),
+                        ..Default::default()
+                    })
+                } else {
+                    Outcome::Fail(Failure::message(Some(400), "bad"))
+                }
+            }
+        })
+        .await;
+        assert_eq!(n, 2);
+        assert_eq!(start.elapsed(), Duration::from_secs(7));
+        assert_eq!(r.expect_err("failed").code, Some(400));
     }
 }

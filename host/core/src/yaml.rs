@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::de::DeserializeOwned;
 
-use crate::resources::{NamespaceObject, Object, Resource};
+use crate::resources::{BrokerSpec, NamespaceObject, Object, Resource};
 
 /// A parsed object and where it was declared.
 #[derive(Debug, Clone, PartialEq)]
@@ -163,8 +163,6 @@ fn parse_document(file: &str, first_line: usize, doc: &str) -> Result<Option<Res
             ))
         }
     };
-    let parse = |_: ()| ();
-    let _ = parse;
     let resource = match kind.as_str() {
         "Namespace" => {
             typed(NAMESPACE)?;
@@ -172,7 +170,15 @@ fn parse_document(file: &str, first_line: usize, doc: &str) -> Result<Option<Res
         }
         "Broker" => {
             typed(EVENTING)?;
-            Resource::Broker(typed_parse::<Object<_>>(file, first_line, doc)?)
+            // A Broker may have no spec at all.
+            let o: Object<Option<BrokerSpec>> = typed_parse(file, first_line, doc)?;
+            Resource::Broker(Object {
+                api_version: o.api_version,
+                kind: o.kind,
+                metadata: o.metadata,
+                spec: o.spec.unwrap_or_default(),
+                status: o.status,
+            })
         }
         "Trigger" => {
             typed(EVENTING)?;
@@ -236,8 +242,11 @@ fn typed_parse<T: DeserializeOwned>(
         let inner = e.into_inner();
         let (line, column) = inner.location().map_or((1, 1), |l| (l.line(), l.column()));
         let mut message = strip_location(&inner.to_string());
-        // serde_yaml_ng may prefix the path itself; say it once.
-        if let Some(rest) = message.strip_prefix(&format!("{path}: ")) {
+        // serde_yaml_ng prefixes the path of the enclosing value; ours is more precise, say it once.
+        if let Some((prefix, rest)) = message.split_once(": ")
+            && !prefix.contains(' ')
+            && path.starts_with(prefix)
+        {
             message = rest.to_string();
         }
         YamlError {

@@ -1,0 +1,671 @@
+//! The broker through the real `wasmesh serve`: ingress status codes, the HTTP binding's
+//! conformance cases, percent-encoding, filters, replies, the TTL, retries and dead letters,
+//! backpressure, and Wasm functions as subscribers and filters.
+
+use base64::Engine as _;
+use percent_encoding::percent_decode_str;
+
+use crate::harness::{Capture, Serve, broker_with_triggers, ce_headers, repo};
+
+#[test]
+fn ingress_answers_with_knatives_status_codes() {
+    let sub = Capture::ok();
+    let yaml = broker_with_triggers(&[("all", "", &sub.url("/all"))]);
+    let serve = Serve::start(&[("b.yaml", &yaml)], &["--max-body", "1024"]);
+
+    let ok = serve.request("POST", "/default/default", &ce_headers("1", "t"), b"{}");
+    assert_eq!(ok.status, 202, "{}", ok.text());
+    let slash = serve.request("POST", "/default/default/", &ce_headers("2", "t"), b"{}");
+    assert_eq!(slash.status, 202, "a trailing slash is allowed");
+    sub.wait("/all", 2);
+
+    let get = serve.request("GET", "/default/default", &[], b"");
+    assert_eq!(get.status, 405);
+    assert_eq!(get.headers["allow"], "POST, OPTIONS");
+    let options = serve.request("OPTIONS", "/default/default", &[], b"");
+    assert_eq!(options.status, 200);
+    assert_eq!(options.headers["webhook-allowed-origin"], "*");
+    assert_eq!(options.headers["webhook-allowed-rate"], "*");
+
+    assert_eq!(
+        serve
+            .request("POST", "/", &ce_headers("3", "t"), b"{}")
+            .status,
+        404
+    );
+    assert_eq!(
+        serve
+            .request("POST", "/a/b/c", &ce_headers("3", "t"), b"{}")
+            .status,
+        400
+    );
+    let unknown = serve.request("POST", "/default/nope", &ce_headers("3", "t"), b"{}");
+    assert_eq!(unknown.status, 404);
+    assert!(
+        unknown.text().contains("default/nope"),
+        "{}",
+        unknown.text()
+    );
+
+    let mut no_id = ce_headers("x", "t");
+    no_id.retain(|(k, _)| *k != "ce-id");
+    let bad = serve.request("POST", "/default/default", &no_id, b"{}");
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.headers["content-type"], "application/json");
+    let body: serde_json::Value = serde_json::from_slice(&bad.body).expect("json error body");
+    assert_eq!(body["error"], "header `ce-id` is missing");
+
+    let bad_structured = serve.request(
+        "POST",
+        "/default/default",
+        &[("content-type", "application/cloudevents+json")],
+        br#"{"specversion":"1.0","id":"1","type":"t"}"#,
+    );
+    assert_eq!(bad_structured.status, 400);
+    assert!(
+        bad_structured.text().contains("source"),
+        "{}",
+        bad_structured.text()
+    );
+
+    let big = vec![b'x'; 2048];
+    assert_eq!(
+        serve
+            .request("POST", "/default/default", &ce_headers("4", "t"), &big)
+            .status,
+        413
+    );
+
+    let mut ttl = ce_headers("5", "t");
+    ttl.push(("ce-knativebrokerttl", "1"));
+    let exhausted = serve.request("POST", "/default/default", &ttl, b"{}");
+    assert_eq!(exhausted.status, 400);
+    assert!(exhausted.text().contains("TTL"), "{}", exhausted.text());
+    assert_eq!(sub.on("/all").len(), 2, "refused events were not delivered");
+}
+
+#[test]
+fn a_full_queue_answers_429_and_loses_nothing_accepted() {
+    // One slow subscriber, a queue of 2, one delivery at a time: producers outrun it.
+    let sub = Capture::start(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        (200, Vec::new(), Vec::new())
+    });
+    let yaml = broker_with_triggers(&[("slow", "", &sub.url("/slow"))]);
+    let serve = Serve::start(
+        &[("b.yaml", &yaml)],
+        &["--queue", "2", "--concurrency", "1"],
+    );
+    let mut accepted = Vec::new();
+    let mut throttled = None;
+    for i in 0..20 {
+        let id = format!("e{i}");
+        let r = serve.request("POST", "/default/default", &ce_headers(&id, "t"), b"{}");
+        match r.status {
+            202 => accepted.push(id),
+            429 => {
+                throttled = Some(r);
+                break;
+            }
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+    }
+    let throttled = throttled.expect("a 429 once the queue is full");
+    assert_eq!(throttled.headers["retry-after"], "1");
+    let got = sub.wait("/slow", accepted.len());
+    let ids: Vec<&str> = got.iter().map(|c| c.headers["ce-id"].as_str()).collect();
+    for id in &accepted {
+        assert!(ids.contains(&id.as_str()), "accepted {id} was delivered");
+    }
+}
+
+fn conformance_events() -> Vec<serde_yaml_ng::Value> {
+    let dir = repo("../shared/conformance/http-binding");
+    let mut events = Vec::new();
+    for file in ["v1.yaml", "v1_minimum.yaml"] {
+        let text = std::fs::read_to_string(dir.join(file)).expect("conformance file in ../shared");
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let v = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc).expect("yaml");
+            if !v.is_null() {
+                events.push(v);
+            }
+        }
+    }
+    events
+}
+
+fn yaml_str(v: &serde_yaml_ng::Value) -> String {
+    match v {
+        serde_yaml_ng::Value::String(s) => s.clone(),
+        serde_yaml_ng::Value::Number(n) => {
+            // YAML reads `specversion: 1.0` as a number.
+            if n.as_f64() == Some(1.0) {
+                "1.0".into()
+            } else {
+                n.to_string()
+            }
+        }
+        other => serde_yaml_ng::to_string(other)
+            .expect("yaml")
+            .trim()
+            .to_string(),
+    }
+}
+
+#[test]
+fn http_binding_conformance_cases_reach_the_subscriber_unchanged() {
+    let sub = Capture::ok();
+    let serve = Serve::start(
+        &[(
+            "b.yaml",
+            &broker_with_triggers(&[("all", "", &sub.url("/all"))]),
+        )],
+        &[],
+    );
+    let cases = conformance_events();
+    assert!(cases.len() >= 8, "found the conformance cases");
+    let mut sent = 0;
+    for (n, case) in cases.iter().enumerate() {
+        let attrs = &case["ContextAttributes"];
+        let data = case.get("Data").map(yaml_str).unwrap_or_default();
+        let ct = attrs.get("datacontenttype").map(yaml_str);
+        let mut exts: Vec<(String, String)> = attrs
+            .get("Extensions")
+            .and_then(|e| e.as_mapping())
+            .map(|m| m.iter().map(|(k, v)| (yaml_str(k), yaml_str(v))).collect())
+            .unwrap_or_default();
+        exts.sort();
+        for mode in ["binary", "structured"] {
+            let id = format!("{}-{mode}-{n}", yaml_str(&attrs["id"]));
+            let mut headers: Vec<(String, String)> = Vec::new();
+            let body: Vec<u8> = if mode == "binary" {
+                headers.push(("ce-specversion".into(), "1.0".into()));
+                headers.push(("ce-id".into(), id.clone()));
+                for key in ["type", "source", "time", "subject"] {
+                    if let Some(v) = attrs.get(key) {
+                        headers.push((format!("ce-{key}"), crate::harness::encode(&yaml_str(v))));
+                    }
+                }
+                for (k, v) in &exts {
+                    headers.push((format!("ce-{k}"), crate::harness::encode(v)));
+                }
+                if let Some(ct) = &ct {
+                    headers.push(("content-type".into(), ct.clone()));
+                }
+                data.clone().into_bytes()
+            } else {
+                let mut obj = serde_json::Map::new();
+                obj.insert("specversion".into(), "1.0".into());
+                obj.insert("id".into(), id.clone().into());
+                for key in ["type", "source", "time", "subject", "datacontenttype"] {
+                    if let Some(v) = attrs.get(key) {
+                        obj.insert(key.into(), yaml_str(v).into());
+                    }
+                }
+                for (k, v) in &exts {
+                    obj.insert(k.clone(), v.clone().into());
+                }
+                // No datacontenttype implies JSON in structured mode: the data is a JSON value.
+                let json_ct = ct
+                    .as_deref()
+                    .is_none_or(|c| c.starts_with("application/json"));
+                let parsed = serde_json::from_str::<serde_json::Value>(&data).ok();
+                match (json_ct, parsed) {
+                    (true, Some(v)) => obj.insert("data".into(), v),
+                    _ => obj.insert("data".into(), data.clone().into()),
+                };
+                headers.push((
+                    "content-type".into(),
+                    "application/cloudevents+json; charset=utf-8".into(),
+                ));
+                serde_json::to_vec(&obj).expect("json")
+            };
+            let h: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let r = serve.request("POST", "/default/default", &h, &body);
+            assert_eq!(r.status, 202, "case {id}: {}", r.text());
+            sent += 1;
+            let got = sub.wait("/all", sent);
+            let c = got
+                .iter()
+                .find(|c| c.headers.get("ce-id") == Some(&id))
+                .expect("delivered");
+            for key in ["type", "source", "time", "subject"] {
+                if let Some(v) = attrs.get(key) {
+                    assert_eq!(
+                        decode(&c.headers[&format!("ce-{key}")]),
+                        yaml_str(v),
+                        "case {id}: {key}"
+                    );
+                }
+            }
+            for (k, v) in &exts {
+                assert_eq!(
+                    decode(&c.headers[&format!("ce-{k}")]),
+                    *v,
+                    "case {id}: extension {k}"
+                );
+            }
+            assert!(
+                c.headers.contains_key("ce-knativearrivaltime"),
+                "the broker's extension is added"
+            );
+            assert_eq!(
+                c.headers.get("content-type"),
+                ct.as_ref(),
+                "case {id}: content type"
+            );
+            let json_ct = ct
+                .as_deref()
+                .is_none_or(|c| c.starts_with("application/json"));
+            if json_ct && mode == "structured" {
+                let a: serde_json::Value = serde_json::from_slice(&c.body).expect("json data");
+                let b: serde_json::Value = serde_json::from_str(&data).expect("json data");
+                assert_eq!(a, b, "case {id}: data");
+            } else {
+                assert_eq!(String::from_utf8_lossy(&c.body), data, "case {id}: data");
+            }
+        }
+    }
+}
+
+fn decode(v: &str) -> String {
+    percent_decode_str(v)
+        .decode_utf8()
+        .expect("utf-8")
+        .into_owned()
+}
+
+#[test]
+fn percent_encoded_headers_round_trip() {
+    let sub = Capture::ok();
+    let serve = Serve::start(
+        &[(
+            "b.yaml",
+            &broker_with_triggers(&[("all", "", &sub.url("/all"))]),
+        )],
+        &[],
+    );
+    let mut h = ce_headers("pe", "t");
+    h.push(("ce-note", "Euro%20%e2%82%ac%20%22quoted%22%20100%25"));
+    assert_eq!(
+        serve.request("POST", "/default/default", &h, b"{}").status,
+        202
+    );
+    let c = &sub.wait("/all", 1)[0];
+    assert_eq!(
+        c.headers["ce-note"],
+        "Euro%20%E2%82%AC%20%22quoted%22%20100%25"
+    );
+    assert_eq!(decode(&c.headers["ce-note"]), "Euro € \"quoted\" 100%");
+    let mut bad = ce_headers("pe2", "t");
+    bad.push(("ce-note", "%ff%fe"));
+    let r = serve.request("POST", "/default/default", &bad, b"{}");
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("UTF-8"), "{}", r.text());
+}
+
+#[test]
+fn triggers_route_by_filter_dialect() {
+    let sub = Capture::ok();
+    let triggers = [
+        (
+            "attrs",
+            "  filter:\n    attributes:\n      type: com.example.a\n      kind: \"\"\n",
+            "/attrs",
+        ),
+        (
+            "exact",
+            "  filters:\n  - exact: {type: com.example.a}\n",
+            "/exact",
+        ),
+        (
+            "prefix",
+            "  filters:\n  - prefix: {type: com.example.}\n",
+            "/prefix",
+        ),
+        ("suffix", "  filters:\n  - suffix: {type: .b}\n", "/suffix"),
+        (
+            "anynot",
+            "  filters:\n  - any: [{exact: {type: com.example.b}}, {not: {prefix: {type: com.}}}]\n",
+            "/anynot",
+        ),
+        (
+            "allext",
+            "  filters:\n  - all: [{exact: {kind: Pod}}, {prefix: {source: /te}}]\n",
+            "/allext",
+        ),
+    ];
+    let triggers: Vec<(&str, &str, String)> = triggers
+        .iter()
+        .map(|(n, f, p)| (*n, *f, sub.url(p)))
+        .collect();
+    let refs: Vec<(&str, &str, &str)> = triggers
+        .iter()
+        .map(|(n, f, u)| (*n, *f, u.as_str()))
+        .collect();
+    let serve = Serve::start(&[("b.yaml", &broker_with_triggers(&refs))], &[]);
+    let send = |id: &str, ty: &str, kind: Option<&str>| {
+        let mut h = ce_headers(id, ty);
+        if let Some(k) = kind {
+            h.push(("ce-kind", k));
+        }
+        assert_eq!(
+            serve.request("POST", "/default/default", &h, b"{}").status,
+            202
+        );
+    };
+    send("a-pod", "com.example.a", Some("Pod"));
+    send("a-none", "com.example.a", None);
+    send("b", "com.example.b", None);
+    send("other", "org.other", Some(""));
+    send("done", "com.example.done", None);
+    let ids = |path: &str, n: usize| {
+        let mut v: Vec<String> = sub
+            .wait(path, n)
+            .iter()
+            .map(|c| c.headers["ce-id"].clone())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        ids("/attrs", 1),
+        ["a-pod"],
+        "missing extension fails; empty value needs presence"
+    );
+    assert_eq!(ids("/exact", 2), ["a-none", "a-pod"]);
+    assert_eq!(ids("/prefix", 4), ["a-none", "a-pod", "b", "done"]);
+    assert_eq!(ids("/suffix", 1), ["b"]);
+    assert_eq!(ids("/anynot", 2), ["b", "other"]);
+    assert_eq!(ids("/allext", 1), ["a-pod"]);
+}
+
+#[test]
+fn http_subscriber_replies_go_back_into_the_broker() {
+    let sub = Capture::start(|c| {
+        if c.path == "/replier" {
+            let headers = vec![
+                ("ce-specversion".to_string(), "1.0".to_string()),
+                ("ce-id".to_string(), format!("reply-{}", c.headers["ce-id"])),
+                ("ce-source".to_string(), "/replier".to_string()),
+                ("ce-type".to_string(), "com.example.response".to_string()),
+                ("content-type".to_string(), "application/json".to_string()),
+            ];
+            (200, headers, b"{\"answer\":42}".to_vec())
+        } else {
+            (202, Vec::new(), Vec::new())
+        }
+    });
+    let yaml = broker_with_triggers(&[
+        (
+            "requests",
+            "  filters:\n  - exact: {type: com.example.request}\n",
+            &sub.url("/replier"),
+        ),
+        (
+            "responses",
+            "  filters:\n  - exact: {type: com.example.response}\n",
+            &sub.url("/sink"),
+        ),
+    ]);
+    let serve = Serve::start(&[("b.yaml", &yaml)], &[]);
+    let mut h = ce_headers("q1", "com.example.request");
+    h.push((
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    ));
+    assert_eq!(
+        serve.request("POST", "/default/default", &h, b"{}").status,
+        202
+    );
+    let got = sub.wait("/sink", 1);
+    assert_eq!(got[0].headers["ce-id"], "reply-q1");
+    assert_eq!(got[0].body, b"{\"answer\":42}");
+    assert!(
+        !got[0].headers.contains_key("ce-knativebrokerttl"),
+        "subscribers never see the TTL"
+    );
+    let req = &sub.on("/replier")[0];
+    assert_eq!(
+        req.headers["traceparent"],
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    );
+    assert_eq!(req.headers["kn-namespace"], "default");
+}
+
+#[test]
+fn a_reply_loop_is_stopped_by_the_ttl() {
+    let sub = Capture::start(|c| {
+        let n = c.headers["ce-id"].len();
+        let headers = vec![
+            ("ce-specversion".to_string(), "1.0".to_string()),
+            (
+                "ce-id".to_string(),
+                format!("{}x", &c.headers["ce-id"][..n]),
+            ),
+            ("ce-source".to_string(), "/loop".to_string()),
+            ("ce-type".to_string(), "com.example.loop".to_string()),
+        ];
+        (200, headers, Vec::new())
+    });
+    let serve = Serve::start(
+        &[(
+            "b.yaml",
+            &broker_with_triggers(&[("loop", "", &sub.url("/loop"))]),
+        )],
+        &[],
+    );
+    let mut h = ce_headers("l", "com.example.loop");
+    h.push(("ce-knativebrokerttl", "4"));
+    assert_eq!(
+        serve.request("POST", "/default/default", &h, b"{}").status,
+        202
+    );
+    serve.wait_log("reply dropped: TTL exhausted");
+    let ids: Vec<String> = sub
+        .on("/loop")
+        .iter()
+        .map(|c| c.headers["ce-id"].clone())
+        .collect();
+    assert_eq!(
+        ids,
+        ["l", "lx", "lxx"],
+        "TTL 4: three hops, then the loop ends"
+    );
+}
+
+fn retry_yaml(sub: &Capture, policy: &str) -> String {
+    format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata: {{name: default, namespace: default}}\n---\n\
+         apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: flaky, namespace: default}}\n\
+         spec:\n  subscriber: {{uri: '{}'}}\n  delivery:\n    retry: 2\n    backoffPolicy: {policy}\n    backoffDelay: PT0.01S\n    deadLetterSink: {{uri: '{}'}}\n",
+        sub.url("/flaky"),
+        sub.url("/dls")
+    )
+}
+
+#[test]
+fn retried_outcomes_then_dead_letter_with_error_extensions() {
+    for policy in ["linear", "exponential"] {
+        let sub = Capture::start(|c| match c.path.as_str() {
+            "/flaky" => (503, Vec::new(), b"overloaded".to_vec()),
+            _ => (202, Vec::new(), Vec::new()),
+        });
+        let serve = Serve::start(&[("b.yaml", &retry_yaml(&sub, policy))], &[]);
+        assert_eq!(
+            serve
+                .request("POST", "/default/default", &ce_headers("d1", "t"), b"{}")
+                .status,
+            202
+        );
+        let dead = sub.wait("/dls", 1);
+        assert_eq!(
+            sub.on("/flaky").len(),
+            3,
+            "{policy}: one attempt and two retries"
+        );
+        let d = &dead[0];
+        assert_eq!(d.headers["ce-id"], "d1");
+        assert_eq!(decode(&d.headers["ce-knativeerrordest"]), sub.url("/flaky"));
+        assert_eq!(d.headers["ce-knativeerrorcode"], "503");
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(&d.headers["ce-knativeerrordata"])
+            .expect("base64");
+        assert_eq!(data, b"overloaded");
+    }
+    // 400 is not retried: straight to the dead-letter sink.
+    let sub = Capture::start(|c| match c.path.as_str() {
+        "/flaky" => (400, Vec::new(), Vec::new()),
+        _ => (202, Vec::new(), Vec::new()),
+    });
+    let serve = Serve::start(&[("b.yaml", &retry_yaml(&sub, "linear"))], &[]);
+    assert_eq!(
+        serve
+            .request("POST", "/default/default", &ce_headers("d2", "t"), b"{}")
+            .status,
+        202
+    );
+    let dead = sub.wait("/dls", 1);
+    assert_eq!(sub.on("/flaky").len(), 1);
+    assert_eq!(dead[0].headers["ce-knativeerrorcode"], "400");
+}
+
+#[test]
+fn a_2xx_body_that_is_not_an_event_is_an_error() {
+    let sub = Capture::start(|c| match c.path.as_str() {
+        "/flaky" => (200, Vec::new(), b"not an event".to_vec()),
+        _ => (202, Vec::new(), Vec::new()),
+    });
+    let serve = Serve::start(&[("b.yaml", &retry_yaml(&sub, "linear"))], &[]);
+    assert_eq!(
+        serve
+            .request("POST", "/default/default", &ce_headers("n1", "t"), b"{}")
+            .status,
+        202
+    );
+    let dead = sub.wait("/dls", 1);
+    assert_eq!(dead[0].headers["ce-knativeerrorcode"], "502");
+    assert_eq!(sub.on("/flaky").len(), 3, "retried like a 502");
+}
+
+const FUNCTIONS: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n  labels: {knative-eventing-injection: enabled}\n---\n\
+apiVersion: wasmesh.dev/v1alpha1\nkind: Function\nmetadata: {name: event-display}\nspec: {module: builtin:event-display}\n---\n\
+apiVersion: wasmesh.dev/v1alpha1\nkind: Function\nmetadata: {name: pod-started}\nspec: {module: builtin:pod-started}\n---\n\
+apiVersion: wasmesh.dev/v1alpha1\nkind: Function\nmetadata: {name: knative-only}\nspec:\n  module: builtin:type-filter\n  config: {prefix: dev.knative.}\n";
+
+#[test]
+fn wasm_functions_subscribe_filter_reply_and_reject() {
+    let sub = Capture::ok();
+    let triggers = format!(
+        "---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: display}}\nspec:\n  wasmFilter: knative-only\n  subscriber:\n    ref: {{apiVersion: serving.knative.dev/v1, kind: Service, name: event-display}}\n\
+         ---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: started}}\nspec:\n  filters: [{{prefix: {{type: dev.knative.apiserver}}}}]\n  subscriber:\n    ref: {{apiVersion: wasmesh.dev/v1alpha1, kind: Function, name: pod-started}}\n  delivery:\n    retry: 1\n    backoffDelay: PT0.01S\n    deadLetterSink: {{uri: '{}'}}\n\
+         ---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: pods}}\nspec:\n  filters: [{{exact: {{type: com.example.pod.started}}}}]\n  subscriber: {{uri: '{}'}}\n",
+        sub.url("/dls"),
+        sub.url("/pods")
+    );
+    let serve = Serve::start(&[("f.yaml", &format!("{FUNCTIONS}{triggers}"))], &[]);
+    let seed = std::fs::read(repo("tests/data/seed-event.json")).expect("seed event");
+    let r = serve.request(
+        "POST",
+        "/default/default",
+        &[("content-type", "application/cloudevents+json")],
+        &seed,
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    // pod-started replied; the reply was routed to the HTTP trigger.
+    let pods = sub.wait("/pods", 1);
+    assert_eq!(pods[0].headers["ce-type"], "com.example.pod.started");
+    assert_eq!(pods[0].body, br#"{"namespace":"default","pod":"busybox"}"#);
+    // event-display printed the event (it passed the Wasm filter) exactly once, unprefixed.
+    crate::harness::wait_for(
+        "event-display output",
+        std::time::Duration::from_secs(20),
+        || {
+            serve
+                .stdout()
+                .contains("  id: 716d4536-3b92-4fbb-98d9-14bfcf94683f\n")
+        },
+    );
+    // An event the Wasm filter refuses is not displayed; a non-JSON apiserver event is
+    // rejected by pod-started and dead-lettered with its reason.
+    let mut h = ce_headers("not-json", "dev.knative.apiserver.resource.add");
+    h.retain(|(k, _)| *k != "content-type");
+    h.push(("content-type", "text/plain"));
+    assert_eq!(
+        serve
+            .request("POST", "/default/default", &h, b"plain text")
+            .status,
+        202
+    );
+    assert_eq!(
+        serve
+            .request(
+                "POST",
+                "/default/default",
+                &ce_headers("skip", "com.other"),
+                b"{}"
+            )
+            .status,
+        202
+    );
+    let dead = sub.wait("/dls", 1);
+    assert_eq!(dead[0].headers["ce-id"], "not-json");
+    assert_eq!(dead[0].headers["ce-knativeerrorcode"], "422");
+    assert_eq!(
+        decode(&dead[0].headers["ce-knativeerrordest"]),
+        "function:default/pod-started"
+    );
+    crate::harness::wait_for(
+        "not-json displayed",
+        std::time::Duration::from_secs(20),
+        || serve.stdout().contains("  id: not-json\n"),
+    );
+    assert!(
+        !serve.stdout().contains("  id: skip\n"),
+        "the Wasm filter kept com.other out"
+    );
+    assert_eq!(serve.stdout().matches("☁️  cloudevents.Event").count(), 2);
+}
+
+#[test]
+fn the_hello_world_runs_from_manifests_hello() {
+    let serve = HelloServe::start();
+    // The PingSource fires every 5 seconds; event-display prints it.
+    crate::harness::wait_for(
+        "a ping event on stdout",
+        std::time::Duration::from_secs(30),
+        || serve.0.stdout().contains("type: dev.knative.sources.ping"),
+    );
+    let out = serve.0.stdout();
+    assert!(
+        out.starts_with("☁️  cloudevents.Event\nContext Attributes,\n  specversion: 1.0\n"),
+        "{out}"
+    );
+    assert!(out.contains("source: /apis/v1/namespaces/default/pingsources/heartbeat"));
+    assert!(out.contains("    \"message\": \"Hello from wasmesh\"\n"));
+    let err = serve.0.stderr();
+    assert!(
+        err.contains("Broker default/default ready at http://"),
+        "{err}"
+    );
+    assert!(
+        err.contains("ServiceAccount/events-sa: accepted and ignored"),
+        "{err}"
+    );
+}
+
+struct HelloServe(Serve);
+
+impl HelloServe {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for entry in std::fs::read_dir(repo("manifests/hello")).expect("manifests/hello") {
+            let p = entry.expect("entry").path();
+            std::fs::copy(&p, dir.path().join(p.file_name().expect("name"))).expect("copy");
+        }
+        HelloServe(Serve::start_dir(dir))
+    }
+}

@@ -1,0 +1,369 @@
+//! The harness for tests of the real `wasmesh serve`: start it on `127.0.0.1:0`, read the bound
+//! address from its output, talk HTTP to it, and capture what subscribers receive with a real
+//! HTTP server on loopback. Helpers wait for conditions; nothing sleeps a fixed time.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+/// Waits up to `timeout` for `cond`, polling; panics with `what` on time-out.
+pub(crate) fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running `wasmesh serve`, stopped on drop.
+pub(crate) struct Serve {
+    child: Child,
+    pub(crate) addr: SocketAddr,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Serve {
+    /// Writes `files` (name, YAML) into a fresh directory and serves it with `extra` flags.
+    pub(crate) fn start(files: &[(&str, &str)], extra: &[&str]) -> Serve {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write yaml");
+        }
+        Self::start_in(dir, extra)
+    }
+
+    /// Serves an existing directory of YAML files.
+    pub(crate) fn start_dir(dir: tempfile::TempDir) -> Serve {
+        Self::start_in(dir, &[])
+    }
+
+    fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Serve {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wasmesh"))
+            .arg("serve")
+            .arg("-f")
+            .arg(dir.path())
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start wasmesh serve");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err_lines = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut addr = None;
+        let mut line = String::new();
+        while addr.is_none() {
+            line.clear();
+            let n = err_lines.read_line(&mut line).expect("read stderr");
+            assert!(
+                n > 0,
+                "wasmesh serve exited early:\n{}",
+                stderr.lock().expect("lock")
+            );
+            stderr.lock().expect("lock").push_str(&line);
+            if let Some(rest) = line
+                .trim()
+                .strip_prefix("wasmesh: ingress listening on http://")
+            {
+                addr = Some(rest.parse().expect("address"));
+            }
+        }
+        let e = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            for line in err_lines.lines().map_while(Result::ok) {
+                let mut e = e.lock().expect("lock");
+                e.push_str(&line);
+                e.push('\n');
+            }
+        });
+        let mut out_pipe = child.stdout.take().expect("stdout");
+        let o = Arc::clone(&stdout);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = out_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                o.lock()
+                    .expect("lock")
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Serve {
+            child,
+            addr: addr.expect("address"),
+            stdout,
+            stderr,
+            _dir: dir,
+        }
+    }
+
+    pub(crate) fn stdout(&self) -> String {
+        self.stdout.lock().expect("lock").clone()
+    }
+
+    pub(crate) fn stderr(&self) -> String {
+        self.stderr.lock().expect("lock").clone()
+    }
+
+    /// Waits until the host's log (stderr) contains `text`.
+    pub(crate) fn wait_log(&self, text: &str) {
+        wait_for(
+            &format!("log line `{text}`"),
+            Duration::from_secs(20),
+            || self.stderr().contains(text),
+        );
+    }
+
+    /// A request to this server.
+    pub(crate) fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
+        request(self.addr, method, path, headers, body)
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A response read off the wire.
+#[derive(Debug)]
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) headers: HashMap<String, String>,
+    pub(crate) body: Vec<u8>,
+}
+
+impl Response {
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A plain HTTP/1.1 request over a fresh connection: exactly these headers on the wire.
+pub(crate) fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).expect("write");
+    s.write_all(body).expect("write body");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("response head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Response {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    }
+}
+
+/// A binary-mode CloudEvent request's headers.
+pub(crate) fn ce_headers<'a>(id: &'a str, ty: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("ce-specversion", "1.0"),
+        ("ce-id", id),
+        ("ce-source", "/test"),
+        ("ce-type", ty),
+        ("content-type", "application/json"),
+    ]
+}
+
+/// One request a capture server received.
+#[derive(Debug, Clone)]
+pub(crate) struct Captured {
+    pub(crate) path: String,
+    pub(crate) headers: HashMap<String, String>,
+    pub(crate) body: Vec<u8>,
+}
+
+/// What a capture server answers: status, headers, body.
+pub(crate) type Reply = (u16, Vec<(String, String)>, Vec<u8>);
+type Responder = dyn Fn(&Captured) -> Reply + Send + Sync;
+
+/// A subscriber on loopback that records every request and answers with `respond`.
+pub(crate) struct Capture {
+    pub(crate) addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Captured>>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Capture {
+    /// Answers 200 with no body to everything.
+    pub(crate) fn ok() -> Capture {
+        Self::start(|_| (200, Vec::new(), Vec::new()))
+    }
+
+    pub(crate) fn start(respond: impl Fn(&Captured) -> Reply + Send + Sync + 'static) -> Capture {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let respond: Arc<Responder> = Arc::new(respond);
+        let s = Arc::clone(&seen);
+        runtime.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let s = Arc::clone(&s);
+                let respond = Arc::clone(&respond);
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<Incoming>| {
+                        let s = Arc::clone(&s);
+                        let respond = Arc::clone(&respond);
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let captured = Captured {
+                                path: parts.uri.path().to_string(),
+                                headers: parts
+                                    .headers
+                                    .iter()
+                                    .map(|(k, v)| {
+                                        (
+                                            k.as_str().to_string(),
+                                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                        )
+                                    })
+                                    .collect(),
+                                body: body.to_vec(),
+                            };
+                            let (status, headers, body) = respond(&captured);
+                            s.lock().expect("lock").push(captured);
+                            let mut resp = hyper::Response::builder().status(status);
+                            for (k, v) in headers {
+                                resp = resp.header(k, v);
+                            }
+                            Ok::<_, std::convert::Infallible>(
+                                resp.body(Full::new(Bytes::from(body))).expect("response"),
+                            )
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Capture {
+            addr,
+            seen,
+            _runtime: runtime,
+        }
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Everything received on `path` so far.
+    pub(crate) fn on(&self, path: &str) -> Vec<Captured> {
+        self.seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|c| c.path == path)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until `path` has received at least `n` requests; returns them.
+    pub(crate) fn wait(&self, path: &str, n: usize) -> Vec<Captured> {
+        wait_for(
+            &format!("{n} request(s) on {path}"),
+            Duration::from_secs(20),
+            || self.on(path).len() >= n,
+        );
+        self.on(path)
+    }
+}
+
+/// A default broker in namespace `default` and triggers to the given URIs: (name, filter YAML
+/// under `spec:`, subscriber URI).
+pub(crate) fn broker_with_triggers(triggers: &[(&str, &str, &str)]) -> String {
+    let mut yaml = String::from(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: default\n  namespace: default\n",
+    );
+    for (name, spec, uri) in triggers {
+        yaml.push_str(&format!(
+            "---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  broker: default\n{spec}  subscriber:\n    uri: {uri}\n"
+        ));
+    }
+    yaml
+}
+
+/// The path of the repository root joined with `rel`.
+pub(crate) fn repo(rel: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel)
+}
+
+/// Percent-encodes a header value as the HTTP binding says.
+pub(crate) fn encode(v: &str) -> String {
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+        .add(b' ')
+        .add(b'"')
+        .add(b'%')
+        .add(0x7f);
+    percent_encoding::utf8_percent_encode(v, SET).to_string()
+}
