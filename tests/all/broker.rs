@@ -669,3 +669,159 @@ impl HelloServe {
         HelloServe(Serve::start_dir(dir))
     }
 }
+
+#[test]
+fn batch_mode_accepts_an_array_and_names_a_bad_element() {
+    let sub = Capture::ok();
+    let serve = Serve::start(
+        &[(
+            "b.yaml",
+            &broker_with_triggers(&[("all", "", &sub.url("/all"))]),
+        )],
+        &[],
+    );
+    let batch = br#"[
+        {"specversion":"1.0","id":"b1","source":"/s","type":"t","data":{"n":1}},
+        {"specversion":"1.0","id":"b2","source":"/s","type":"t","datacontenttype":"text/plain","data":"two"},
+        {"specversion":"1.0","id":"b3","source":"/s","type":"t"}
+    ]"#;
+    let ct = [("content-type", "application/cloudevents-batch+json")];
+    assert_eq!(
+        serve.request("POST", "/default/default", &ct, batch).status,
+        202
+    );
+    let mut ids: Vec<String> = sub
+        .wait("/all", 3)
+        .iter()
+        .map(|c| c.headers["ce-id"].clone())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["b1", "b2", "b3"]);
+    let bad = br#"[{"specversion":"1.0","id":"ok","source":"/s","type":"t"},{"specversion":"1.0","id":"x","type":"t"}]"#;
+    let r = serve.request("POST", "/default/default", &ct, bad);
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("event 1"), "{}", r.text());
+    assert_eq!(sub.on("/all").len(), 3, "a refused batch delivers nothing");
+}
+
+#[test]
+fn wasmesh_send_posts_binary_and_structured_events() {
+    let sub = Capture::ok();
+    let serve = Serve::start(
+        &[(
+            "b.yaml",
+            &broker_with_triggers(&[("all", "", &sub.url("/all"))]),
+        )],
+        &[],
+    );
+    let to = format!("http://{}/default/default", serve.addr);
+    for (mode, id) in [("binary", "s1"), ("structured", "s2")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmesh"))
+            .args([
+                "send",
+                "--to",
+                &to,
+                "--type",
+                "com.example.sent",
+                "--source",
+                "/cli",
+                "--id",
+                id,
+            ])
+            .args([
+                "--data",
+                r#"{"hello":"world"}"#,
+                "--ext",
+                "color=blue",
+                "--mode",
+                mode,
+            ])
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).starts_with("202 Accepted"));
+    }
+    let got = sub.wait("/all", 2);
+    for c in &got {
+        assert_eq!(c.headers["ce-type"], "com.example.sent");
+        assert_eq!(c.headers["ce-color"], "blue");
+        let data: serde_json::Value = serde_json::from_slice(&c.body).expect("json");
+        assert_eq!(data["hello"], "world");
+    }
+    let down = std::process::Command::new(env!("CARGO_BIN_EXE_wasmesh"))
+        .args([
+            "send",
+            "--to",
+            "http://127.0.0.1:9/default/default",
+            "--type",
+            "t",
+            "--source",
+            "/s",
+        ])
+        .output()
+        .expect("runs");
+    assert!(!down.status.success());
+    assert!(String::from_utf8_lossy(&down.stderr).contains("is `wasmesh serve` running there?"));
+}
+
+#[test]
+fn missing_references_are_reported_on_the_object_and_the_rest_runs() {
+    let sub = Capture::ok();
+    let yaml = format!(
+        "{}---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: orphan}}\nspec:\n  subscriber:\n    ref: {{apiVersion: wasmesh.dev/v1alpha1, kind: Function, name: nope}}\n\
+         ---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: lost}}\nspec:\n  broker: missing\n  subscriber: {{uri: 'http://127.0.0.1:9/'}}\n",
+        broker_with_triggers(&[("fine", "", &sub.url("/fine"))])
+    );
+    let serve = Serve::start(&[("b.yaml", &yaml)], &[]);
+    let err = serve.stderr();
+    assert!(
+        err.contains("Trigger/default/orphan: not ready (FunctionDoesNotExist): Function default/nope does not exist"),
+        "{err}"
+    );
+    assert!(err.contains("Trigger/default/lost: not ready (BrokerDoesNotExist): Broker default/missing does not exist"), "{err}");
+    assert!(err.contains("Trigger/default/fine: Ready"), "{err}");
+    assert_eq!(
+        serve
+            .request("POST", "/default/default", &ce_headers("f", "t"), b"{}")
+            .status,
+        202
+    );
+    sub.wait("/fine", 1);
+}
+
+#[test]
+fn function_output_can_be_prefixed_with_its_name() {
+    let yaml = format!(
+        "{FUNCTIONS}---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: display}}\nspec:\n  subscriber:\n    ref: {{apiVersion: wasmesh.dev/v1alpha1, kind: Function, name: event-display}}\n"
+    );
+    let serve = Serve::start(&[("f.yaml", &yaml)], &["--prefix-output"]);
+    assert_eq!(
+        serve
+            .request(
+                "POST",
+                "/default/default",
+                &ce_headers("p1", "t"),
+                b"{\"a\":1}"
+            )
+            .status,
+        202
+    );
+    crate::harness::wait_for(
+        "prefixed output",
+        std::time::Duration::from_secs(20),
+        || {
+            serve
+                .stdout()
+                .contains("[default/event-display]   id: p1\n")
+        },
+    );
+    assert!(
+        serve
+            .stdout()
+            .starts_with("[default/event-display] ☁️  cloudevents.Event\n")
+    );
+}
