@@ -29,9 +29,10 @@ impl Guest for EventDisplay {
             extensions,
             data: event.data.as_deref(),
         });
-        // One write per event, as Go's fmt.Printf does: the host keeps it together.
+        // One write per event, as Go's fmt.Printf does: the host keeps it together. The text
+        // ends with a newline, so the line-buffered stdout passes it on whole; no flush needed.
         let mut out = std::io::stdout().lock();
-        match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        match out.write_all(text.as_bytes()) {
             Ok(()) => Disposition::Ack,
             Err(e) => Disposition::Retry(None).tap_log(&format!("stdout: {e}")),
         }

@@ -108,6 +108,7 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
         concurrency: args.concurrency,
         output: FunctionOutput {
             prefix: args.prefix_output,
+            sink: None,
         },
     });
     let running = wasmesh_control::start(&engine, &builtins(), mesh, &resources);

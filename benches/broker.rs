@@ -1,0 +1,327 @@
+//! Broker throughput and latency, in one run, with a load generator in this file (keep-alive
+//! HTTP/1.1, several connections):
+//! (a) the ceiling: a bare hyper server answering 202 with no work;
+//! (b) POST -> ingress -> native filter -> the Wasm event-display (output to a sink);
+//! (c) the same with event-display as a native HTTP service on loopback, as a Knative user
+//!     deploys it;
+//! then (b) paced at half the ceiling's rate, for its POST-to-display latency.
+//!
+//! `cargo bench -p wasmesh --bench broker`; figures go to docs/BENCHMARKS.md.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use wasmesh_broker::{
+    BrokerKey, DeliveryPolicy, FunctionOutput, IngressConfig, Mesh, MeshConfig, Sink,
+    TriggerSpecRuntime,
+};
+use wasmesh_core::filter::Filter;
+use wasmesh_runtime::{EngineConfig, FunctionSettings, PluginEngine, PluginKind};
+
+const CONNECTIONS: usize = 8;
+const RUN: Duration = Duration::from_secs(4);
+
+/// When each event was sent, and when its display finished.
+#[derive(Default)]
+struct Recorder {
+    sent: Mutex<HashMap<u64, Instant>>,
+    e2e: Mutex<Vec<Duration>>,
+    done: AtomicU64,
+    last: Mutex<Option<Instant>>,
+}
+
+impl Recorder {
+    fn displayed(&self, text: &[u8]) {
+        let now = Instant::now();
+        let text = String::from_utf8_lossy(text);
+        let Some(id) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("  id: ev-"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            return;
+        };
+        if let Some(t0) = self.sent.lock().expect("lock").remove(&id) {
+            self.e2e.lock().expect("lock").push(now - t0);
+        }
+        self.done.fetch_add(1, Ordering::Relaxed);
+        *self.last.lock().expect("lock") = Some(now);
+    }
+}
+
+fn seed_body() -> Bytes {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/data/seed-event.json"
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path).expect("seed")).expect("json");
+    Bytes::from(serde_json::to_vec(&v["data"]).expect("data"))
+}
+
+async fn bare_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, Infallible>(
+                        hyper::Response::builder()
+                            .status(202)
+                            .body(Full::new(Bytes::new()))
+                            .expect("response"),
+                    )
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A native event-display behind HTTP, as a Knative Service would be.
+async fn native_display_server(rec: Arc<Recorder>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            let rec = Arc::clone(&rec);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let rec = Arc::clone(&rec);
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        if let Ok(events) = wasmesh_broker::codec::decode(&parts.headers, body) {
+                            for e in events {
+                                let text = wasmesh_core::display::render(&e);
+                                rec.displayed(text.as_bytes());
+                            }
+                        }
+                        Ok::<_, Infallible>(
+                            hyper::Response::builder()
+                                .status(202)
+                                .body(Full::new(Bytes::new()))
+                                .expect("response"),
+                        )
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn broker(subscriber: Sink, rec: Arc<Recorder>) -> SocketAddr {
+    let mesh = Mesh::new(MeshConfig {
+        queue_capacity: 4096,
+        concurrency: 16,
+        output: FunctionOutput {
+            prefix: false,
+            sink: Some(Arc::new(move |_, bytes| rec.displayed(bytes))),
+        },
+    });
+    let key = BrokerKey::new("default", "default");
+    mesh.add_broker(key.clone());
+    let filters: Vec<wasmesh_core::filter::FilterSpec> =
+        serde_yaml_ng::from_str("[{prefix: {type: dev.knative.}}]").expect("filter");
+    mesh.add_trigger(TriggerSpecRuntime {
+        namespace: "default".into(),
+        name: "display".into(),
+        broker: key,
+        filter: Filter::for_trigger(None, &filters),
+        wasm_filter: None,
+        subscriber,
+        policy: DeliveryPolicy::default(),
+    })
+    .expect("trigger");
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    std::mem::forget(_tx);
+    tokio::spawn(wasmesh_broker::serve(l, mesh, IngressConfig::default(), rx));
+    addr
+}
+
+struct Load {
+    accepted: u64,
+    throttled: u64,
+    post_latencies: Vec<Duration>,
+    elapsed: Duration,
+}
+
+/// `CONNECTIONS` keep-alive connections, each sending one request after the other for `RUN`;
+/// with `pace`, each connection sends at most one request per `pace`.
+async fn load(
+    addr: SocketAddr,
+    path: &str,
+    rec: Option<Arc<Recorder>>,
+    pace: Option<Duration>,
+) -> Load {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let body = seed_body();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let body = body.clone();
+        let path = path.to_string();
+        let rec = rec.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = TcpStream::connect(addr).await.expect("connect");
+            let _ = stream.set_nodelay(true);
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .expect("handshake");
+            tokio::spawn(conn);
+            let (mut ok, mut throttled, mut lat) = (0u64, 0u64, Vec::new());
+            let mut next_at = Instant::now();
+            while start.elapsed() < RUN {
+                if let Some(p) = pace {
+                    tokio::time::sleep_until(next_at.into()).await;
+                    next_at += p;
+                }
+                let n = NEXT.fetch_add(1, Ordering::Relaxed);
+                let req = hyper::Request::post(format!("http://{addr}{path}"))
+                    .header("ce-specversion", "1.0")
+                    .header("ce-id", format!("ev-{n}"))
+                    .header("ce-source", "https://10.39.240.1:443")
+                    .header("ce-type", "dev.knative.apiserver.resource.add")
+                    .header(
+                        "ce-subject",
+                        "/apis/v1/namespaces/default/events/busybox.159d7608e3a3572c",
+                    )
+                    .header("content-type", "application/json")
+                    .body(Full::new(body.clone()))
+                    .expect("request");
+                let t0 = Instant::now();
+                if let Some(r) = &rec {
+                    r.sent.lock().expect("lock").insert(n, t0);
+                }
+                let resp = sender.send_request(req).await.expect("response");
+                let status = resp.status().as_u16();
+                let _ = resp.into_body().collect().await;
+                lat.push(t0.elapsed());
+                match status {
+                    202 => ok += 1,
+                    429 => {
+                        throttled += 1;
+                        if let Some(r) = &rec {
+                            r.sent.lock().expect("lock").remove(&n);
+                        }
+                    }
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+            (ok, throttled, lat)
+        }));
+    }
+    let mut out = Load {
+        accepted: 0,
+        throttled: 0,
+        post_latencies: Vec::new(),
+        elapsed: Duration::ZERO,
+    };
+    for t in tasks {
+        let (ok, th, lat) = t.await.expect("connection task");
+        out.accepted += ok;
+        out.throttled += th;
+        out.post_latencies.extend(lat);
+    }
+    out.elapsed = start.elapsed();
+    out
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v.sort_unstable();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Waits for every accepted event to be displayed; returns events/s end to end.
+async fn drain(rec: &Recorder, accepted: u64, start: Instant) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rec.done.load(Ordering::Relaxed) < accepted && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let done = rec.done.load(Ordering::Relaxed);
+    let last = rec.last.lock().expect("lock").unwrap_or_else(Instant::now);
+    done as f64 / (last - start).as_secs_f64()
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let engine = PluginEngine::new(EngineConfig::default()).expect("engine");
+        let display = wasmesh_runtime::load_function(
+            &engine,
+            "event-display",
+            &std::fs::read(wasmesh_plugins::EVENT_DISPLAY).expect("built"),
+            Some(PluginKind::Subscriber),
+            FunctionSettings { max_idle: 16, ..Default::default() },
+        )
+        .expect("loads");
+        let display = Arc::new(display);
+
+        let ceiling_addr = bare_server().await;
+        let mut a = load(ceiling_addr, "/", None, None).await;
+        let ceiling = a.accepted as f64 / a.elapsed.as_secs_f64();
+
+        let rec_b = Arc::new(Recorder::default());
+        let b_addr = broker(Sink::Function(Arc::clone(&display)), Arc::clone(&rec_b)).await;
+        let start = Instant::now();
+        let mut b = load(b_addr, "/default/default", Some(Arc::clone(&rec_b)), None).await;
+        let b_rate = drain(&rec_b, b.accepted, start).await;
+
+        let rec_c = Arc::new(Recorder::default());
+        let native = native_display_server(Arc::clone(&rec_c)).await;
+        let uri: http::Uri = format!("http://{native}/").parse().expect("uri");
+        let c_addr = broker(Sink::Http(uri), Arc::clone(&rec_c)).await;
+        let start = Instant::now();
+        let mut c = load(c_addr, "/default/default", Some(Arc::clone(&rec_c)), None).await;
+        let c_rate = drain(&rec_c, c.accepted, start).await;
+
+        // (b) at half the ceiling's rate: POST-to-display latency.
+        let rec_p = Arc::new(Recorder::default());
+        let p_addr = broker(Sink::Function(Arc::clone(&display)), Arc::clone(&rec_p)).await;
+        let pace = Duration::from_secs_f64(CONNECTIONS as f64 / (ceiling / 2.0));
+        let start = Instant::now();
+        let p = load(p_addr, "/default/default", Some(Arc::clone(&rec_p)), Some(pace)).await;
+        let p_rate = drain(&rec_p, p.accepted, start).await;
+        let mut e2e = rec_p.e2e.lock().expect("lock").clone();
+
+        println!("broker benchmark: {CONNECTIONS} keep-alive connections, {} s per run, 1 KiB JSON events", RUN.as_secs());
+        println!("(a) ceiling, bare hyper 202:        {ceiling:>9.0} req/s   POST p50 {:>7.0?} p99 {:>7.0?}", pct(&mut a.post_latencies, 0.5), pct(&mut a.post_latencies, 0.99));
+        println!("(b) ingress -> filter -> Wasm e-d:  {b_rate:>9.0} ev/s    POST p50 {:>7.0?} p99 {:>7.0?}  (429s: {})", pct(&mut b.post_latencies, 0.5), pct(&mut b.post_latencies, 0.99), b.throttled);
+        println!("(c) ingress -> filter -> HTTP e-d:  {c_rate:>9.0} ev/s    POST p50 {:>7.0?} p99 {:>7.0?}  (429s: {})", pct(&mut c.post_latencies, 0.5), pct(&mut c.post_latencies, 0.99), c.throttled);
+        println!("(b) paced at {:.0} ev/s (half the ceiling): achieved {p_rate:.0} ev/s, POST-to-display p50 {:?} p99 {:?}", ceiling / 2.0, pct(&mut e2e, 0.5), pct(&mut e2e, 0.99));
+        println!("ratios: (b)/(a) = {:.2}   (b)/(c) = {:.2}", b_rate / ceiling, b_rate / c_rate);
+    });
+}
