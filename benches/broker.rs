@@ -135,7 +135,7 @@ async fn native_display_server(rec: Arc<Recorder>) -> SocketAddr {
     addr
 }
 
-async fn broker(subscriber: Sink, rec: Arc<Recorder>) -> SocketAddr {
+async fn broker(subscriber: Sink, rec: Arc<Recorder>) -> (SocketAddr, Arc<Mesh>) {
     let mesh = Mesh::new(MeshConfig {
         queue_capacity: 4096,
         concurrency: 16,
@@ -162,8 +162,36 @@ async fn broker(subscriber: Sink, rec: Arc<Recorder>) -> SocketAddr {
     let addr = l.local_addr().expect("addr");
     let (_tx, rx) = tokio::sync::watch::channel(false);
     std::mem::forget(_tx);
-    tokio::spawn(wasmesh_broker::serve(l, mesh, IngressConfig::default(), rx));
-    addr
+    tokio::spawn(wasmesh_broker::serve(
+        l,
+        Arc::clone(&mesh),
+        IngressConfig::default(),
+        rx,
+    ));
+    (addr, mesh)
+}
+
+/// Delivery alone, without HTTP ingress or a load generator: `n` events published in-process,
+/// timed until the last is displayed. Returns events/s.
+async fn dispatch_only(mesh: &Mesh, rec: &Recorder, n: u64) -> f64 {
+    let body = seed_body();
+    let key = BrokerKey::new("default", "default");
+    let start = Instant::now();
+    for i in 0..n {
+        let event = <wasmesh_core::EventBuilderV10 as wasmesh_core::EventBuilder>::new()
+            .id(format!("ev-{}", 1_000_000_000 + i))
+            .source("https://10.39.240.1:443")
+            .ty("dev.knative.apiserver.resource.add")
+            .data("application/json", body.to_vec());
+        let event = wasmesh_core::EventBuilder::build(event).expect("event");
+        loop {
+            match mesh.publish(&key, vec![event.clone()]) {
+                Ok(()) => break,
+                Err(_) => tokio::task::yield_now().await,
+            }
+        }
+    }
+    drain(rec, n, start).await
 }
 
 struct Load {
@@ -295,7 +323,7 @@ fn main() {
         let ceiling = a.accepted as f64 / a.elapsed.as_secs_f64();
 
         let rec_b = Arc::new(Recorder::default());
-        let b_addr = broker(Sink::Function(Arc::clone(&display)), Arc::clone(&rec_b)).await;
+        let (b_addr, b_mesh) = broker(Sink::Function(Arc::clone(&display)), Arc::clone(&rec_b)).await;
         let start = Instant::now();
         let mut b = load(b_addr, "/default/default", Some(Arc::clone(&rec_b)), None).await;
         let b_rate = drain(&rec_b, b.accepted, start).await;
@@ -303,25 +331,36 @@ fn main() {
         let rec_c = Arc::new(Recorder::default());
         let native = native_display_server(Arc::clone(&rec_c)).await;
         let uri: http::Uri = format!("http://{native}/").parse().expect("uri");
-        let c_addr = broker(Sink::Http(uri), Arc::clone(&rec_c)).await;
+        let (c_addr, c_mesh) = broker(Sink::Http(uri), Arc::clone(&rec_c)).await;
         let start = Instant::now();
         let mut c = load(c_addr, "/default/default", Some(Arc::clone(&rec_c)), None).await;
         let c_rate = drain(&rec_c, c.accepted, start).await;
 
         // (b) at half the ceiling's rate: POST-to-display latency.
         let rec_p = Arc::new(Recorder::default());
-        let p_addr = broker(Sink::Function(Arc::clone(&display)), Arc::clone(&rec_p)).await;
+        let (p_addr, _) = broker(Sink::Function(Arc::clone(&display)), Arc::clone(&rec_p)).await;
         let pace = Duration::from_secs_f64(CONNECTIONS as f64 / (ceiling / 2.0));
         let start = Instant::now();
         let p = load(p_addr, "/default/default", Some(Arc::clone(&rec_p)), Some(pace)).await;
         let p_rate = drain(&rec_p, p.accepted, start).await;
         let mut e2e = rec_p.e2e.lock().expect("lock").clone();
 
+        let n = 50_000;
+        let rec_b2 = Arc::new(Recorder::default());
+        let (_, b2) = broker(Sink::Function(Arc::clone(&display)), Arc::clone(&rec_b2)).await;
+        let b_dispatch = dispatch_only(&b2, &rec_b2, n).await;
+        let rec_c2 = Arc::new(Recorder::default());
+        let native2 = native_display_server(Arc::clone(&rec_c2)).await;
+        let (_, c2) = broker(Sink::Http(format!("http://{native2}/").parse().expect("uri")), Arc::clone(&rec_c2)).await;
+        let c_dispatch = dispatch_only(&c2, &rec_c2, n).await;
+        drop((b_mesh, c_mesh));
+
         println!("broker benchmark: {CONNECTIONS} keep-alive connections, {} s per run, 1 KiB JSON events", RUN.as_secs());
         println!("(a) ceiling, bare hyper 202:        {ceiling:>9.0} req/s   POST p50 {:>7.0?} p99 {:>7.0?}", pct(&mut a.post_latencies, 0.5), pct(&mut a.post_latencies, 0.99));
         println!("(b) ingress -> filter -> Wasm e-d:  {b_rate:>9.0} ev/s    POST p50 {:>7.0?} p99 {:>7.0?}  (429s: {})", pct(&mut b.post_latencies, 0.5), pct(&mut b.post_latencies, 0.99), b.throttled);
         println!("(c) ingress -> filter -> HTTP e-d:  {c_rate:>9.0} ev/s    POST p50 {:>7.0?} p99 {:>7.0?}  (429s: {})", pct(&mut c.post_latencies, 0.5), pct(&mut c.post_latencies, 0.99), c.throttled);
         println!("(b) paced at {:.0} ev/s (half the ceiling): achieved {p_rate:.0} ev/s, POST-to-display p50 {:?} p99 {:?}", ceiling / 2.0, pct(&mut e2e, 0.5), pct(&mut e2e, 0.99));
-        println!("ratios: (b)/(a) = {:.2}   (b)/(c) = {:.2}", b_rate / ceiling, b_rate / c_rate);
+        println!("delivery only (in-process publish, {n} events): Wasm e-d {b_dispatch:.0} ev/s, HTTP e-d {c_dispatch:.0} ev/s");
+        println!("ratios: (b)/(a) = {:.2}   (b)/(c) = {:.2}   delivery only Wasm/HTTP = {:.2}", b_rate / ceiling, b_rate / c_rate, b_dispatch / c_dispatch);
     });
 }

@@ -169,13 +169,19 @@ impl Mesh {
             triggers.push(Arc::clone(&trigger));
             brokers.insert(key, Arc::new(BrokerRuntime { triggers }));
         }
-        let mesh = Arc::clone(self);
-        // The worker holds the spec, not the sender: dropping the broker closes the queue.
-        let handle = tokio::spawn(async move { mesh.run_trigger(spec, rx).await });
+        // The workers hold the spec, not the sender: dropping the broker closes the queue.
+        let handles = if matches!(spec.subscriber, Sink::Function(_)) {
+            self.start_wasm_workers(spec, rx)
+        } else {
+            let mesh = Arc::clone(self);
+            vec![tokio::spawn(
+                async move { mesh.run_trigger(spec, rx).await },
+            )]
+        };
         self.workers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(handle);
+            .extend(handles);
         Ok(())
     }
 
@@ -269,6 +275,95 @@ impl Mesh {
         }
     }
 
+    /// A trigger whose subscriber is a Wasm Function is served by OS threads (as many as the
+    /// machine has cores, at most its concurrency): each takes the next event and runs the Wasm
+    /// filter and the subscriber on the spot, publishing a reply from there. Only a failed
+    /// attempt goes to an async task for its backoff, retries and dead letter. Under load a
+    /// thread finds the next event waiting, so the hot path has no task spawn and no hand-off.
+    fn start_wasm_workers(
+        self: &Arc<Self>,
+        spec: Arc<TriggerSpecRuntime>,
+        rx: mpsc::Receiver<Envelope>,
+    ) -> Vec<JoinHandle<()>> {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = self.config.concurrency.clamp(1, cores);
+        let rx = Arc::new(Mutex::new(rx));
+        let runtime = tokio::runtime::Handle::current();
+        let mut handles = Vec::new();
+        for i in 0..threads {
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            let mesh = Arc::clone(self);
+            let spec = Arc::clone(&spec);
+            let rx = Arc::clone(&rx);
+            let runtime = runtime.clone();
+            let name = format!("wasm-{}-{i}", spec.name);
+            let trigger_name = spec.name.clone();
+            let spawned = std::thread::Builder::new().name(name).spawn(move || {
+                let _enter = runtime.enter();
+                loop {
+                    let next = rx
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .blocking_recv();
+                    let Some(env) = next else { break };
+                    mesh.deliver_on_thread(&spec, env, &runtime);
+                }
+                drop(done_tx);
+            });
+            match spawned {
+                Ok(_) => handles.push(tokio::spawn(async move {
+                    let _ = done_rx.await;
+                })),
+                Err(e) => {
+                    tracing::error!(trigger = %trigger_name, error = %e, "cannot start a Wasm worker thread")
+                }
+            }
+        }
+        handles
+    }
+
+    /// The first attempt of a Wasm delivery, synchronously on a worker thread.
+    fn deliver_on_thread(
+        self: &Arc<Self>,
+        t: &Arc<TriggerSpecRuntime>,
+        env: Envelope,
+        runtime: &tokio::runtime::Handle,
+    ) {
+        if let Some(wf) = &t.wasm_filter {
+            match wf.matches(&env.event) {
+                Ok(called) => {
+                    self.config.output.write(wf.name(), &called.output);
+                    if !called.value {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    self.config.output.write(wf.name(), &e.output);
+                    tracing::warn!(trigger = %t.name, error = %e, "wasm filter failed");
+                    let failure = Failure::message(Some(500), e.to_string());
+                    let (mesh, t, wf) = (Arc::clone(self), Arc::clone(t), Arc::clone(wf));
+                    runtime.spawn(async move {
+                        mesh.dead_letter(&t, &env.event, &Sink::Function(wf), failure)
+                            .await;
+                    });
+                    return;
+                }
+            }
+        }
+        let Sink::Function(f) = &t.subscriber else {
+            return;
+        };
+        let first = sink::call_function(f, &env.event, &self.config.output);
+        match first {
+            Outcome::Delivered(Some(reply)) => self.reply(t, reply, env.ttl),
+            Outcome::Delivered(None) => {}
+            failed => {
+                let (mesh, t) = (Arc::clone(self), Arc::clone(t));
+                runtime.spawn(async move { mesh.finish_delivery(&t, env, Some(failed)).await });
+            }
+        }
+    }
+
     async fn run_trigger(
         self: Arc<Self>,
         trigger: Arc<TriggerSpecRuntime>,
@@ -318,7 +413,25 @@ impl Mesh {
                 }
             }
         }
-        match self.send_with_retries(t, &t.subscriber, &env.event).await {
+        self.finish_delivery(t, env, None).await;
+    }
+
+    /// The subscriber with retries (continuing after `first` when the first attempt was made
+    /// elsewhere), then the reply or the dead letter.
+    async fn finish_delivery(&self, t: &TriggerSpecRuntime, env: Envelope, first: Option<Outcome>) {
+        let mut first = first;
+        let event = &env.event;
+        let result = retry_loop(&t.policy, &t.name, || {
+            let ready = first.take();
+            async move {
+                match ready {
+                    Some(outcome) => outcome,
+                    None => self.send_once(t, &t.subscriber, event).await,
+                }
+            }
+        })
+        .await;
+        match result {
             Ok(Some(reply)) => self.reply(t, reply, env.ttl),
             Ok(None) => {}
             Err(failure) => {

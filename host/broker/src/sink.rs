@@ -190,12 +190,21 @@ pub async fn send_function(
     output: &crate::output::FunctionOutput,
 ) -> Outcome {
     let f = Arc::clone(func);
-    let joined = tokio::task::spawn_blocking(move || f.handle(&event)).await;
-    let result = match joined {
-        Ok(r) => r,
-        Err(e) => return Outcome::Retry(Failure::message(Some(500), format!("call aborted: {e}"))),
-    };
-    match result {
+    let out = output.clone();
+    match tokio::task::spawn_blocking(move || call_function(&f, &event, &out)).await {
+        Ok(outcome) => outcome,
+        Err(e) => Outcome::Retry(Failure::message(Some(500), format!("call aborted: {e}"))),
+    }
+}
+
+/// Calls a Wasm subscriber on this thread (never a Tokio worker) and maps its disposition onto
+/// delivery outcomes; its output is written on the way.
+pub fn call_function(
+    func: &Function,
+    event: &Event,
+    output: &crate::output::FunctionOutput,
+) -> Outcome {
+    match func.handle(event) {
         Ok(called) => {
             output.write(func.name(), &called.output);
             match called.value {
