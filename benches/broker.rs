@@ -143,6 +143,7 @@ async fn broker(subscriber: Sink, rec: Arc<Recorder>) -> (SocketAddr, Arc<Mesh>)
             prefix: false,
             sink: Some(Arc::new(move |_, bytes| rec.displayed(bytes))),
         },
+        log: None,
     });
     let key = BrokerKey::new("default", "default");
     mesh.add_broker(key.clone());
@@ -185,7 +186,7 @@ async fn dispatch_only(mesh: &Mesh, rec: &Recorder, n: u64) -> f64 {
             .data("application/json", body.to_vec());
         let event = wasmesh_core::EventBuilder::build(event).expect("event");
         loop {
-            match mesh.publish(&key, vec![event.clone()]) {
+            match mesh.publish(&key, vec![event.clone()]).await {
                 Ok(()) => break,
                 Err(_) => tokio::task::yield_now().await,
             }

@@ -86,16 +86,19 @@ fn ingress_answers_with_knatives_status_codes() {
 
 #[test]
 fn a_full_queue_answers_429_and_loses_nothing_accepted() {
-    // One slow subscriber, a queue of 2, one delivery at a time: producers outrun it.
+    // One slow subscriber, one delivery at a time: producers outrun it. In memory the
+    // trigger's queue fills; with the durable log, the log's capacity.
+    a_full_store_answers_429(&["--store", "memory", "--queue", "2", "--concurrency", "1"]);
+    a_full_store_answers_429(&["--log-capacity", "3", "--concurrency", "1"]);
+}
+
+fn a_full_store_answers_429(flags: &[&str]) {
     let sub = Capture::start(|_| {
         std::thread::sleep(std::time::Duration::from_millis(200));
         (200, Vec::new(), Vec::new())
     });
     let yaml = broker_with_triggers(&[("slow", "", &sub.url("/slow"))]);
-    let serve = Serve::start(
-        &[("b.yaml", &yaml)],
-        &["--queue", "2", "--concurrency", "1"],
-    );
+    let serve = Serve::start(&[("b.yaml", &yaml)], flags);
     let mut accepted = Vec::new();
     let mut throttled = None;
     for i in 0..20 {
@@ -110,7 +113,13 @@ fn a_full_queue_answers_429_and_loses_nothing_accepted() {
             other => panic!("unexpected {other}: {}", r.text()),
         }
     }
-    let throttled = throttled.expect("a 429 once the queue is full");
+    let throttled = throttled.unwrap_or_else(|| {
+        panic!(
+            "a 429 once the queue is full ({flags:?}: {} accepted)\n{}",
+            accepted.len(),
+            serve.stderr()
+        )
+    });
     assert_eq!(throttled.headers["retry-after"], "1");
     let got = sub.wait("/slow", accepted.len());
     let ids: Vec<&str> = got.iter().map(|c| c.headers["ce-id"].as_str()).collect();

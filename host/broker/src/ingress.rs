@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::codec;
+use crate::log::LogError;
 use crate::mesh::{BrokerKey, Mesh, PublishError};
 
 /// Settings of the ingress listener.
@@ -153,7 +154,7 @@ async fn handle(
             }
         }
     }
-    match mesh.publish(&key, events) {
+    match mesh.publish(&key, events).await {
         Ok(()) => response(StatusCode::ACCEPTED)
             .body(Body::default())
             .unwrap_or_default(),
@@ -162,10 +163,17 @@ async fn handle(
             &format!("broker {key} does not exist"),
         ),
         Err(e @ PublishError::TtlExhausted) => error(StatusCode::BAD_REQUEST, &e.to_string()),
-        Err(e @ PublishError::Full(_)) => {
+        Err(e @ (PublishError::Full(_) | PublishError::Log(LogError::Full(_)))) => {
             let mut r = error(StatusCode::TOO_MANY_REQUESTS, &e.to_string());
             r.headers_mut()
                 .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            r
+        }
+        Err(e @ PublishError::Log(LogError::Io(_))) => {
+            tracing::error!(broker = %key, error = %e, "event refused: the log cannot write");
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, http::HeaderValue::from_static("5"));
             r
         }
     }

@@ -17,6 +17,7 @@ use wasmesh_core::{AttributesReader, Event, ExtensionValue};
 use wasmesh_runtime::Function;
 
 use crate::delivery::DeliveryPolicy;
+use crate::log::{Append, DurableLog, LogError};
 use crate::output::FunctionOutput;
 use crate::sink::{self, Failure, HttpClient, Outcome, Sink};
 
@@ -52,6 +53,10 @@ const TTL_EXTENSION: &str = "knativebrokerttl";
 pub struct Envelope {
     pub event: Arc<Event>,
     pub ttl: i32,
+    /// Its place in the durable log (none in memory mode).
+    pub seq: Option<u64>,
+    /// Attempts already made (before a restart).
+    pub attempts: u32,
 }
 
 /// Settings of the data plane.
@@ -63,6 +68,8 @@ pub struct MeshConfig {
     pub concurrency: usize,
     /// How function output is printed.
     pub output: FunctionOutput,
+    /// The durable log; `None` keeps events in memory only (lost on a crash).
+    pub log: Option<Arc<DurableLog>>,
 }
 
 impl Default for MeshConfig {
@@ -71,6 +78,7 @@ impl Default for MeshConfig {
             queue_capacity: 1024,
             concurrency: 16,
             output: FunctionOutput::default(),
+            log: None,
         }
     }
 }
@@ -88,8 +96,13 @@ pub struct TriggerSpecRuntime {
 
 struct TriggerRuntime {
     spec: Arc<TriggerSpecRuntime>,
+    /// Memory mode: the queue ingress fills. Durable mode: a feeder fills it from the log.
     queue: mpsc::Sender<Envelope>,
+    log_id: Option<u64>,
 }
+
+/// An event and the triggers whose native filters it passed.
+type Routed = (Envelope, Vec<Arc<TriggerRuntime>>);
 
 struct BrokerRuntime {
     triggers: Vec<Arc<TriggerRuntime>>,
@@ -104,11 +117,15 @@ pub enum PublishError {
     TtlExhausted,
     #[error("trigger {0} is full; retry later")]
     Full(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
 }
 
 /// The data plane: brokers, triggers, their queues and delivery workers.
 pub struct Mesh {
     brokers: RwLock<HashMap<BrokerKey, Arc<BrokerRuntime>>>,
+    live_log_ids: Mutex<Vec<u64>>,
+    stopping: tokio::sync::watch::Sender<bool>,
     client: HttpClient,
     config: MeshConfig,
     workers: Mutex<Vec<JoinHandle<()>>>,
@@ -119,6 +136,8 @@ impl Mesh {
     pub fn new(config: MeshConfig) -> Arc<Self> {
         Arc::new(Self {
             brokers: RwLock::new(HashMap::new()),
+            live_log_ids: Mutex::new(Vec::new()),
+            stopping: tokio::sync::watch::channel(false).0,
             client: sink::http_client(),
             config,
             workers: Mutex::new(Vec::new()),
@@ -155,11 +174,29 @@ impl Mesh {
     pub fn add_trigger(self: &Arc<Self>, spec: TriggerSpecRuntime) -> Result<(), PublishError> {
         let (tx, rx) = mpsc::channel(self.config.queue_capacity.max(1));
         let key = spec.broker.clone();
+        let log_id = match &self.config.log {
+            Some(log) => Some(log.trigger_id(&format!("{}/{}", spec.namespace, spec.name))?),
+            None => None,
+        };
         let spec = Arc::new(spec);
         let trigger = Arc::new(TriggerRuntime {
             spec: Arc::clone(&spec),
-            queue: tx,
+            queue: tx.clone(),
+            log_id,
         });
+        if let (Some(log), Some(id)) = (&self.config.log, log_id) {
+            self.live_log_ids
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(id);
+            let feeder = tokio::spawn(feed(Arc::clone(log), id, tx, self.stopping.subscribe()));
+            self.workers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(feeder);
+        } else {
+            drop(tx);
+        }
         {
             let mut brokers = self.brokers.write().unwrap_or_else(PoisonError::into_inner);
             let broker = brokers
@@ -185,10 +222,13 @@ impl Mesh {
         Ok(())
     }
 
-    /// Accepts events into a broker: sets `knativearrivaltime`, applies the TTL rules, and queues
-    /// each event for every trigger whose native filters it passes. All or nothing: when any
-    /// matching trigger is full, nothing is queued and the caller gets [`PublishError::Full`].
-    pub fn publish(&self, key: &BrokerKey, events: Vec<Event>) -> Result<(), PublishError> {
+    /// Sets `knativearrivaltime`, applies the TTL rules and finds, for each event, the triggers
+    /// whose native filters it passes.
+    fn prepare(
+        &self,
+        key: &BrokerKey,
+        events: Vec<Event>,
+    ) -> Result<Vec<Routed>, PublishError> {
         let broker = {
             let brokers = self.brokers.read().unwrap_or_else(PoisonError::into_inner);
             Arc::clone(
@@ -211,17 +251,31 @@ impl Mesh {
                 return Err(PublishError::TtlExhausted);
             }
             event.set_extension("knativearrivaltime", arrival.clone());
-            prepared.push(Envelope {
-                event: Arc::new(event),
-                ttl,
-            });
+            let matching: Vec<Arc<TriggerRuntime>> = broker
+                .triggers
+                .iter()
+                .filter(|t| t.spec.filter.matches(&event))
+                .cloned()
+                .collect();
+            prepared.push((
+                Envelope {
+                    event: Arc::new(event),
+                    ttl,
+                    seq: None,
+                    attempts: 0,
+                },
+                matching,
+            ));
         }
+        Ok(prepared)
+    }
+
+    /// Memory mode: queues each event for its triggers, all or nothing: when any matching
+    /// trigger is full, nothing is queued and the caller gets [`PublishError::Full`].
+    fn enqueue(prepared: Vec<Routed>) -> Result<(), PublishError> {
         let mut permits = Vec::new();
-        for env in &prepared {
-            for trigger in &broker.triggers {
-                if !trigger.spec.filter.matches(&env.event) {
-                    continue;
-                }
+        for (env, triggers) in &prepared {
+            for trigger in triggers {
                 match trigger.queue.try_reserve() {
                     Ok(permit) => permits.push((permit, env.clone())),
                     Err(_) => {
@@ -239,11 +293,70 @@ impl Mesh {
         Ok(())
     }
 
+    fn appends(prepared: Vec<Routed>) -> Vec<Append> {
+        prepared
+            .into_iter()
+            .filter(|(_, t)| !t.is_empty())
+            .map(|(env, triggers)| Append {
+                event: env.event,
+                ttl: env.ttl,
+                triggers: triggers.iter().filter_map(|t| t.log_id).collect(),
+            })
+            .collect()
+    }
+
+    /// Accepts events into a broker. With the durable log this resolves once the events are on
+    /// disk (202 means safe); in memory mode, once they are queued.
+    pub async fn publish(&self, key: &BrokerKey, events: Vec<Event>) -> Result<(), PublishError> {
+        let prepared = self.prepare(key, events)?;
+        match &self.config.log {
+            Some(log) => Ok(log.append(Self::appends(prepared)).await?),
+            None => Self::enqueue(prepared),
+        }
+    }
+
+    /// Same as [`publish`](Self::publish), for threads that are not Tokio workers.
+    pub fn publish_blocking(
+        &self,
+        key: &BrokerKey,
+        events: Vec<Event>,
+    ) -> Result<(), PublishError> {
+        let prepared = self.prepare(key, events)?;
+        match &self.config.log {
+            Some(log) => Ok(log.append_blocking(Self::appends(prepared))?),
+            None => Self::enqueue(prepared),
+        }
+    }
+
+    /// Drops what the log still owes to triggers that are no longer declared, and events past
+    /// the log's maximum age. Call once every trigger is added.
+    pub fn collect_garbage(&self) {
+        let Some(log) = &self.config.log else { return };
+        let live = self
+            .live_log_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match log.collect_garbage(&live) {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                dropped = n,
+                "dropped deliveries owed to triggers that are gone or past the log's maximum age"
+            ),
+            Err(e) => tracing::error!(error = %e, "log garbage collection failed"),
+        }
+    }
+
     /// Sends one event from a source to a sink, once: into a broker of this process (no HTTP
     /// hop), to a Function, or to an HTTP endpoint. The source decides about retries.
     pub async fn send_to(&self, sink: &Sink, namespace: &str, event: Event) -> Result<(), String> {
         let outcome = match sink {
-            Sink::Broker(key) => return self.publish(key, vec![event]).map_err(|e| e.to_string()),
+            Sink::Broker(key) => {
+                return self
+                    .publish(key, vec![event])
+                    .await
+                    .map_err(|e| e.to_string());
+            }
             Sink::Function(f) => sink::send_function(f, Arc::new(event), &self.config.output).await,
             Sink::Http(uri) => sink::send_http(&self.client, uri, &event, namespace, None).await,
         };
@@ -260,6 +373,7 @@ impl Mesh {
 
     /// Stops taking events and waits (up to `grace`) for queued and in-flight deliveries.
     pub async fn shutdown(&self, grace: Duration) {
+        let _ = self.stopping.send(true);
         self.brokers
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -355,8 +469,11 @@ impl Mesh {
         };
         let first = sink::call_function(f, &env.event, &self.config.output);
         match first {
-            Outcome::Delivered(Some(reply)) => self.reply(t, reply, env.ttl),
-            Outcome::Delivered(None) => {}
+            Outcome::Delivered(Some(reply)) => {
+                self.reply_blocking(t, reply, env.ttl);
+                self.done(t, &env);
+            }
+            Outcome::Delivered(None) => self.done(t, &env),
             failed => {
                 let (mesh, t) = (Arc::clone(self), Arc::clone(t));
                 runtime.spawn(async move { mesh.finish_delivery(&t, env, Some(failed)).await });
@@ -396,6 +513,7 @@ impl Mesh {
                 Ok(Ok(called)) => {
                     self.config.output.write(wf.name(), &called.output);
                     if !called.value {
+                        self.done(t, &env);
                         return;
                     }
                 }
@@ -405,6 +523,7 @@ impl Mesh {
                     let failure = Failure::message(Some(500), e.to_string());
                     self.dead_letter(t, &env.event, &Sink::Function(Arc::clone(wf)), failure)
                         .await;
+                    self.done(t, &env);
                     return;
                 }
                 Err(e) => {
@@ -421,7 +540,13 @@ impl Mesh {
     async fn finish_delivery(&self, t: &TriggerSpecRuntime, env: Envelope, first: Option<Outcome>) {
         let mut first = first;
         let event = &env.event;
-        let result = retry_loop(&t.policy, &t.name, || {
+        let log = self.log_for(t).zip(env.seq);
+        let record = |attempts: u32| {
+            if let Some(((log, id), seq)) = &log {
+                log.attempted(*id, *seq, attempts);
+            }
+        };
+        let result = retry_loop(&t.policy, &t.name, env.attempts, record, || {
             let ready = first.take();
             async move {
                 match ready {
@@ -432,12 +557,33 @@ impl Mesh {
         })
         .await;
         match result {
-            Ok(Some(reply)) => self.reply(t, reply, env.ttl),
+            Ok(Some(reply)) => self.reply(t, reply, env.ttl).await,
             Ok(None) => {}
             Err(failure) => {
                 self.dead_letter(t, &env.event, &t.subscriber, failure)
                     .await
             }
+        }
+        self.done(t, &env);
+    }
+
+    fn log_for(&self, t: &TriggerSpecRuntime) -> Option<(Arc<DurableLog>, u64)> {
+        let log = self.config.log.as_ref()?;
+        let brokers = self.brokers.read().unwrap_or_else(PoisonError::into_inner);
+        let id = brokers
+            .get(&t.broker)?
+            .triggers
+            .iter()
+            .find(|r| r.spec.name == t.name && r.spec.namespace == t.namespace)?
+            .log_id?;
+        Some((Arc::clone(log), id))
+    }
+
+    /// The delivery is finished (delivered, filtered out, or dead-lettered): the log no longer
+    /// owes it.
+    fn done(&self, t: &TriggerSpecRuntime, env: &Envelope) {
+        if let (Some(seq), Some((log, id))) = (env.seq, self.log_for(t)) {
+            log.ack(id, seq);
         }
     }
 
@@ -447,7 +593,14 @@ impl Mesh {
         sink: &Sink,
         event: &Arc<Event>,
     ) -> Result<Option<Box<Event>>, Failure> {
-        retry_loop(&t.policy, &t.name, || self.send_once(t, sink, event)).await
+        retry_loop(
+            &t.policy,
+            &t.name,
+            0,
+            |_| {},
+            || self.send_once(t, sink, event),
+        )
+        .await
     }
 
     async fn send_once(&self, t: &TriggerSpecRuntime, sink: &Sink, event: &Arc<Event>) -> Outcome {
@@ -458,20 +611,36 @@ impl Mesh {
             Sink::Http(uri) => {
                 sink::send_http(&self.client, uri, event, &t.namespace, t.policy.timeout).await
             }
-            Sink::Broker(key) => match self.publish(key, vec![(**event).clone()]) {
+            Sink::Broker(key) => match self.publish(key, vec![(**event).clone()]).await {
                 Ok(()) => Outcome::Delivered(None),
                 Err(PublishError::Full(why)) => Outcome::Retry(Failure::message(Some(429), why)),
+                Err(PublishError::Log(e)) => {
+                    Outcome::Retry(Failure::message(Some(503), e.to_string()))
+                }
                 Err(e) => Outcome::Fail(Failure::message(Some(400), e.to_string())),
             },
         }
     }
 
     /// A reply goes back into the trigger's broker with the event's TTL, one hop spent there.
-    fn reply(&self, t: &TriggerSpecRuntime, reply: Box<Event>, ttl: i32) {
+    /// On a worker thread (`blocking`) it is appended with a blocking call.
+    async fn reply(&self, t: &TriggerSpecRuntime, reply: Box<Event>, ttl: i32) {
         let mut reply = *reply;
         reply.set_extension(TTL_EXTENSION, ExtensionValue::Integer(i64::from(ttl)));
+        let result = self.publish(&t.broker, vec![reply.clone()]).await;
+        Self::log_reply(t, &reply, result);
+    }
+
+    fn reply_blocking(&self, t: &TriggerSpecRuntime, reply: Box<Event>, ttl: i32) {
+        let mut reply = *reply;
+        reply.set_extension(TTL_EXTENSION, ExtensionValue::Integer(i64::from(ttl)));
+        let result = self.publish_blocking(&t.broker, vec![reply.clone()]);
+        Self::log_reply(t, &reply, result);
+    }
+
+    fn log_reply(t: &TriggerSpecRuntime, reply: &Event, result: Result<(), PublishError>) {
         let id = reply.id().to_string();
-        match self.publish(&t.broker, vec![reply]) {
+        match result {
             Ok(()) => tracing::debug!(trigger = %t.name, reply = %id, "reply published"),
             Err(PublishError::TtlExhausted) => {
                 tracing::info!(trigger = %t.name, reply = %id, "reply dropped: TTL exhausted (a reply loop ends here)")
@@ -528,18 +697,62 @@ impl Mesh {
     }
 }
 
+/// Durable mode: reads what the log owes a trigger, oldest first, into the trigger's queue.
+/// The queue is bounded, so memory stays bounded however far the log runs ahead.
+async fn feed(
+    log: Arc<DurableLog>,
+    trigger: u64,
+    queue: mpsc::Sender<Envelope>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let notify = log.notifier(trigger);
+    let mut after = 0;
+    loop {
+        let batch = match log.owed(trigger, after, 256) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the event log; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                _ = notify.notified() => continue,
+                _ = stop.changed() => return,
+            }
+        }
+        for owed in batch {
+            after = owed.seq;
+            let env = Envelope {
+                event: Arc::new(owed.event),
+                ttl: owed.ttl,
+                seq: Some(owed.seq),
+                attempts: owed.attempts,
+            };
+            tokio::select! {
+                sent = queue.send(env) => if sent.is_err() { return },
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}
+
 /// Attempts a delivery until it succeeds, fails for good, or the policy's retries are spent;
 /// between attempts it waits the subscriber's `retry-after` or the policy's backoff.
+/// `already` counts retries made before (a restart); `record` is told each new count.
 pub(crate) async fn retry_loop<F, Fut>(
     policy: &DeliveryPolicy,
     trigger: &str,
+    already: u32,
+    record: impl Fn(u32),
     mut attempt: F,
 ) -> Result<Option<Box<Event>>, Failure>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Outcome>,
 {
-    let mut retries = 0;
+    let mut retries = already;
     loop {
         let failure = match attempt().await {
             Outcome::Delivered(reply) => return Ok(reply),
@@ -550,6 +763,7 @@ where
             return Err(failure);
         }
         retries += 1;
+        record(retries);
         let wait = failure
             .retry_after
             .unwrap_or_else(|| policy.backoff(retries));
@@ -592,20 +806,26 @@ mod tests {
             ..Default::default()
         };
         let times = std::sync::Mutex::new(Vec::new());
-        let result = retry_loop(&policy, "t", || {
-            let n = {
-                let mut t = times.lock().expect("lock");
-                t.push(Instant::now());
-                t.len()
-            };
-            async move {
-                if n == succeed_on {
-                    Outcome::Delivered(None)
-                } else {
-                    Outcome::Retry(Failure::message(Some(503), "busy"))
+        let result = retry_loop(
+            &policy,
+            "t",
+            0,
+            |_| {},
+            || {
+                let n = {
+                    let mut t = times.lock().expect("lock");
+                    t.push(Instant::now());
+                    t.len()
+                };
+                async move {
+                    if n == succeed_on {
+                        Outcome::Delivered(None)
+                    } else {
+                        Outcome::Retry(Failure::message(Some(503), "busy"))
+                    }
                 }
-            }
-        })
+            },
+        )
         .await;
         let t = times.into_inner().expect("lock");
         (t.windows(2).map(|w| w[1] - w[0]).collect(), result.is_ok())
@@ -635,20 +855,26 @@ mod tests {
         let policy = DeliveryPolicy::default();
         let mut n = 0;
         let start = Instant::now();
-        let r = retry_loop(&policy, "t", || {
-            n += 1;
-            let first = n == 1;
-            async move {
-                if first {
-                    Outcome::Retry(Failure {
-                        retry_after: Some(Duration::from_secs(7)),
-                        ..Default::default()
-                    })
-                } else {
-                    Outcome::Fail(Failure::message(Some(400), "bad"))
+        let r = retry_loop(
+            &policy,
+            "t",
+            0,
+            |_| {},
+            || {
+                n += 1;
+                let first = n == 1;
+                async move {
+                    if first {
+                        Outcome::Retry(Failure {
+                            retry_after: Some(Duration::from_secs(7)),
+                            ..Default::default()
+                        })
+                    } else {
+                        Outcome::Fail(Failure::message(Some(400), "bad"))
+                    }
                 }
-            }
-        })
+            },
+        )
         .await;
         assert_eq!(n, 2);
         assert_eq!(start.elapsed(), Duration::from_secs(7));

@@ -141,6 +141,7 @@ pub fn start(
             _ => {}
         }
     }
+    mesh.collect_garbage();
     let mut statuses = b.statuses;
     statuses.sort_by_key(|s| {
         resources

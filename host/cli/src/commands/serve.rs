@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use wasmesh_broker::log::{DurableLog, LogConfig};
 use wasmesh_broker::{FunctionOutput, IngressConfig, Mesh, MeshConfig};
 use wasmesh_core::yaml::{Located, YamlErrors};
 use wasmesh_runtime::{EngineConfig, PluginEngine};
@@ -33,6 +34,32 @@ pub(crate) struct ServeArgs {
     /// Prefix each line a function prints with `[namespace/name] `.
     #[arg(long)]
     prefix_output: bool,
+    /// Where events are kept: `embedded` (a durable log in the data directory: 202 only once an
+    /// event is on disk) or `memory` (faster, lost on a crash).
+    #[arg(long, default_value = "embedded")]
+    store: String,
+    /// Most events the log holds before ingress answers 429.
+    #[arg(long, default_value_t = 1_000_000)]
+    log_capacity: u64,
+    /// Most bytes of events the log holds before ingress answers 429.
+    #[arg(long, default_value_t = 1 << 30)]
+    log_max_bytes: u64,
+    /// Events older than this are dropped from the log even if undelivered (e.g. 7d, 12h, 30m).
+    #[arg(long, default_value = "7d", value_parser = parse_age)]
+    retention: Duration,
+}
+
+fn parse_age(s: &str) -> Result<Duration, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('d') => (&s[..s.len() - 1], 86_400),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('s') => (&s[..s.len() - 1], 1),
+        _ => return Err(format!("`{s}`: use a number and d, h, m or s (e.g. 7d)")),
+    };
+    num.parse::<u64>()
+        .map(|n| Duration::from_secs(n * mult))
+        .map_err(|_| format!("`{s}`: use a number and d, h, m or s (e.g. 7d)"))
 }
 
 /// Reads every declaration file; all errors of all files are reported together.
@@ -103,6 +130,26 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCode> {
     let engine = PluginEngine::new(EngineConfig::with_data_dir(&args.data_dir))
         .map_err(|e| anyhow::anyhow!("cannot start the Wasm engine: {e:#}"))?;
+    let log = match args.store.as_str() {
+        "embedded" => Some(
+            DurableLog::open(
+                &args.data_dir,
+                LogConfig {
+                    max_events: args.log_capacity,
+                    max_bytes: args.log_max_bytes,
+                    max_age: args.retention,
+                },
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open the event log in {}: {e}",
+                    args.data_dir.display()
+                )
+            })?,
+        ),
+        "memory" => None,
+        other => anyhow::bail!("--store `{other}`: use `embedded` or `memory`"),
+    };
     let mesh = Mesh::new(MeshConfig {
         queue_capacity: args.queue,
         concurrency: args.concurrency,
@@ -110,6 +157,7 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
             prefix: args.prefix_output,
             sink: None,
         },
+        log,
     });
     let running = wasmesh_control::start(&engine, &builtins(), mesh, &resources);
     for s in &running.statuses {

@@ -1,0 +1,718 @@
+//! The embedded durable log: events, and for each event the triggers that still owe a
+//! delivery, in one redb database (`<data-dir>/broker.redb`).
+//!
+//! Why redb: an ACID B-tree store in pure Rust whose commit is atomic and crash-safe (a torn
+//! write at the tail is never served: recovery falls back to the last complete commit), so the
+//! log, the per-trigger delivery state and the reclaiming of delivered events change together in
+//! one transaction. Group commit is ours: one writer thread takes every request waiting, applies
+//! them in one transaction and syncs once, so concurrent producers share one fsync.
+//!
+//! Tables: `events` seq -> (ttl, structured JSON); `refs` seq -> deliveries still owed;
+//! `pending` (trigger, seq) -> attempts made; `triggers` name -> id; `meta` counters.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
+use tokio::sync::{Notify, oneshot};
+use wasmesh_core::{AttributesWriter, Data, Event};
+
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const REFS: TableDefinition<u64, u32> = TableDefinition::new("refs");
+const PENDING: TableDefinition<(u64, u64), u32> = TableDefinition::new("pending");
+const TRIGGERS: TableDefinition<&str, u64> = TableDefinition::new("triggers");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Why the log could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogError {
+    /// The log holds as much as it may: back off (429).
+    #[error("the event log is full ({0}); retry later")]
+    Full(String),
+    /// The disk refused (full, unwritable, failing): 503, and nothing was acknowledged.
+    #[error("the event log cannot write: {0}")]
+    Io(String),
+}
+
+/// Limits of the log.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Most events held (undelivered plus in delivery); above it ingress answers 429.
+    pub max_events: u64,
+    /// Most bytes of events held.
+    pub max_bytes: u64,
+    /// Events older than this are dropped even if undelivered (logged).
+    pub max_age: Duration,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            max_events: 1_000_000,
+            max_bytes: 1 << 30,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// One event to append and the triggers it must reach.
+pub struct Append {
+    pub event: Arc<Event>,
+    pub ttl: i32,
+    pub triggers: Vec<u64>,
+}
+
+/// A delivery the log says is owed.
+pub struct Owed {
+    pub seq: u64,
+    pub event: Event,
+    pub ttl: i32,
+    pub attempts: u32,
+}
+
+enum Op {
+    Append(
+        Vec<(Vec<u8>, Vec<u64>)>,
+        oneshot::Sender<Result<(), LogError>>,
+    ),
+    Ack(u64, u64),
+    Attempt(u64, u64, u32),
+    Barrier(oneshot::Sender<()>),
+}
+
+/// The durable log. Cheap to share; the writer thread stops when the last handle is dropped.
+pub struct DurableLog {
+    db: Arc<Database>,
+    tx: Mutex<Option<std::sync::mpsc::Sender<Op>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    config: LogConfig,
+    events: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+    notify: Arc<Mutex<HashMap<u64, Arc<Notify>>>>,
+}
+
+fn io<E: std::fmt::Display>(e: E) -> LogError {
+    LogError::Io(e.to_string())
+}
+
+impl DurableLog {
+    /// Opens (or creates) the log in `dir`, recovering to the last complete commit.
+    pub fn open(dir: &Path, config: LogConfig) -> Result<Arc<Self>, LogError> {
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let db = Database::create(dir.join("broker.redb")).map_err(io)?;
+        let (count, bytes) = {
+            let w = db.begin_write().map_err(io)?;
+            for name in ["next_seq", "next_trigger"] {
+                let mut meta = w.open_table(META).map_err(io)?;
+                if meta.get(name).map_err(io)?.is_none() {
+                    meta.insert(name, 1).map_err(io)?;
+                }
+            }
+            let events = w.open_table(EVENTS).map_err(io)?;
+            let mut bytes = 0u64;
+            for item in events.iter().map_err(io)? {
+                let (_, v) = item.map_err(io)?;
+                bytes += v.value().len() as u64;
+            }
+            let count = events.len().map_err(io)?;
+            drop(events);
+            w.open_table(REFS).map_err(io)?;
+            w.open_table(PENDING).map_err(io)?;
+            w.open_table(TRIGGERS).map_err(io)?;
+            w.commit().map_err(io)?;
+            (count, bytes)
+        };
+        let db = Arc::new(db);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(Self {
+            db: Arc::clone(&db),
+            tx: Mutex::new(Some(tx)),
+            writer: Mutex::new(None),
+            config,
+            events: Arc::new(AtomicU64::new(count)),
+            bytes: Arc::new(AtomicU64::new(bytes)),
+            notify: Arc::new(Mutex::new(HashMap::new())),
+        });
+        let writer = Writer {
+            db,
+            events: Arc::clone(&log.events),
+            bytes: Arc::clone(&log.bytes),
+            notify: Arc::clone(&log.notify),
+        };
+        let handle = std::thread::Builder::new()
+            .name("wasmesh-log".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io)?;
+        *log.writer.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
+        Ok(log)
+    }
+
+    fn send(&self, op: Op) -> Result<(), ()> {
+        match &*self.tx.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(tx) => tx.send(op).map_err(|_| ()),
+            None => Err(()),
+        }
+    }
+
+    /// The id of a trigger (`namespace/name`), stable across restarts.
+    pub fn trigger_id(&self, name: &str) -> Result<u64, LogError> {
+        let w = self.db.begin_write().map_err(io)?;
+        let id = {
+            let mut triggers = w.open_table(TRIGGERS).map_err(io)?;
+            let existing = triggers.get(name).map_err(io)?.map(|v| v.value());
+            match existing {
+                Some(id) => id,
+                None => {
+                    let mut meta = w.open_table(META).map_err(io)?;
+                    let id = meta
+                        .get("next_trigger")
+                        .map_err(io)?
+                        .map_or(1, |v| v.value());
+                    meta.insert("next_trigger", id + 1).map_err(io)?;
+                    triggers.insert(name, id).map_err(io)?;
+                    id
+                }
+            }
+        };
+        w.commit().map_err(io)?;
+        Ok(id)
+    }
+
+    /// Wakes when new deliveries for this trigger are committed.
+    pub fn notifier(&self, trigger: u64) -> Arc<Notify> {
+        let mut n = self.notify.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(n.entry(trigger).or_default())
+    }
+
+    fn check_capacity(&self, adding: u64, adding_bytes: u64) -> Result<(), LogError> {
+        let events = self.events.load(Ordering::Relaxed);
+        let bytes = self.bytes.load(Ordering::Relaxed);
+        if events + adding > self.config.max_events {
+            return Err(LogError::Full(format!(
+                "{events} events held, the limit is {}",
+                self.config.max_events
+            )));
+        }
+        if bytes + adding_bytes > self.config.max_bytes {
+            return Err(LogError::Full(format!(
+                "{bytes} bytes held, the limit is {}",
+                self.config.max_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    fn encode(entries: Vec<Append>) -> Vec<(Vec<u8>, Vec<u64>)> {
+        entries
+            .into_iter()
+            .map(|a| (encode_record(&a.event, a.ttl), a.triggers))
+            .collect()
+    }
+
+    fn submit(
+        &self,
+        entries: Vec<Append>,
+    ) -> Result<oneshot::Receiver<Result<(), LogError>>, LogError> {
+        let encoded = Self::encode(entries);
+        let size: u64 = encoded.iter().map(|(b, _)| b.len() as u64).sum();
+        self.check_capacity(encoded.len() as u64, size)?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::Append(encoded, reply))
+            .map_err(|()| LogError::Io("the log writer has stopped".into()))?;
+        Ok(rx)
+    }
+
+    /// Appends events durably: resolves once they are on disk (fsync), shared with whatever
+    /// else was waiting to be written.
+    pub async fn append(&self, entries: Vec<Append>) -> Result<(), LogError> {
+        let rx = self.submit(entries)?;
+        rx.await
+            .map_err(|_| LogError::Io("the log writer has stopped".into()))?
+    }
+
+    /// Same as [`append`](Self::append), for threads outside the async runtime.
+    pub fn append_blocking(&self, entries: Vec<Append>) -> Result<(), LogError> {
+        let rx = self.submit(entries)?;
+        rx.blocking_recv()
+            .map_err(|_| LogError::Io("the log writer has stopped".into()))?
+    }
+
+    /// The trigger no longer owes this delivery (delivered, or dead-lettered).
+    pub fn ack(&self, trigger: u64, seq: u64) {
+        let _ = self.send(Op::Ack(trigger, seq));
+    }
+
+    /// Records that a delivery was attempted `attempts` times, so retries survive restarts.
+    pub fn attempted(&self, trigger: u64, seq: u64, attempts: u32) {
+        let _ = self.send(Op::Attempt(trigger, seq, attempts));
+    }
+
+    /// Waits until everything sent to the writer so far is committed.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.send(Op::Barrier(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Up to `limit` deliveries owed by `trigger` after sequence `after`, oldest first.
+    pub fn owed(&self, trigger: u64, after: u64, limit: usize) -> Result<Vec<Owed>, LogError> {
+        let r = self.db.begin_read().map_err(io)?;
+        let pending = r.open_table(PENDING).map_err(io)?;
+        let events = r.open_table(EVENTS).map_err(io)?;
+        let mut out = Vec::new();
+        for item in pending
+            .range((trigger, after + 1)..=(trigger, u64::MAX))
+            .map_err(io)?
+        {
+            let (k, v) = item.map_err(io)?;
+            let (_, seq) = k.value();
+            let Some(bytes) = events.get(seq).map_err(io)? else {
+                continue;
+            };
+            match decode_record(bytes.value()) {
+                Ok((event, ttl)) => out.push(Owed {
+                    seq,
+                    event,
+                    ttl,
+                    attempts: v.value(),
+                }),
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "an event in the log cannot be read; skipped")
+                }
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many events the log holds.
+    pub fn len(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    /// True when the log holds no events.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops the deliveries owed by triggers that no longer exist, and events past the maximum
+    /// age; returns how many deliveries were dropped. Run at start-up and now and then.
+    pub fn collect_garbage(&self, live_triggers: &[u64]) -> Result<u64, LogError> {
+        let w = self.db.begin_write().map_err(io)?;
+        let mut dropped = 0u64;
+        {
+            let mut pending = w.open_table(PENDING).map_err(io)?;
+            let mut refs = w.open_table(REFS).map_err(io)?;
+            let mut events = w.open_table(EVENTS).map_err(io)?;
+            let mut dead: Vec<(u64, u64)> = Vec::new();
+            for item in pending.iter().map_err(io)? {
+                let (k, _) = item.map_err(io)?;
+                let (t, seq) = k.value();
+                if !live_triggers.contains(&t) {
+                    dead.push((t, seq));
+                }
+            }
+            let now = chrono::Utc::now();
+            let max_age =
+                chrono::Duration::from_std(self.config.max_age).unwrap_or(chrono::Duration::MAX);
+            let mut old: Vec<u64> = Vec::new();
+            for item in events.iter().map_err(io)? {
+                let (k, v) = item.map_err(io)?;
+                let bytes = v.value();
+                let time = decode_record(bytes)
+                    .ok()
+                    .and_then(|(e, _)| e.extension("knativearrivaltime").map(|t| t.to_string()))
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok());
+                if time.is_some_and(|t| now.signed_duration_since(t) > max_age) {
+                    old.push(k.value());
+                }
+            }
+            for (t, seq) in &dead {
+                pending.remove((*t, *seq)).map_err(io)?;
+                dropped += 1;
+                release(&mut refs, &mut events, *seq, &self.events, &self.bytes)?;
+            }
+            if !old.is_empty() {
+                let mut owed: Vec<(u64, u64)> = Vec::new();
+                for item in pending.iter().map_err(io)? {
+                    let (k, _) = item.map_err(io)?;
+                    if old.contains(&k.value().1) {
+                        owed.push(k.value());
+                    }
+                }
+                for k in owed {
+                    pending.remove(k).map_err(io)?;
+                    dropped += 1;
+                }
+                for seq in old {
+                    refs.remove(seq).map_err(io)?;
+                    if let Some(v) = events.remove(seq).map_err(io)? {
+                        self.events.fetch_sub(1, Ordering::Relaxed);
+                        self.bytes
+                            .fetch_sub(v.value().len() as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        w.commit().map_err(io)?;
+        Ok(dropped)
+    }
+}
+
+/// A record: TTL, the attributes as JSON, then content type, schema and the data bytes exactly
+/// as they came (JSON would re-encode them).
+fn encode_record(event: &Event, ttl: i32) -> Vec<u8> {
+    let mut e = event.clone();
+    let (ct, schema, data) = e.take_data();
+    // Serializing attributes to JSON cannot fail: every value is representable.
+    let attrs = serde_json::to_vec(&e).unwrap_or_default();
+    let (kind, bytes): (u8, Vec<u8>) = match data {
+        None => (0, Vec::new()),
+        Some(Data::Binary(b)) => (1, b),
+        Some(Data::String(s)) => (2, s.into_bytes()),
+        Some(Data::Json(v)) => (3, serde_json::to_vec(&v).unwrap_or_default()),
+    };
+    let mut out = Vec::with_capacity(16 + attrs.len() + bytes.len());
+    out.extend(ttl.to_le_bytes());
+    for part in [
+        attrs.as_slice(),
+        ct.as_deref().unwrap_or("").as_bytes(),
+        schema.as_ref().map_or("", |u| u.as_str()).as_bytes(),
+    ] {
+        out.extend((part.len() as u32).to_le_bytes());
+        out.extend(part);
+    }
+    out.push(kind);
+    out.extend(bytes);
+    out
+}
+
+fn decode_record(bytes: &[u8]) -> Result<(Event, i32), String> {
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Result<&[u8], String> {
+        let part = bytes.get(at..at + n).ok_or("truncated record")?;
+        at += n;
+        Ok(part)
+    };
+    let ttl = i32::from_le_bytes(take(4)?.try_into().map_err(|_| "ttl")?);
+    let mut parts = Vec::new();
+    for _ in 0..3 {
+        let len = u32::from_le_bytes(take(4)?.try_into().map_err(|_| "length")?) as usize;
+        parts.push(take(len)?.to_vec());
+    }
+    let kind = take(1)?[0];
+    let data = bytes[at..].to_vec();
+    let mut event: Event = serde_json::from_slice(&parts[0]).map_err(|e| e.to_string())?;
+    let ct = String::from_utf8(parts[1].clone()).map_err(|e| e.to_string())?;
+    let schema = String::from_utf8(parts[2].clone()).map_err(|e| e.to_string())?;
+    let data = match kind {
+        0 => None,
+        1 => Some(Data::Binary(data)),
+        2 => Some(Data::String(
+            String::from_utf8(data).map_err(|e| e.to_string())?,
+        )),
+        _ => Some(Data::Json(
+            serde_json::from_slice(&data).map_err(|e| e.to_string())?,
+        )),
+    };
+    if let Some(d) = data {
+        event.set_data_unchecked(d);
+    }
+    if !ct.is_empty() {
+        event.set_datacontenttype(Some(ct));
+    }
+    if !schema.is_empty() {
+        event.set_dataschema(url::Url::parse(&schema).ok());
+    }
+    Ok((event, ttl))
+}
+
+impl std::fmt::Debug for DurableLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DurableLog")
+            .field("events", &self.len())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Drop for DurableLog {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer after it commits what it has; the database is
+        // released when it returns.
+        self.tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(w) = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            let _ = w.join();
+        }
+    }
+}
+
+/// One delivery fewer owed for `seq`; the event is reclaimed when none is left.
+fn release(
+    refs: &mut redb::Table<u64, u32>,
+    events: &mut redb::Table<u64, &[u8]>,
+    seq: u64,
+    count: &AtomicU64,
+    bytes: &AtomicU64,
+) -> Result<(), LogError> {
+    let left = refs.get(seq).map_err(io)?.map(|v| v.value());
+    match left {
+        Some(n) if n > 1 => {
+            refs.insert(seq, n - 1).map_err(io)?;
+        }
+        _ => {
+            refs.remove(seq).map_err(io)?;
+            if let Some(v) = events.remove(seq).map_err(io)? {
+                count.fetch_sub(1, Ordering::Relaxed);
+                bytes.fetch_sub(v.value().len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Writer {
+    db: Arc<Database>,
+    events: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+    notify: Arc<Mutex<HashMap<u64, Arc<Notify>>>>,
+}
+
+impl Writer {
+    fn run(self, rx: std::sync::mpsc::Receiver<Op>) {
+        while let Ok(first) = rx.recv() {
+            let mut ops = vec![first];
+            while ops.len() < 8192 {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.apply(ops);
+        }
+    }
+
+    fn apply(&self, ops: Vec<Op>) {
+        let mut replies = Vec::new();
+        let mut barriers = Vec::new();
+        let mut touched: Vec<u64> = Vec::new();
+        let (mut added, mut added_bytes) = (0u64, 0u64);
+        let result = (|| -> Result<(), LogError> {
+            let mut w = self.db.begin_write().map_err(io)?;
+            w.set_durability(Durability::Immediate).map_err(io)?;
+            {
+                let mut meta = w.open_table(META).map_err(io)?;
+                let mut events = w.open_table(EVENTS).map_err(io)?;
+                let mut refs = w.open_table(REFS).map_err(io)?;
+                let mut pending = w.open_table(PENDING).map_err(io)?;
+                let mut seq = meta.get("next_seq").map_err(io)?.map_or(1, |v| v.value());
+                for op in &ops {
+                    match op {
+                        Op::Append(entries, _) => {
+                            for (bytes, triggers) in entries {
+                                if triggers.is_empty() {
+                                    continue;
+                                }
+                                events.insert(seq, bytes.as_slice()).map_err(io)?;
+                                refs.insert(seq, triggers.len() as u32).map_err(io)?;
+                                for t in triggers {
+                                    pending.insert((*t, seq), 0).map_err(io)?;
+                                    if !touched.contains(t) {
+                                        touched.push(*t);
+                                    }
+                                }
+                                added += 1;
+                                added_bytes += bytes.len() as u64;
+                                seq += 1;
+                            }
+                        }
+                        Op::Ack(t, s) => {
+                            if pending.remove((*t, *s)).map_err(io)?.is_some() {
+                                release(&mut refs, &mut events, *s, &self.events, &self.bytes)?;
+                            }
+                        }
+                        Op::Attempt(t, s, n) => {
+                            if pending.get((*t, *s)).map_err(io)?.is_some() {
+                                pending.insert((*t, *s), *n).map_err(io)?;
+                            }
+                        }
+                        Op::Barrier(_) => {}
+                    }
+                }
+                meta.insert("next_seq", seq).map_err(io)?;
+            }
+            w.commit().map_err(io)
+        })();
+        if result.is_ok() {
+            self.events.fetch_add(added, Ordering::Relaxed);
+            self.bytes.fetch_add(added_bytes, Ordering::Relaxed);
+        } else if let Err(e) = &result {
+            tracing::error!(error = %e, "the event log could not commit; producers get 503");
+        }
+        for op in ops {
+            match op {
+                Op::Append(_, reply) => replies.push(reply),
+                Op::Barrier(b) => barriers.push(b),
+                _ => {}
+            }
+        }
+        for r in replies {
+            let _ = r.send(result.clone());
+        }
+        for b in barriers {
+            let _ = b.send(());
+        }
+        if result.is_ok() {
+            let n = self.notify.lock().unwrap_or_else(PoisonError::into_inner);
+            for t in touched {
+                if let Some(n) = n.get(&t) {
+                    n.notify_one();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str) -> Arc<Event> {
+        Arc::new(
+            wasmesh_core::event::parse_json(
+                format!(r#"{{"specversion":"1.0","id":"{id}","source":"/s","type":"t","data":{{"x":1}}}}"#).as_bytes(),
+            )
+            .expect("valid"),
+        )
+    }
+
+    #[tokio::test]
+    async fn append_owe_ack_reclaim_and_reopen() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let log = DurableLog::open(dir.path(), LogConfig::default()).expect("open");
+            let a = log.trigger_id("ns/a").expect("id");
+            let b = log.trigger_id("ns/b").expect("id");
+            assert_ne!(a, b);
+            assert_eq!(log.trigger_id("ns/a").expect("id"), a, "ids are stable");
+            log.append(vec![
+                Append {
+                    event: event("1"),
+                    ttl: 255,
+                    triggers: vec![a, b],
+                },
+                Append {
+                    event: event("2"),
+                    ttl: 7,
+                    triggers: vec![b],
+                },
+            ])
+            .await
+            .expect("append");
+            assert_eq!(log.len(), 2);
+            let owed_b = log.owed(b, 0, 10).expect("owed");
+            assert_eq!(owed_b.len(), 2);
+            assert_eq!(owed_b[1].ttl, 7);
+            log.ack(b, owed_b[0].seq);
+            log.attempted(b, owed_b[1].seq, 3);
+            log.flush().await;
+            assert_eq!(log.len(), 2, "event 1 is still owed to a");
+            let owed_a = log.owed(a, 0, 10).expect("owed");
+            log.ack(a, owed_a[0].seq);
+            log.flush().await;
+            assert_eq!(log.len(), 1, "event 1 reclaimed once delivered everywhere");
+        }
+        // A restart finds what is still owed, with its attempts.
+        let log = DurableLog::open(dir.path(), LogConfig::default()).expect("reopen");
+        let b = log.trigger_id("ns/b").expect("id");
+        let owed = log.owed(b, 0, 10).expect("owed");
+        assert_eq!(owed.len(), 1);
+        assert_eq!(owed[0].attempts, 3);
+        assert_eq!(wasmesh_core::AttributesReader::id(&owed[0].event), "2");
+        assert_eq!(
+            wasmesh_core::event::data_bytes(&owed[0].event).as_deref(),
+            Some(&br#"{"x":1}"#[..])
+        );
+        assert_eq!(log.len(), 1);
+        // A trigger that is gone no longer holds events.
+        assert_eq!(log.collect_garbage(&[]).expect("gc"), 1);
+        assert!(log.is_empty());
+    }
+
+    #[tokio::test]
+    async fn capacity_refuses_with_full() {
+        let dir = tempfile::tempdir().expect("dir");
+        let log = DurableLog::open(
+            dir.path(),
+            LogConfig {
+                max_events: 2,
+                ..Default::default()
+            },
+        )
+        .expect("open");
+        let t = log.trigger_id("t").expect("id");
+        let one = |id: &str| {
+            vec![Append {
+                event: event(id),
+                ttl: 255,
+                triggers: vec![t],
+            }]
+        };
+        log.append(one("1")).await.expect("fits");
+        log.append(one("2")).await.expect("fits");
+        assert!(matches!(log.append(one("3")).await, Err(LogError::Full(_))));
+        let owed = log.owed(t, 0, 1).expect("owed");
+        log.ack(t, owed[0].seq);
+        log.flush().await;
+        log.append(one("3")).await.expect("room again");
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+    use wasmesh_core::AttributesReader;
+
+    #[test]
+    fn records_keep_data_bytes_exactly() {
+        let mut e = wasmesh_core::event::parse_json(
+            br#"{"specversion":"1.0","id":"1","source":"/s","type":"t","ext":"v"}"#,
+        )
+        .expect("valid");
+        e.set_data_unchecked(Data::Binary(b"{\"a\": 1}\n".to_vec()));
+        let (back, ttl) = decode_record(&encode_record(&e, 9)).expect("decodes");
+        assert_eq!(ttl, 9);
+        assert_eq!(back.datacontenttype(), None);
+        assert_eq!(
+            wasmesh_core::event::data_bytes(&back).as_deref(),
+            Some(&b"{\"a\": 1}\n"[..])
+        );
+        e.set_datacontenttype(Some("text/plain; charset=utf-8"));
+        let (back, _) = decode_record(&encode_record(&e, 1)).expect("decodes");
+        assert_eq!(back.datacontenttype(), Some("text/plain; charset=utf-8"));
+        assert_eq!(
+            back.extension("ext").map(|v| v.to_string()).as_deref(),
+            Some("v")
+        );
+        assert!(
+            decode_record(&encode_record(&e, 1)[..10]).is_err(),
+            "a cut record is refused"
+        );
+    }
+}
