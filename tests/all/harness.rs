@@ -32,7 +32,7 @@ pub(crate) struct Serve {
     pub(crate) addr: SocketAddr,
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Serve {
@@ -51,12 +51,20 @@ impl Serve {
     }
 
     fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Serve {
+        let mut serve = Self::start_at(dir.path(), extra);
+        serve._dir = Some(dir);
+        serve
+    }
+
+    /// Serves the YAML files in `dir` with the data directory `dir/data`, which outlives this
+    /// process (for restarts on the same data).
+    pub(crate) fn start_at(dir: &Path, extra: &[&str]) -> Serve {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wasmesh"))
             .arg("serve")
             .arg("-f")
-            .arg(dir.path())
+            .arg(dir)
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path().join("data"))
+            .arg(dir.join("data"))
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -110,7 +118,7 @@ impl Serve {
             addr: addr.expect("address"),
             stdout,
             stderr,
-            _dir: dir,
+            _dir: None,
         }
     }
 
@@ -143,6 +151,14 @@ impl Serve {
     }
 }
 
+impl Serve {
+    /// SIGKILL: no shutdown, no flush.
+    pub(crate) fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Serve {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -162,6 +178,44 @@ impl Response {
     pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
+}
+
+/// Like [`request`], for a server that may be killed: `Err` when no connection could be made,
+/// `Ok(None)` when the request was sent but no answer came back.
+pub(crate) fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Option<u16>, ()> {
+    let mut s = TcpStream::connect(addr).map_err(|_| ())?;
+    Ok(send_on(&mut s, addr, method, path, headers, body))
+}
+
+fn send_on(
+    s: &mut TcpStream,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<u16> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).ok()?;
+    s.write_all(body).ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let line = String::from_utf8_lossy(&raw);
+    line.lines().next()?.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// A plain HTTP/1.1 request over a fresh connection: exactly these headers on the wire.

@@ -3,6 +3,7 @@
 
 mod broker;
 mod cli_run;
+mod durable;
 mod harness;
 mod runtime;
 mod support;

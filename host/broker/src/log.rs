@@ -81,7 +81,7 @@ enum Op {
         oneshot::Sender<Result<(), LogError>>,
     ),
     Ack(u64, u64),
-    Attempt(u64, u64, u32),
+    Attempt(u64, u64, u32, Option<oneshot::Sender<()>>),
     Barrier(oneshot::Sender<()>),
 }
 
@@ -247,9 +247,16 @@ impl DurableLog {
         let _ = self.send(Op::Ack(trigger, seq));
     }
 
-    /// Records that a delivery was attempted `attempts` times, so retries survive restarts.
-    pub fn attempted(&self, trigger: u64, seq: u64, attempts: u32) {
-        let _ = self.send(Op::Attempt(trigger, seq, attempts));
+    /// Records that a delivery was attempted `attempts` times, so retries survive restarts;
+    /// resolves once that is on disk.
+    pub async fn attempted(&self, trigger: u64, seq: u64, attempts: u32) {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .send(Op::Attempt(trigger, seq, attempts, Some(tx)))
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
     }
 
     /// Waits until everything sent to the writer so far is committed.
@@ -547,7 +554,7 @@ impl Writer {
                                 release(&mut refs, &mut events, *s, &self.events, &self.bytes)?;
                             }
                         }
-                        Op::Attempt(t, s, n) => {
+                        Op::Attempt(t, s, n, _) => {
                             if pending.get((*t, *s)).map_err(io)?.is_some() {
                                 pending.insert((*t, *s), *n).map_err(io)?;
                             }
@@ -568,7 +575,7 @@ impl Writer {
         for op in ops {
             match op {
                 Op::Append(_, reply) => replies.push(reply),
-                Op::Barrier(b) => barriers.push(b),
+                Op::Barrier(b) | Op::Attempt(_, _, _, Some(b)) => barriers.push(b),
                 _ => {}
             }
         }
@@ -630,7 +637,7 @@ mod tests {
             assert_eq!(owed_b.len(), 2);
             assert_eq!(owed_b[1].ttl, 7);
             log.ack(b, owed_b[0].seq);
-            log.attempted(b, owed_b[1].seq, 3);
+            log.attempted(b, owed_b[1].seq, 3).await;
             log.flush().await;
             assert_eq!(log.len(), 2, "event 1 is still owed to a");
             let owed_a = log.owed(a, 0, 10).expect("owed");

@@ -224,11 +224,7 @@ impl Mesh {
 
     /// Sets `knativearrivaltime`, applies the TTL rules and finds, for each event, the triggers
     /// whose native filters it passes.
-    fn prepare(
-        &self,
-        key: &BrokerKey,
-        events: Vec<Event>,
-    ) -> Result<Vec<Routed>, PublishError> {
+    fn prepare(&self, key: &BrokerKey, events: Vec<Event>) -> Result<Vec<Routed>, PublishError> {
         let broker = {
             let brokers = self.brokers.read().unwrap_or_else(PoisonError::into_inner);
             Arc::clone(
@@ -542,8 +538,11 @@ impl Mesh {
         let event = &env.event;
         let log = self.log_for(t).zip(env.seq);
         let record = |attempts: u32| {
-            if let Some(((log, id), seq)) = &log {
-                log.attempted(*id, *seq, attempts);
+            let log = log.clone();
+            async move {
+                if let Some(((log, id), seq)) = log {
+                    log.attempted(id, seq, attempts).await;
+                }
             }
         };
         let result = retry_loop(&t.policy, &t.name, env.attempts, record, || {
@@ -597,7 +596,7 @@ impl Mesh {
             &t.policy,
             &t.name,
             0,
-            |_| {},
+            |_| async {},
             || self.send_once(t, sink, event),
         )
         .await
@@ -741,16 +740,18 @@ async fn feed(
 /// Attempts a delivery until it succeeds, fails for good, or the policy's retries are spent;
 /// between attempts it waits the subscriber's `retry-after` or the policy's backoff.
 /// `already` counts retries made before (a restart); `record` is told each new count.
-pub(crate) async fn retry_loop<F, Fut>(
+pub(crate) async fn retry_loop<F, Fut, R, RecFut>(
     policy: &DeliveryPolicy,
     trigger: &str,
     already: u32,
-    record: impl Fn(u32),
+    record: R,
     mut attempt: F,
 ) -> Result<Option<Box<Event>>, Failure>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Outcome>,
+    R: Fn(u32) -> RecFut,
+    RecFut: std::future::Future<Output = ()>,
 {
     let mut retries = already;
     loop {
@@ -763,14 +764,16 @@ where
             return Err(failure);
         }
         retries += 1;
-        record(retries);
+        // The count is on disk before the wait: a restart resumes the budget, not a fresh one.
+        record(retries).await;
         let wait = failure
             .retry_after
             .unwrap_or_else(|| policy.backoff(retries));
-        tracing::debug!(
+        tracing::info!(
             trigger,
             retry = retries,
             wait_ms = wait.as_millis() as u64,
+            code = ?failure.code,
             "retrying"
         );
         tokio::time::sleep(wait).await;
@@ -810,7 +813,7 @@ mod tests {
             &policy,
             "t",
             0,
-            |_| {},
+            |_| async {},
             || {
                 let n = {
                     let mut t = times.lock().expect("lock");
@@ -859,7 +862,7 @@ mod tests {
             &policy,
             "t",
             0,
-            |_| {},
+            |_| async {},
             || {
                 n += 1;
                 let first = n == 1;
