@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use wasmesh_core::resources::{BackoffPolicy, DeliverySpec};
+use wasmesh_core::resources::{BackoffPolicy, DeliverySpec, Ordering};
 
 use crate::sink::Sink;
 
@@ -21,6 +21,12 @@ pub struct DeliveryPolicy {
     /// Per-request timeout (HTTP subscribers).
     pub timeout: Option<Duration>,
     pub dead_letter: Option<Sink>,
+    /// The longest wait between retries.
+    pub backoff_max: Option<Duration>,
+    /// Deliveries in flight at once (the mesh's default when unset).
+    pub concurrency: Option<usize>,
+    /// When set, delivery is ordered per the value of this attribute.
+    pub ordered_by: Option<String>,
 }
 
 impl Default for DeliveryPolicy {
@@ -31,6 +37,9 @@ impl Default for DeliveryPolicy {
             delay: DEFAULT_BACKOFF_DELAY,
             timeout: None,
             dead_letter: None,
+            backoff_max: None,
+            concurrency: None,
+            ordered_by: None,
         }
     }
 }
@@ -45,18 +54,30 @@ impl DeliveryPolicy {
             delay: spec.backoff_delay.as_ref().map_or(d.delay, |x| x.get()),
             timeout: spec.timeout.as_ref().map(|x| x.get()),
             dead_letter,
+            backoff_max: spec.backoff_max.as_ref().map(|x| x.get()),
+            concurrency: spec.concurrency.map(|c| c.get() as usize),
+            ordered_by: match spec.ordering.unwrap_or_default() {
+                Ordering::Ordered => Some(
+                    spec.partition_key
+                        .as_ref()
+                        .map_or("subject", |k| k.as_str())
+                        .to_string(),
+                ),
+                Ordering::Unordered => None,
+            },
         }
     }
 
     /// The wait before retry number `n` (1-based): linear `delay × n`, exponential
     /// `delay × 2^n`.
     pub fn backoff(&self, n: u32) -> Duration {
-        match self.backoff {
+        let wait = match self.backoff {
             BackoffPolicy::Linear => self.delay.saturating_mul(n),
             BackoffPolicy::Exponential => self
                 .delay
                 .saturating_mul(1u32.checked_shl(n).unwrap_or(u32::MAX)),
-        }
+        };
+        self.backoff_max.map_or(wait, |max| wait.min(max))
     }
 }
 
@@ -82,6 +103,13 @@ mod tests {
         assert_eq!(p.backoff(1), Duration::from_millis(200));
         assert_eq!(p.backoff(3), Duration::from_millis(800));
         assert!(p.backoff(200) >= Duration::from_secs(3600), "no overflow");
+        p.backoff_max = Some(Duration::from_millis(500));
+        assert_eq!(
+            p.backoff(3),
+            Duration::from_millis(500),
+            "backoffMax caps the wait"
+        );
+        assert_eq!(p.backoff(1), Duration::from_millis(200));
     }
 
     #[test]

@@ -96,9 +96,34 @@ pub struct TriggerSpecRuntime {
 
 struct TriggerRuntime {
     spec: Arc<TriggerSpecRuntime>,
-    /// Memory mode: the queue ingress fills. Durable mode: a feeder fills it from the log.
-    queue: mpsc::Sender<Envelope>,
+    /// Memory mode: the queues ingress fills. Durable mode: a feeder fills them from the log.
+    /// One queue, or for ordered delivery one lane per unit of concurrency.
+    lanes: Lanes,
     log_id: Option<u64>,
+}
+
+/// A trigger's queues: one shared queue, or lanes chosen by the partition key.
+#[derive(Clone)]
+struct Lanes {
+    queues: Vec<mpsc::Sender<Envelope>>,
+    ordered_by: Option<String>,
+}
+
+impl Lanes {
+    /// The queue an event goes to: for ordered delivery, the same lane for the same key.
+    fn for_event(&self, event: &Event) -> &mpsc::Sender<Envelope> {
+        let index = match &self.ordered_by {
+            Some(attr) if self.queues.len() > 1 => {
+                use std::hash::{Hash, Hasher};
+                let key = wasmesh_core::filter::attribute_value(event, attr).unwrap_or_default();
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                key.hash(&mut h);
+                (h.finish() % self.queues.len() as u64) as usize
+            }
+            _ => 0,
+        };
+        &self.queues[index]
+    }
 }
 
 /// An event and the triggers whose native filters it passed.
@@ -172,8 +197,21 @@ impl Mesh {
 
     /// Adds a trigger to its (existing) broker and starts its delivery workers.
     pub fn add_trigger(self: &Arc<Self>, spec: TriggerSpecRuntime) -> Result<(), PublishError> {
-        let (tx, rx) = mpsc::channel(self.config.queue_capacity.max(1));
         let key = spec.broker.clone();
+        let concurrency = spec
+            .policy
+            .concurrency
+            .unwrap_or(self.config.concurrency)
+            .max(1);
+        let ordered_by = spec.policy.ordered_by.clone();
+        let lane_count = if ordered_by.is_some() { concurrency } else { 1 };
+        let capacity = (self.config.queue_capacity / lane_count).max(1);
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..lane_count).map(|_| mpsc::channel(capacity)).unzip();
+        let lanes = Lanes {
+            queues: senders,
+            ordered_by: ordered_by.clone(),
+        };
         let log_id = match &self.config.log {
             Some(log) => Some(log.trigger_id(&format!("{}/{}", spec.namespace, spec.name))?),
             None => None,
@@ -181,7 +219,7 @@ impl Mesh {
         let spec = Arc::new(spec);
         let trigger = Arc::new(TriggerRuntime {
             spec: Arc::clone(&spec),
-            queue: tx.clone(),
+            lanes: lanes.clone(),
             log_id,
         });
         if let (Some(log), Some(id)) = (&self.config.log, log_id) {
@@ -189,13 +227,13 @@ impl Mesh {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(id);
-            let feeder = tokio::spawn(feed(Arc::clone(log), id, tx, self.stopping.subscribe()));
+            let feeder = tokio::spawn(feed(Arc::clone(log), id, lanes, self.stopping.subscribe()));
             self.workers
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(feeder);
         } else {
-            drop(tx);
+            drop(lanes);
         }
         {
             let mut brokers = self.brokers.write().unwrap_or_else(PoisonError::into_inner);
@@ -207,14 +245,20 @@ impl Mesh {
             brokers.insert(key, Arc::new(BrokerRuntime { triggers }));
         }
         // The workers hold the spec, not the sender: dropping the broker closes the queue.
-        let handles = if matches!(spec.subscriber, Sink::Function(_)) {
-            self.start_wasm_workers(spec, rx)
-        } else {
-            let mesh = Arc::clone(self);
-            vec![tokio::spawn(
-                async move { mesh.run_trigger(spec, rx).await },
-            )]
-        };
+        // Ordered lanes have one worker each, so a key's events go one at a time.
+        let per_queue = if ordered_by.is_some() { 1 } else { concurrency };
+        let mut handles = Vec::new();
+        for rx in receivers {
+            if matches!(spec.subscriber, Sink::Function(_)) {
+                handles.extend(self.start_wasm_workers(Arc::clone(&spec), rx, per_queue));
+            } else {
+                let mesh = Arc::clone(self);
+                let spec = Arc::clone(&spec);
+                handles.push(tokio::spawn(async move {
+                    mesh.run_trigger(spec, rx, per_queue).await
+                }));
+            }
+        }
         self.workers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -272,7 +316,7 @@ impl Mesh {
         let mut permits = Vec::new();
         for (env, triggers) in &prepared {
             for trigger in triggers {
-                match trigger.queue.try_reserve() {
+                match trigger.lanes.for_event(&env.event).try_reserve() {
                     Ok(permit) => permits.push((permit, env.clone())),
                     Err(_) => {
                         return Err(PublishError::Full(format!(
@@ -394,9 +438,10 @@ impl Mesh {
         self: &Arc<Self>,
         spec: Arc<TriggerSpecRuntime>,
         rx: mpsc::Receiver<Envelope>,
+        concurrency: usize,
     ) -> Vec<JoinHandle<()>> {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let threads = self.config.concurrency.clamp(1, cores);
+        let threads = concurrency.clamp(1, cores);
         let rx = Arc::new(Mutex::new(rx));
         let runtime = tokio::runtime::Handle::current();
         let mut handles = Vec::new();
@@ -470,6 +515,10 @@ impl Mesh {
                 self.done(t, &env);
             }
             Outcome::Delivered(None) => self.done(t, &env),
+            failed if t.policy.ordered_by.is_some() => {
+                // Ordered: the lane waits for this event's retries before the next event.
+                runtime.block_on(self.finish_delivery(t, env, Some(failed)));
+            }
             failed => {
                 let (mesh, t) = (Arc::clone(self), Arc::clone(t));
                 runtime.spawn(async move { mesh.finish_delivery(&t, env, Some(failed)).await });
@@ -481,8 +530,9 @@ impl Mesh {
         self: Arc<Self>,
         trigger: Arc<TriggerSpecRuntime>,
         mut rx: mpsc::Receiver<Envelope>,
+        concurrency: usize,
     ) {
-        let limit = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let limit = Arc::new(Semaphore::new(concurrency.max(1)));
         let mut inflight = tokio::task::JoinSet::new();
         while let Some(env) = rx.recv().await {
             let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
@@ -701,7 +751,7 @@ impl Mesh {
 async fn feed(
     log: Arc<DurableLog>,
     trigger: u64,
-    queue: mpsc::Sender<Envelope>,
+    lanes: Lanes,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let notify = log.notifier(trigger);
@@ -729,6 +779,7 @@ async fn feed(
                 seq: Some(owed.seq),
                 attempts: owed.attempts,
             };
+            let queue = lanes.for_event(&env.event).clone();
             tokio::select! {
                 sent = queue.send(env) => if sent.is_err() { return },
                 _ = stop.changed() => return,

@@ -222,6 +222,11 @@ impl Filter {
     }
 }
 
+/// Any context attribute or extension of an event, by name, in string form.
+pub fn attribute_value<'e>(e: &'e Event, name: &str) -> Option<Cow<'e, str>> {
+    Attr::new(name).get(e)
+}
+
 fn pairs(m: &BTreeMap<AttributeName, String>) -> Vec<(Attr, String)> {
     m.iter()
         .map(|(k, v)| (Attr::new(k.as_str()), v.clone()))

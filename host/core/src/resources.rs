@@ -241,6 +241,58 @@ pub struct DeliverySpec {
     pub dead_letter_sink: Option<Destination>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_max: Option<IsoDuration>,
+    /// wasmesh: the longest wait between retries, whatever the policy computes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_max: Option<IsoDuration>,
+    /// wasmesh: deliveries in flight at once for this trigger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
+    /// wasmesh: `unordered` (default) or `ordered` per partition key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering: Option<Ordering>,
+    /// wasmesh: the attribute whose value partitions ordered delivery (default `subject`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_key: Option<AttributeName>,
+}
+
+/// Delivery order of a trigger.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordering {
+    /// Events may be delivered in any order, many at once (like Knative's Kafka broker default).
+    #[default]
+    Unordered,
+    /// Events with the same partition key are delivered one at a time, in the order accepted.
+    Ordered,
+}
+
+/// A concurrency: 1 to 1024.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct Concurrency(u32);
+
+impl Concurrency {
+    /// The value.
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl TryFrom<u32> for Concurrency {
+    type Error = String;
+    fn try_from(n: u32) -> Result<Self, String> {
+        if (1..=1024).contains(&n) {
+            Ok(Self(n))
+        } else {
+            Err(format!("concurrency {n} is out of range: use 1 to 1024"))
+        }
+    }
+}
+
+impl From<Concurrency> for u32 {
+    fn from(c: Concurrency) -> u32 {
+        c.0
+    }
 }
 
 /// `Broker.spec`.
