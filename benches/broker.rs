@@ -136,6 +136,14 @@ async fn native_display_server(rec: Arc<Recorder>) -> SocketAddr {
 }
 
 async fn broker(subscriber: Sink, rec: Arc<Recorder>) -> (SocketAddr, Arc<Mesh>) {
+    broker_with(subscriber, rec, None).await
+}
+
+async fn broker_with(
+    subscriber: Sink,
+    rec: Arc<Recorder>,
+    log: Option<Arc<wasmesh_broker::log::DurableLog>>,
+) -> (SocketAddr, Arc<Mesh>) {
     let mesh = Mesh::new(MeshConfig {
         queue_capacity: 4096,
         concurrency: 16,
@@ -143,7 +151,7 @@ async fn broker(subscriber: Sink, rec: Arc<Recorder>) -> (SocketAddr, Arc<Mesh>)
             prefix: false,
             sink: Some(Arc::new(move |_, bytes| rec.displayed(bytes))),
         },
-        log: None,
+        log,
     });
     let key = BrokerKey::new("default", "default");
     mesh.add_broker(key.clone());
@@ -210,11 +218,23 @@ async fn load(
     rec: Option<Arc<Recorder>>,
     pace: Option<Duration>,
 ) -> Load {
+    load_batches(addr, path, rec, pace, 1, CONNECTIONS).await
+}
+
+/// With `batch` > 1, each request carries that many events in batch mode.
+async fn load_batches(
+    addr: SocketAddr,
+    path: &str,
+    rec: Option<Arc<Recorder>>,
+    pace: Option<Duration>,
+    batch: usize,
+    connections: usize,
+) -> Load {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let body = seed_body();
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..CONNECTIONS {
+    for _ in 0..connections {
         let body = body.clone();
         let path = path.to_string();
         let rec = rec.clone();
@@ -232,8 +252,24 @@ async fn load(
                     tokio::time::sleep_until(next_at.into()).await;
                     next_at += p;
                 }
-                let n = NEXT.fetch_add(1, Ordering::Relaxed);
-                let req = hyper::Request::post(format!("http://{addr}{path}"))
+                let n = NEXT.fetch_add(batch as u64, Ordering::Relaxed);
+                let req = if batch > 1 {
+                    let data: serde_json::Value = serde_json::from_slice(&body).expect("json");
+                    let events: Vec<serde_json::Value> = (0..batch as u64)
+                        .map(|i| {
+                            serde_json::json!({
+                                "specversion": "1.0", "id": format!("ev-{}", n + i),
+                                "source": "https://10.39.240.1:443", "type": "dev.knative.apiserver.resource.add",
+                                "datacontenttype": "application/json", "data": data,
+                            })
+                        })
+                        .collect();
+                    hyper::Request::post(format!("http://{addr}{path}"))
+                        .header("content-type", "application/cloudevents-batch+json")
+                        .body(Full::new(Bytes::from(serde_json::to_vec(&events).expect("batch"))))
+                        .expect("request")
+                } else {
+                    hyper::Request::post(format!("http://{addr}{path}"))
                     .header("ce-specversion", "1.0")
                     .header("ce-id", format!("ev-{n}"))
                     .header("ce-source", "https://10.39.240.1:443")
@@ -244,7 +280,8 @@ async fn load(
                     )
                     .header("content-type", "application/json")
                     .body(Full::new(body.clone()))
-                    .expect("request");
+                    .expect("request")
+                };
                 let t0 = Instant::now();
                 if let Some(r) = &rec {
                     r.sent.lock().expect("lock").insert(n, t0);
@@ -254,7 +291,7 @@ async fn load(
                 let _ = resp.into_body().collect().await;
                 lat.push(t0.elapsed());
                 match status {
-                    202 => ok += 1,
+                    202 => ok += batch as u64,
                     429 => {
                         throttled += 1;
                         if let Some(r) = &rec {
@@ -361,7 +398,31 @@ fn main() {
         println!("(b) ingress -> filter -> Wasm e-d:  {b_rate:>9.0} ev/s    POST p50 {:>7.0?} p99 {:>7.0?}  (429s: {})", pct(&mut b.post_latencies, 0.5), pct(&mut b.post_latencies, 0.99), b.throttled);
         println!("(c) ingress -> filter -> HTTP e-d:  {c_rate:>9.0} ev/s    POST p50 {:>7.0?} p99 {:>7.0?}  (429s: {})", pct(&mut c.post_latencies, 0.5), pct(&mut c.post_latencies, 0.99), c.throttled);
         println!("(b) paced at {:.0} ev/s (half the ceiling): achieved {p_rate:.0} ev/s, POST-to-display p50 {:?} p99 {:?}", ceiling / 2.0, pct(&mut e2e, 0.5), pct(&mut e2e, 0.99));
+        // Durable ingress (fsync, group commit) against in-memory ingress, singles and batches.
+        let mut ingress = Vec::new();
+        for (batch, conns) in [(1usize, CONNECTIONS), (10, CONNECTIONS), (1, 32)] {
+            for durable in [false, true] {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let log = durable.then(|| {
+                    wasmesh_broker::log::DurableLog::open(dir.path(), Default::default()).expect("log")
+                });
+                let rec = Arc::new(Recorder::default());
+                let (addr, _mesh) = broker_with(Sink::Function(Arc::clone(&display)), Arc::clone(&rec), log).await;
+                let mut l = load_batches(addr, "/default/default", None, None, batch, conns).await;
+                let rate = l.accepted as f64 / l.elapsed.as_secs_f64();
+                ingress.push((batch, conns, durable, rate, pct(&mut l.post_latencies, 0.5), pct(&mut l.post_latencies, 0.99)));
+                let _ = drain(&rec, l.accepted, Instant::now()).await;
+            }
+        }
+
         println!("delivery only (in-process publish, {n} events): Wasm e-d {b_dispatch:.0} ev/s, HTTP e-d {c_dispatch:.0} ev/s");
         println!("ratios: (b)/(a) = {:.2}   (b)/(c) = {:.2}   delivery only Wasm/HTTP = {:.2}", b_rate / ceiling, b_rate / c_rate, b_dispatch / c_dispatch);
+        for (batch, conns, durable, rate, p50, p99) in &ingress {
+            let store = if *durable { "durable (fsync)" } else { "in memory      " };
+            println!("ingress {store}, {batch:>2} event(s) a request, {conns:>2} connections: {rate:>9.0} ev/s accepted   POST p50 {p50:>7.0?} p99 {p99:>7.0?}");
+        }
+        for pair in ingress.chunks(2) {
+            println!("durable/in-memory ingress, {} a request, {} connections: {:.2}", pair[0].0, pair[0].1, pair[1].3 / pair[0].3);
+        }
     });
 }
