@@ -193,15 +193,16 @@ pub(crate) fn try_request(
     Ok(send_on(&mut s, addr, method, path, headers, body))
 }
 
-fn send_on(
+/// Writes one request with exactly these headers and reads the whole response.
+fn exchange(
     s: &mut TcpStream,
     addr: SocketAddr,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: &[u8],
-) -> Option<u16> {
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+) -> std::io::Result<Vec<u8>> {
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -210,10 +211,22 @@ fn send_on(
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    s.write_all(head.as_bytes()).ok()?;
-    s.write_all(body).ok()?;
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
+    s.read_to_end(&mut raw)?;
+    Ok(raw)
+}
+
+fn send_on(
+    s: &mut TcpStream,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<u16> {
+    let raw = exchange(s, addr, method, path, headers, body).ok()?;
     let line = String::from_utf8_lossy(&raw);
     line.lines().next()?.split_whitespace().nth(1)?.parse().ok()
 }
@@ -227,20 +240,7 @@ pub(crate) fn request(
     body: &[u8],
 ) -> Response {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).expect("write");
-    s.write_all(body).expect("write body");
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read");
+    let raw = exchange(&mut s, addr, method, path, headers, body).expect("exchange");
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
