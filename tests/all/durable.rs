@@ -68,8 +68,27 @@ fn every_acknowledged_event_survives_sigkill() {
             p.join().expect("producer");
         }
     }
+    // A torn write at the tail of the write-ahead log (half a record of junk, as a crash in the
+    // middle of a write leaves): it is detected and cut, never served.
+    let wal_dir = dir.path().join("data/wal");
+    let mut segments: Vec<_> = std::fs::read_dir(&wal_dir)
+        .expect("wal dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    segments.sort();
+    {
+        use std::io::Write as _;
+        let last = segments.last().expect("a segment");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(last)
+            .expect("segment");
+        f.write_all(&[0x2a, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3])
+            .expect("junk");
+    }
     // A last start delivers whatever is still owed.
     let serve = Serve::start_at(dir.path(), &[]);
+    serve.wait_log("cut a torn write at the end of the write-ahead log");
     let acked = acked.lock().expect("lock").clone();
     wait_for(
         "every acknowledged event delivered",

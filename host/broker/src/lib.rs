@@ -9,6 +9,7 @@ pub mod log;
 pub mod mesh;
 pub mod output;
 pub mod sink;
+mod wal;
 
 pub use delivery::DeliveryPolicy;
 pub use ingress::{IngressConfig, serve};

@@ -14,13 +14,15 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
 };
 use tokio::sync::{Notify, oneshot};
 use wasmesh_core::{AttributesWriter, Data, Event};
+
+use crate::wal::{Record, Wal};
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const REFS: TableDefinition<u64, u32> = TableDefinition::new("refs");
@@ -105,27 +107,47 @@ impl DurableLog {
     pub fn open(dir: &Path, config: LogConfig) -> Result<Arc<Self>, LogError> {
         std::fs::create_dir_all(dir).map_err(io)?;
         let db = Database::create(dir.join("broker.redb")).map_err(io)?;
-        let (count, bytes) = {
+        let checkpoint = {
             let w = db.begin_write().map_err(io)?;
-            for name in ["next_seq", "next_trigger"] {
+            let checkpoint = {
                 let mut meta = w.open_table(META).map_err(io)?;
-                if meta.get(name).map_err(io)?.is_none() {
-                    meta.insert(name, 1).map_err(io)?;
+                for name in ["next_seq", "next_trigger"] {
+                    if meta.get(name).map_err(io)?.is_none() {
+                        meta.insert(name, 1).map_err(io)?;
+                    }
                 }
-            }
-            let events = w.open_table(EVENTS).map_err(io)?;
+                meta.get("checkpoint_lsn")
+                    .map_err(io)?
+                    .map_or(0, |v| v.value())
+            };
+            w.open_table(EVENTS).map_err(io)?;
+            w.open_table(REFS).map_err(io)?;
+            w.open_table(PENDING).map_err(io)?;
+            w.open_table(TRIGGERS).map_err(io)?;
+            w.commit().map_err(io)?;
+            checkpoint
+        };
+        // Replay what the write-ahead log holds past the last checkpoint.
+        let (wal, replay) = Wal::open(&dir.join("wal"), checkpoint).map_err(io)?;
+        let replayed = replay.len();
+        let records: Vec<Record> = replay.into_iter().map(|(_, r)| r).collect();
+        let scratch = (AtomicU64::new(0), AtomicU64::new(0));
+        apply_records(&db, &records, Durability::None, &scratch.0, &scratch.1)?;
+        let (count, bytes, next_seq) = {
+            let r = db.begin_read().map_err(io)?;
+            let next_seq = r
+                .open_table(META)
+                .map_err(io)?
+                .get("next_seq")
+                .map_err(io)?
+                .map_or(1, |v| v.value());
+            let events = r.open_table(EVENTS).map_err(io)?;
             let mut bytes = 0u64;
             for item in events.iter().map_err(io)? {
                 let (_, v) = item.map_err(io)?;
                 bytes += v.value().len() as u64;
             }
-            let count = events.len().map_err(io)?;
-            drop(events);
-            w.open_table(REFS).map_err(io)?;
-            w.open_table(PENDING).map_err(io)?;
-            w.open_table(TRIGGERS).map_err(io)?;
-            w.commit().map_err(io)?;
-            (count, bytes)
+            (events.len().map_err(io)?, bytes, next_seq)
         };
         let db = Arc::new(db);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -138,12 +160,19 @@ impl DurableLog {
             bytes: Arc::new(AtomicU64::new(bytes)),
             notify: Arc::new(Mutex::new(HashMap::new())),
         });
-        let writer = Writer {
+        let mut writer = Writer {
             db,
             events: Arc::clone(&log.events),
             bytes: Arc::clone(&log.bytes),
             notify: Arc::clone(&log.notify),
+            wal,
+            last_checkpoint: Instant::now(),
+            next_seq,
         };
+        if replayed > 0 {
+            tracing::info!(records = replayed, "replayed the write-ahead log");
+        }
+        writer.checkpoint()?;
         let handle = std::thread::Builder::new()
             .name("wasmesh-log".into())
             .spawn(move || writer.run(rx))
@@ -312,65 +341,41 @@ impl DurableLog {
 
     /// Drops the deliveries owed by triggers that no longer exist, and events past the maximum
     /// age; returns how many deliveries were dropped. Run at start-up and now and then.
-    pub fn collect_garbage(&self, live_triggers: &[u64]) -> Result<u64, LogError> {
-        let w = self.db.begin_write().map_err(io)?;
-        let mut dropped = 0u64;
+    pub async fn collect_garbage(&self, live_triggers: &[u64]) -> Result<u64, LogError> {
+        // Found with a read, dropped through the writer (as acknowledgements), so that the
+        // write-ahead log records it like any other change.
+        let mut drop_list: Vec<(u64, u64)> = Vec::new();
         {
-            let mut pending = w.open_table(PENDING).map_err(io)?;
-            let mut refs = w.open_table(REFS).map_err(io)?;
-            let mut events = w.open_table(EVENTS).map_err(io)?;
-            let mut dead: Vec<(u64, u64)> = Vec::new();
-            for item in pending.iter().map_err(io)? {
-                let (k, _) = item.map_err(io)?;
-                let (t, seq) = k.value();
-                if !live_triggers.contains(&t) {
-                    dead.push((t, seq));
-                }
-            }
+            let r = self.db.begin_read().map_err(io)?;
+            let pending = r.open_table(PENDING).map_err(io)?;
+            let events = r.open_table(EVENTS).map_err(io)?;
             let now = chrono::Utc::now();
             let max_age =
                 chrono::Duration::from_std(self.config.max_age).unwrap_or(chrono::Duration::MAX);
-            let mut old: Vec<u64> = Vec::new();
+            let mut old = std::collections::HashSet::new();
             for item in events.iter().map_err(io)? {
                 let (k, v) = item.map_err(io)?;
-                let bytes = v.value();
-                let time = decode_record(bytes)
+                let time = decode_record(v.value())
                     .ok()
                     .and_then(|(e, _)| e.extension("knativearrivaltime").map(|t| t.to_string()))
                     .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok());
                 if time.is_some_and(|t| now.signed_duration_since(t) > max_age) {
-                    old.push(k.value());
+                    old.insert(k.value());
                 }
             }
-            for (t, seq) in &dead {
-                pending.remove((*t, *seq)).map_err(io)?;
-                dropped += 1;
-                release(&mut refs, &mut events, *seq, &self.events, &self.bytes)?;
-            }
-            if !old.is_empty() {
-                let mut owed: Vec<(u64, u64)> = Vec::new();
-                for item in pending.iter().map_err(io)? {
-                    let (k, _) = item.map_err(io)?;
-                    if old.contains(&k.value().1) {
-                        owed.push(k.value());
-                    }
-                }
-                for k in owed {
-                    pending.remove(k).map_err(io)?;
-                    dropped += 1;
-                }
-                for seq in old {
-                    refs.remove(seq).map_err(io)?;
-                    if let Some(v) = events.remove(seq).map_err(io)? {
-                        self.events.fetch_sub(1, Ordering::Relaxed);
-                        self.bytes
-                            .fetch_sub(v.value().len() as u64, Ordering::Relaxed);
-                    }
+            for item in pending.iter().map_err(io)? {
+                let (k, _) = item.map_err(io)?;
+                let (t, seq) = k.value();
+                if !live_triggers.contains(&t) || old.contains(&seq) {
+                    drop_list.push((t, seq));
                 }
             }
         }
-        w.commit().map_err(io)?;
-        Ok(dropped)
+        for (t, seq) in &drop_list {
+            self.ack(*t, *seq);
+        }
+        self.flush().await;
+        Ok(drop_list.len() as u64)
     }
 }
 
@@ -499,11 +504,40 @@ struct Writer {
     events: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
     notify: Arc<Mutex<HashMap<u64, Arc<Notify>>>>,
+    wal: Wal,
+    last_checkpoint: Instant,
+    /// The next event sequence number; kept here so that a failed redb write never hands out
+    /// a number the write-ahead log already used.
+    next_seq: u64,
 }
 
+/// How often redb is made durable so that the write-ahead log can be dropped.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+
 impl Writer {
-    fn run(self, rx: std::sync::mpsc::Receiver<Op>) {
-        while let Ok(first) = rx.recv() {
+    /// Acknowledgements alone are appended to the write-ahead log without a sync; they become
+    /// durable with the next synced write, at the latest `ACK_SYNC_DELAY` later. Until then a
+    /// crash only repeats deliveries that had just finished.
+    fn run(mut self, rx: std::sync::mpsc::Receiver<Op>) {
+        const ACK_SYNC_DELAY: Duration = Duration::from_millis(5);
+        let mut unsynced = false;
+        loop {
+            let first = if unsynced {
+                match rx.recv_timeout(ACK_SYNC_DELAY) {
+                    Ok(op) => op,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        unsynced = self.wal.sync().is_err();
+                        continue;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(op) => op,
+                    Err(_) => break,
+                }
+            };
             let mut ops = vec![first];
             while ops.len() < 8192 {
                 match rx.try_recv() {
@@ -511,78 +545,105 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.apply(ops);
+            let sync = ops.iter().any(|op| !matches!(op, Op::Ack(..)));
+            let committed = self.apply(ops, sync);
+            unsynced = !sync || !committed;
+            if self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+                || self.wal.segment_len() >= CHECKPOINT_BYTES
+            {
+                if let Err(e) = self.checkpoint() {
+                    tracing::error!(error = %e, "checkpoint failed; the write-ahead log keeps growing");
+                }
+            }
         }
+        let _ = self.checkpoint();
     }
 
-    fn apply(&self, ops: Vec<Op>) {
-        let mut replies = Vec::new();
-        let mut barriers = Vec::new();
+    /// Makes redb durable up to the last record written, then drops the older segments.
+    fn checkpoint(&mut self) -> Result<(), LogError> {
+        let lsn = self.wal.last_lsn();
+        self.wal.rotate().map_err(io)?;
+        let mut w = self.db.begin_write().map_err(io)?;
+        w.set_durability(Durability::Immediate).map_err(io)?;
+        w.open_table(META)
+            .map_err(io)?
+            .insert("checkpoint_lsn", lsn)
+            .map_err(io)?;
+        w.commit().map_err(io)?;
+        self.wal.remove_old().map_err(io)?;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// Writes `ops` to the write-ahead log (synced if `sync`), then applies them to redb
+    /// without a sync. Returns whether it all succeeded.
+    fn apply(&mut self, ops: Vec<Op>, sync: bool) -> bool {
+        let mut records = Vec::new();
         let mut touched: Vec<u64> = Vec::new();
-        let (mut added, mut added_bytes) = (0u64, 0u64);
-        let result = (|| -> Result<(), LogError> {
-            let mut w = self.db.begin_write().map_err(io)?;
-            w.set_durability(Durability::Immediate).map_err(io)?;
-            {
-                let mut meta = w.open_table(META).map_err(io)?;
-                let mut events = w.open_table(EVENTS).map_err(io)?;
-                let mut refs = w.open_table(REFS).map_err(io)?;
-                let mut pending = w.open_table(PENDING).map_err(io)?;
-                let mut seq = meta.get("next_seq").map_err(io)?.map_or(1, |v| v.value());
-                for op in &ops {
-                    match op {
-                        Op::Append(entries, _) => {
-                            for (bytes, triggers) in entries {
-                                if triggers.is_empty() {
-                                    continue;
-                                }
-                                events.insert(seq, bytes.as_slice()).map_err(io)?;
-                                refs.insert(seq, triggers.len() as u32).map_err(io)?;
-                                for t in triggers {
-                                    pending.insert((*t, seq), 0).map_err(io)?;
-                                    if !touched.contains(t) {
-                                        touched.push(*t);
-                                    }
-                                }
-                                added += 1;
-                                added_bytes += bytes.len() as u64;
-                                seq += 1;
+        let mut seq = self.next_seq;
+        for op in &ops {
+            match op {
+                Op::Append(entries, _) => {
+                    for (bytes, triggers) in entries {
+                        if triggers.is_empty() {
+                            continue;
+                        }
+                        for t in triggers {
+                            if !touched.contains(t) {
+                                touched.push(*t);
                             }
                         }
-                        Op::Ack(t, s) => {
-                            if pending.remove((*t, *s)).map_err(io)?.is_some() {
-                                release(&mut refs, &mut events, *s, &self.events, &self.bytes)?;
-                            }
-                        }
-                        Op::Attempt(t, s, n, _) => {
-                            if pending.get((*t, *s)).map_err(io)?.is_some() {
-                                pending.insert((*t, *s), *n).map_err(io)?;
-                            }
-                        }
-                        Op::Barrier(_) => {}
+                        records.push(Record::Append {
+                            seq,
+                            triggers: triggers.clone(),
+                            payload: bytes.clone(),
+                        });
+                        seq += 1;
                     }
                 }
-                meta.insert("next_seq", seq).map_err(io)?;
+                Op::Ack(t, s) => records.push(Record::Ack {
+                    trigger: *t,
+                    seq: *s,
+                }),
+                Op::Attempt(t, s, n, _) => records.push(Record::Attempt {
+                    trigger: *t,
+                    seq: *s,
+                    attempts: *n,
+                }),
+                Op::Barrier(_) => {}
             }
-            w.commit().map_err(io)
-        })();
+        }
+        self.next_seq = seq;
+        let mut result = Ok(());
+        if !records.is_empty() {
+            result = self.wal.append(&records).map(|_| ()).map_err(io);
+        }
+        if result.is_ok() && sync {
+            result = self.wal.sync().map_err(io);
+        }
         if result.is_ok() {
-            self.events.fetch_add(added, Ordering::Relaxed);
-            self.bytes.fetch_add(added_bytes, Ordering::Relaxed);
-        } else if let Err(e) = &result {
+            result = apply_records(
+                &self.db,
+                &records,
+                Durability::None,
+                &self.events,
+                &self.bytes,
+            );
+        }
+        if let Err(e) = &result {
             tracing::error!(error = %e, "the event log could not commit; producers get 503");
         }
+        let mut done = Vec::new();
         for op in ops {
             match op {
-                Op::Append(_, reply) => replies.push(reply),
-                Op::Barrier(b) | Op::Attempt(_, _, _, Some(b)) => barriers.push(b),
+                Op::Append(_, reply) => {
+                    let _ = reply.send(result.clone());
+                }
+                Op::Barrier(b) | Op::Attempt(_, _, _, Some(b)) => done.push(b),
                 _ => {}
             }
         }
-        for r in replies {
-            let _ = r.send(result.clone());
-        }
-        for b in barriers {
+        for b in done {
             let _ = b.send(());
         }
         if result.is_ok() {
@@ -593,7 +654,68 @@ impl Writer {
                 }
             }
         }
+        result.is_ok()
     }
+}
+
+/// Applies records to redb in one transaction. Replays are idempotent: an append whose event is
+/// already there, or an ack of a delivery no longer owed, changes nothing.
+fn apply_records(
+    db: &Database,
+    records: &[Record],
+    durability: Durability,
+    count: &AtomicU64,
+    total: &AtomicU64,
+) -> Result<(), LogError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut w = db.begin_write().map_err(io)?;
+    w.set_durability(durability).map_err(io)?;
+    {
+        let mut meta = w.open_table(META).map_err(io)?;
+        let mut events = w.open_table(EVENTS).map_err(io)?;
+        let mut refs = w.open_table(REFS).map_err(io)?;
+        let mut pending = w.open_table(PENDING).map_err(io)?;
+        let mut next = meta.get("next_seq").map_err(io)?.map_or(1, |v| v.value());
+        for r in records {
+            match r {
+                Record::Append {
+                    seq,
+                    triggers,
+                    payload,
+                } => {
+                    next = next.max(seq + 1);
+                    if events.get(*seq).map_err(io)?.is_some() {
+                        continue;
+                    }
+                    events.insert(*seq, payload.as_slice()).map_err(io)?;
+                    refs.insert(*seq, triggers.len() as u32).map_err(io)?;
+                    for t in triggers {
+                        pending.insert((*t, *seq), 0).map_err(io)?;
+                    }
+                    count.fetch_add(1, Ordering::Relaxed);
+                    total.fetch_add(payload.len() as u64, Ordering::Relaxed);
+                }
+                Record::Ack { trigger, seq } => {
+                    if pending.remove((*trigger, *seq)).map_err(io)?.is_some() {
+                        release(&mut refs, &mut events, *seq, count, total)?;
+                    }
+                }
+                Record::Attempt {
+                    trigger,
+                    seq,
+                    attempts,
+                } => {
+                    if pending.get((*trigger, *seq)).map_err(io)?.is_some() {
+                        pending.insert((*trigger, *seq), *attempts).map_err(io)?;
+                    }
+                }
+            }
+        }
+        meta.insert("next_seq", next).map_err(io)?;
+    }
+    w.commit().map_err(io)
 }
 
 #[cfg(test)]
@@ -658,7 +780,7 @@ mod tests {
         );
         assert_eq!(log.len(), 1);
         // A trigger that is gone no longer holds events.
-        assert_eq!(log.collect_garbage(&[]).expect("gc"), 1);
+        assert_eq!(log.collect_garbage(&[]).await.expect("gc"), 1);
         assert!(log.is_empty());
     }
 

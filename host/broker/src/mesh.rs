@@ -369,22 +369,26 @@ impl Mesh {
     }
 
     /// Drops what the log still owes to triggers that are no longer declared, and events past
-    /// the log's maximum age. Call once every trigger is added.
+    /// the log's maximum age, in the background. Call once every trigger is added.
     pub fn collect_garbage(&self) {
-        let Some(log) = &self.config.log else { return };
+        let Some(log) = self.config.log.clone() else {
+            return;
+        };
         let live = self
             .live_log_ids
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        match log.collect_garbage(&live) {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                dropped = n,
-                "dropped deliveries owed to triggers that are gone or past the log's maximum age"
-            ),
-            Err(e) => tracing::error!(error = %e, "log garbage collection failed"),
-        }
+        tokio::spawn(async move {
+            match log.collect_garbage(&live).await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    dropped = n,
+                    "dropped deliveries owed to triggers that are gone or past the log's maximum age"
+                ),
+                Err(e) => tracing::error!(error = %e, "log garbage collection failed"),
+            }
+        });
     }
 
     /// Sends one event from a source to a sink, once: into a broker of this process (no HTTP
