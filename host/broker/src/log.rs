@@ -548,12 +548,11 @@ impl Writer {
             let sync = ops.iter().any(|op| !matches!(op, Op::Ack(..)));
             let committed = self.apply(ops, sync);
             unsynced = !sync || !committed;
-            if self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
-                || self.wal.segment_len() >= CHECKPOINT_BYTES
+            if (self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+                || self.wal.segment_len() >= CHECKPOINT_BYTES)
+                && let Err(e) = self.checkpoint()
             {
-                if let Err(e) = self.checkpoint() {
-                    tracing::error!(error = %e, "checkpoint failed; the write-ahead log keeps growing");
-                }
+                tracing::error!(error = %e, "checkpoint failed; the write-ahead log keeps growing");
             }
         }
         let _ = self.checkpoint();
