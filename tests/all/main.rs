@@ -1,9 +1,11 @@
 //! wasmesh's integration tests: one binary, a module per area. Everything here is real: Wasm
 //! components built from `plugins/`, the real `wasmesh` binary.
 
+mod apiserver;
 mod broker;
 mod cli_run;
 mod durable;
+mod fake_apiserver;
 mod harness;
 mod runtime;
 mod support;

@@ -169,6 +169,11 @@ impl Mesh {
         })
     }
 
+    /// The durable log, when events are kept on disk.
+    pub fn log(&self) -> Option<Arc<DurableLog>> {
+        self.config.log.clone()
+    }
+
     /// Adds a broker (no triggers yet); adding an existing one changes nothing.
     pub fn add_broker(&self, key: BrokerKey) {
         let mut brokers = self.brokers.write().unwrap_or_else(PoisonError::into_inner);

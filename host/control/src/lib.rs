@@ -16,6 +16,7 @@ use wasmesh_core::yaml::Located;
 use wasmesh_core::{Event, event};
 use wasmesh_runtime::{Function, FunctionSettings, Isolation, Limits, PluginEngine, PluginKind};
 use wasmesh_sources::Emit;
+use wasmesh_sources::apiserver::{ApiServerSource, MemorySeen, Seen, SeenStore};
 use wasmesh_sources::ping::PingSource;
 
 /// The label that gives a namespace its `default` broker (the seed's injection label).
@@ -76,12 +77,15 @@ struct Builder<'a> {
     statuses: Vec<Status>,
 }
 
-/// Brings up everything declared: functions, brokers, triggers, sources.
-pub fn start(
+/// Brings up everything declared: functions, brokers, triggers, sources. `kubeconfig` points
+/// ApiServerSources at a cluster (otherwise `KUBECONFIG`, `~/.kube/config` or the in-cluster
+/// service account, as kubectl finds them).
+pub async fn start(
     engine: &PluginEngine,
     builtins: &Builtins,
     mesh: Arc<Mesh>,
     resources: &[Located],
+    kubeconfig: Option<&Path>,
 ) -> Running {
     let mut b = Builder {
         engine,
@@ -126,15 +130,10 @@ pub fn start(
                 let result = b.ping(p, stop_rx.clone());
                 b.status(loc, result);
             }
-            Resource::ApiServerSource(_) => b.status(
-                loc,
-                Err((
-                    "AdapterUnavailable",
-                    "parsed and valid; this version of wasmesh does not run the ApiServerSource \
-                     adapter yet"
-                        .to_string(),
-                )),
-            ),
+            Resource::ApiServerSource(a) => {
+                let result = b.apiserver(a, stop_rx.clone(), kubeconfig).await;
+                b.status(loc, result);
+            }
             Resource::Ignored { kind, name, why } => {
                 tracing::info!("{kind}/{name}: accepted and ignored ({why})");
             }
@@ -349,6 +348,89 @@ impl Builder<'_> {
         });
         tokio::spawn(source.run(emit, stop));
         Ok(())
+    }
+}
+
+impl Builder<'_> {
+    async fn apiserver(
+        &mut self,
+        a: &Object<wasmesh_core::resources::ApiServerSourceSpec>,
+        stop: watch::Receiver<bool>,
+        kubeconfig: Option<&Path>,
+    ) -> Result<(), Problem> {
+        let sink = self.sink(a.metadata.namespace(), &a.spec.sink, "spec.sink")?;
+        let config = match kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| ("NoCluster", format!("--kubeconfig {}: {e}", path.display())))?;
+                kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                    .await
+                    .map_err(|e| ("NoCluster", format!("--kubeconfig {}: {e}", path.display())))?
+            }
+            None => kube::Config::infer().await.map_err(|e| {
+                (
+                    "NoCluster",
+                    format!(
+                        "no Kubernetes API server to watch (set KUBECONFIG or --kubeconfig, or run \
+                         in a cluster): {e}"
+                    ),
+                )
+            })?,
+        };
+        let api_server = config
+            .cluster_url
+            .to_string()
+            .trim_end_matches('/')
+            .to_string();
+        let client = kube::Client::try_from(config).map_err(|e| {
+            (
+                "NoCluster",
+                format!("cannot build a Kubernetes client: {e}"),
+            )
+        })?;
+        let seen: Arc<dyn SeenStore> = match self.mesh.log() {
+            Some(log) => Arc::new(LogSeen(log)),
+            None => Arc::new(MemorySeen::default()),
+        };
+        let emit: Arc<dyn Emit> = Arc::new(SinkEmit {
+            mesh: Arc::clone(&self.mesh),
+            sink,
+            namespace: a.metadata.namespace().to_string(),
+        });
+        let source = ApiServerSource::new(&a.metadata, &a.spec);
+        tokio::spawn(source.run(client, api_server, emit, seen, stop));
+        Ok(())
+    }
+}
+
+/// The durable log's memory of what sources saw, for the ApiServerSource.
+struct LogSeen(Arc<wasmesh_broker::log::DurableLog>);
+
+impl SeenStore for LogSeen {
+    fn load(&self, source: &str) -> Result<Option<HashMap<String, Seen>>, String> {
+        Ok(self.0.seen_load(source)?.map(|m| {
+            m.into_iter()
+                .map(|(uid, (resource_version, object))| {
+                    (
+                        uid,
+                        Seen {
+                            resource_version,
+                            object,
+                        },
+                    )
+                })
+                .collect()
+        }))
+    }
+
+    fn update(&self, source: &str, changes: Vec<(String, Option<Seen>)>) -> Result<(), String> {
+        self.0.seen_update(
+            source,
+            changes
+                .into_iter()
+                .map(|(uid, s)| (uid, s.map(|s| (s.resource_version, s.object))))
+                .collect(),
+        )
     }
 }
 

@@ -1,6 +1,7 @@
 //! Event sources. A source turns something outside into CloudEvents and hands them to an
 //! [`Emit`]; it never delivers to subscribers itself.
 
+pub mod apiserver;
 pub mod ping;
 
 use wasmesh_core::Event;

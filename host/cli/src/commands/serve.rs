@@ -44,6 +44,9 @@ pub(crate) struct ServeArgs {
     /// Most bytes of events the log holds before ingress answers 429.
     #[arg(long, default_value_t = 1 << 30)]
     log_max_bytes: u64,
+    /// The kubeconfig for ApiServerSources (default: KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
     /// Events older than this are dropped from the log even if undelivered (e.g. 7d, 12h, 30m).
     #[arg(long, default_value = "7d", value_parser = parse_age)]
     retention: Duration,
@@ -159,7 +162,14 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
         },
         log,
     });
-    let running = wasmesh_control::start(&engine, &builtins(), mesh, &resources);
+    let running = wasmesh_control::start(
+        &engine,
+        &builtins(),
+        mesh,
+        &resources,
+        args.kubeconfig.as_deref(),
+    )
+    .await;
     for s in &running.statuses {
         if s.ready {
             tracing::info!("{s}");
