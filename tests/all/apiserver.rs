@@ -155,7 +155,7 @@ fn restarts_relists_and_dropped_watches_lose_and_repeat_nothing() {
     );
 
     // Stopped; objects added, changed and deleted; started: exactly those changes.
-    serve.kill();
+    serve.stop();
     fake.modify("pods", "p1", |p| {
         p["spec"]["containers"][0]["image"] = json!("busybox:2")
     });

@@ -152,6 +152,14 @@ impl Serve {
 }
 
 impl Serve {
+    /// SIGTERM, and waits for the graceful shutdown to finish.
+    pub(crate) fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
     /// SIGKILL: no shutdown, no flush.
     pub(crate) fn kill(mut self) {
         let _ = self.child.kill();

@@ -482,6 +482,21 @@ impl DurableLog {
         Ok(Some(out))
     }
 
+    /// The object `source` last saw with this uid.
+    pub fn seen_object(&self, source: &str, uid: &str) -> Result<Option<Vec<u8>>, String> {
+        let r = self.db.begin_read().map_err(|e| e.to_string())?;
+        let seen = r.open_table(SEEN).map_err(|e| e.to_string())?;
+        Ok(seen
+            .get((source, uid))
+            .map_err(|e| e.to_string())?
+            .map(|v| {
+                let bytes = v.value();
+                let n = bytes.len().min(4);
+                let rv_len = u32::from_le_bytes(bytes[..n].try_into().unwrap_or_default()) as usize;
+                bytes.get(4 + rv_len..).unwrap_or_default().to_vec()
+            }))
+    }
+
     /// Records what `source` saw (`None` forgets an object), durably.
     pub fn seen_update(
         &self,

@@ -59,12 +59,27 @@ pub struct Running {
     /// One status per declared object, in declaration order.
     pub statuses: Vec<Status>,
     stop: watch::Sender<bool>,
+    sources: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
-    /// Stops the sources.
-    pub fn stop_sources(&self) {
+    /// Stops the sources: each finishes the event it is handling (emitted and recorded), up to
+    /// `grace`.
+    pub async fn stop_sources(&mut self, grace: std::time::Duration) {
         let _ = self.stop.send(true);
+        let all = futures_all(std::mem::take(&mut self.sources));
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(
+                "sources still busy after {} ms; stopping anyway",
+                grace.as_millis()
+            );
+        }
+    }
+}
+
+async fn futures_all(handles: Vec<tokio::task::JoinHandle<()>>) {
+    for h in handles {
+        let _ = h.await;
     }
 }
 
@@ -75,6 +90,7 @@ struct Builder<'a> {
     functions: HashMap<(String, String), Arc<Function>>,
     brokers: HashMap<BrokerKey, BrokerSpec>,
     statuses: Vec<Status>,
+    sources: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Brings up everything declared: functions, brokers, triggers, sources. `kubeconfig` points
@@ -94,6 +110,7 @@ pub async fn start(
         functions: HashMap::new(),
         brokers: HashMap::new(),
         statuses: Vec::new(),
+        sources: Vec::new(),
     };
     let (stop, stop_rx) = watch::channel(false);
     // Functions and brokers first: triggers and sources refer to them.
@@ -152,6 +169,7 @@ pub async fn start(
         mesh,
         statuses,
         stop,
+        sources: b.sources,
     }
 }
 
@@ -346,7 +364,7 @@ impl Builder<'_> {
             sink,
             namespace: p.metadata.namespace().to_string(),
         });
-        tokio::spawn(source.run(emit, stop));
+        self.sources.push(tokio::spawn(source.run(emit, stop)));
         Ok(())
     }
 }
@@ -398,7 +416,9 @@ impl Builder<'_> {
             namespace: a.metadata.namespace().to_string(),
         });
         let source = ApiServerSource::new(&a.metadata, &a.spec);
-        tokio::spawn(source.run(client, api_server, emit, seen, stop));
+        self.sources.push(tokio::spawn(
+            source.run(client, api_server, emit, seen, stop),
+        ));
         Ok(())
     }
 }
@@ -407,6 +427,10 @@ impl Builder<'_> {
 struct LogSeen(Arc<wasmesh_broker::log::DurableLog>);
 
 impl SeenStore for LogSeen {
+    fn object(&self, source: &str, uid: &str) -> Result<Option<Vec<u8>>, String> {
+        self.0.seen_object(source, uid)
+    }
+
     fn load(&self, source: &str) -> Result<Option<HashMap<String, Seen>>, String> {
         Ok(self.0.seen_load(source)?.map(|m| {
             m.into_iter()

@@ -36,6 +36,8 @@ pub trait SeenStore: Send + Sync {
     fn load(&self, source: &str) -> Result<Option<HashMap<String, Seen>>, String>;
     /// Records changes (`None` removes), and marks the source as having listed.
     fn update(&self, source: &str, changes: Vec<(String, Option<Seen>)>) -> Result<(), String>;
+    /// The object last seen with this uid (JSON), for a delete found on a re-list.
+    fn object(&self, source: &str, uid: &str) -> Result<Option<Vec<u8>>, String>;
 }
 
 /// A SeenStore in memory (for `--store memory`): correct within a run, forgotten on restart.
@@ -43,6 +45,14 @@ pub trait SeenStore: Send + Sync {
 pub struct MemorySeen(std::sync::Mutex<HashMap<String, HashMap<String, Seen>>>);
 
 impl SeenStore for MemorySeen {
+    fn object(&self, source: &str, uid: &str) -> Result<Option<Vec<u8>>, String> {
+        let all = self.0.lock().map_err(|e| e.to_string())?;
+        Ok(all
+            .get(source)
+            .and_then(|m| m.get(uid))
+            .map(|s| s.object.clone()))
+    }
+
     fn load(&self, source: &str) -> Result<Option<HashMap<String, Seen>>, String> {
         Ok(self
             .0
@@ -63,6 +73,13 @@ impl SeenStore for MemorySeen {
         }
         Ok(())
     }
+}
+
+/// Where a watch's results go: the sink, and the memory of what was seen.
+#[derive(Clone, Copy)]
+struct Outputs<'a> {
+    emit: &'a Arc<dyn Emit>,
+    store: &'a Arc<dyn SeenStore>,
 }
 
 /// One ApiServerSource, ready to run.
@@ -160,10 +177,16 @@ impl ApiServerSource {
             tasks.push(tokio::spawn(async move {
                 let key = format!("{}#{i}", this.id());
                 loop {
-                    let result = tokio::select! {
-                        r = this.watch_resource(&key, &client, &api_server, &r, &emit, &seen) => r,
-                        _ = stop.changed() => return,
+                    if *stop.borrow() {
+                        return;
+                    }
+                    let out = Outputs {
+                        emit: &emit,
+                        store: &seen,
                     };
+                    let result = this
+                        .watch_resource(&key, &client, &api_server, &r, out, stop.clone())
+                        .await;
                     if let Err(e) = result {
                         tracing::warn!(source = %this.id(), error = %e, "ApiServerSource: retrying in 5 s");
                         tokio::select! {
@@ -185,9 +208,10 @@ impl ApiServerSource {
         client: &Client,
         source: &str,
         r: &wasmesh_core::resources::ApiServerResource,
-        emit: &Arc<dyn Emit>,
-        store: &Arc<dyn SeenStore>,
+        out: Outputs<'_>,
+        mut stop: watch::Receiver<bool>,
     ) -> Result<(), String> {
+        let Outputs { emit, store } = out;
         let (group, version) = match r.api_version.split_once('/') {
             Some((g, v)) => (g.to_string(), v.to_string()),
             None => (String::new(), r.api_version.clone()),
@@ -215,11 +239,24 @@ impl ApiServerSource {
                 config = config.labels(&s);
             }
         }
-        let mut seen = store.load(key)?;
+        // In memory only uid -> resourceVersion (a few dozen bytes an object); the objects
+        // themselves stay in the store until a delete needs one.
+        let mut seen: Option<HashMap<String, String>> = store.load(key)?.map(|m| {
+            m.into_iter()
+                .map(|(uid, s)| (uid, s.resource_version))
+                .collect()
+        });
         let mut listing: Option<HashMap<String, DynamicObject>> = None;
         let stream = watcher::watcher(api, config).default_backoff();
         futures::pin_mut!(stream);
-        while let Some(ev) = stream.next().await {
+        // A stop is only taken between two watch events: an event being handled is emitted and
+        // recorded as seen before the source stops, so a graceful stop repeats nothing.
+        loop {
+            let ev = tokio::select! {
+                ev = stream.next() => ev,
+                _ = stop.changed() => return Ok(()),
+            };
+            let Some(ev) = ev else { break };
             let ev = match ev {
                 Ok(ev) => ev,
                 Err(e) => {
@@ -251,7 +288,7 @@ impl ApiServerSource {
                                 let rv = o.resource_version().unwrap_or_default();
                                 let change = match known.get(uid) {
                                     None => Some(Change::Add),
-                                    Some(s) if s.resource_version != rv => Some(Change::Update),
+                                    Some(known_rv) if *known_rv != rv => Some(Change::Update),
                                     Some(_) => None,
                                 };
                                 if let Some(c) = change {
@@ -265,9 +302,8 @@ impl ApiServerSource {
                                 .cloned()
                                 .collect();
                             for uid in gone {
-                                if let Some(s) = known.get(&uid)
-                                    && let Ok(o) =
-                                        serde_json::from_slice::<DynamicObject>(&s.object)
+                                if let Some(bytes) = store.object(key, &uid)?
+                                    && let Ok(o) = serde_json::from_slice::<DynamicObject>(&bytes)
                                 {
                                     self.send(emit, &ar, source, Change::Delete, &o).await?;
                                 }
@@ -275,8 +311,14 @@ impl ApiServerSource {
                             }
                         }
                     }
+                    let known = seen.get_or_insert_with(HashMap::new);
+                    for (uid, s) in &changes {
+                        match s {
+                            Some(s) => known.insert(uid.clone(), s.resource_version.clone()),
+                            None => known.remove(uid),
+                        };
+                    }
                     store.update(key, changes)?;
-                    seen = Some(store.load(key)?.unwrap_or_default());
                 }
                 WatchEvent::Apply(o) => {
                     if !self.owned(&o) {
@@ -287,12 +329,12 @@ impl ApiServerSource {
                     let rv = o.resource_version().unwrap_or_default();
                     let change = match known.get(&uid) {
                         None => Change::Add,
-                        Some(s) if s.resource_version != rv => Change::Update,
+                        Some(known_rv) if *known_rv != rv => Change::Update,
                         Some(_) => continue,
                     };
                     self.send(emit, &ar, source, change, &o).await?;
                     let s = seen_of(&o);
-                    known.insert(uid.clone(), s.clone());
+                    known.insert(uid.clone(), s.resource_version.clone());
                     store.update(key, vec![(uid, Some(s))])?;
                 }
                 WatchEvent::Delete(o) => {

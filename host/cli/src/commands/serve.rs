@@ -162,7 +162,7 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
         },
         log,
     });
-    let running = wasmesh_control::start(
+    let mut running = wasmesh_control::start(
         &engine,
         &builtins(),
         mesh,
@@ -200,7 +200,7 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
     shutdown_signal().await;
     eprintln!("wasmesh: shutting down");
     let _ = stop_tx.send(true);
-    running.stop_sources();
+    running.stop_sources(Duration::from_secs(5)).await;
     let _ = server.await;
     running.mesh.shutdown(Duration::from_secs(5)).await;
     Ok(ExitCode::SUCCESS)
