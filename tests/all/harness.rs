@@ -152,6 +152,11 @@ impl Serve {
 }
 
 impl Serve {
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, and waits for the graceful shutdown to finish.
     pub(crate) fn stop(mut self) {
         let _ = Command::new("kill")

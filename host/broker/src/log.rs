@@ -87,6 +87,7 @@ enum Op {
     Ack(u64, u64),
     Attempt(u64, u64, u32, Option<oneshot::Sender<()>>),
     Barrier(oneshot::Sender<()>),
+    Checkpoint(oneshot::Sender<()>),
 }
 
 /// The durable log. Cheap to share; the writer thread stops when the last handle is dropped.
@@ -296,6 +297,14 @@ impl DurableLog {
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
         if self.send(Op::Barrier(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Makes everything durable now (at shutdown).
+    pub async fn checkpoint(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.send(Op::Checkpoint(tx)).is_ok() {
             let _ = rx.await;
         }
     }
@@ -627,8 +636,22 @@ impl Writer {
                 }
             }
             let sync = ops.iter().any(|op| !matches!(op, Op::Ack(..)));
+            let wants_checkpoint = ops.iter().any(|op| matches!(op, Op::Checkpoint(_)));
+            let (ops, checkpoints): (Vec<Op>, Vec<Op>) = ops
+                .into_iter()
+                .partition(|op| !matches!(op, Op::Checkpoint(_)));
             let committed = self.apply(ops, sync);
             unsynced = !sync || !committed;
+            if wants_checkpoint {
+                if let Err(e) = self.checkpoint() {
+                    tracing::error!(error = %e, "checkpoint failed");
+                }
+                for op in checkpoints {
+                    if let Op::Checkpoint(done) = op {
+                        let _ = done.send(());
+                    }
+                }
+            }
             if (self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
                 || self.wal.segment_len() >= CHECKPOINT_BYTES)
                 && let Err(e) = self.checkpoint()
@@ -690,7 +713,7 @@ impl Writer {
                     seq: *s,
                     attempts: *n,
                 }),
-                Op::Barrier(_) => {}
+                Op::Barrier(_) | Op::Checkpoint(_) => {}
             }
         }
         self.next_seq = seq;

@@ -5,7 +5,7 @@
 //! re-list (`410 Gone`, a dropped watch) or a restart it emits add, update and delete for exactly
 //! the differences. A brand-new source emits nothing for what already exists, as Knative does.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -246,7 +246,9 @@ impl ApiServerSource {
                 .map(|(uid, s)| (uid, s.resource_version))
                 .collect()
         });
-        let mut listing: Option<HashMap<String, DynamicObject>> = None;
+        let mut listed: Option<HashSet<String>> = None;
+        let mut fresh: HashMap<String, String> = HashMap::new();
+        let mut pending: Vec<(String, Option<Seen>)> = Vec::new();
         let stream = watcher::watcher(api, config).default_backoff();
         futures::pin_mut!(stream);
         // A stop is only taken between two watch events: an event being handled is emitted and
@@ -265,40 +267,49 @@ impl ApiServerSource {
                 }
             };
             match ev {
-                WatchEvent::Init => listing = Some(HashMap::new()),
+                WatchEvent::Init => listed = Some(HashSet::new()),
                 WatchEvent::InitApply(o) => {
-                    if self.owned(&o)
-                        && let Some(l) = listing.as_mut()
-                    {
-                        l.insert(o.uid().unwrap_or_default(), o);
+                    // Handled one object at a time, so a listing of many objects never sits
+                    // in memory: only the uids listed are kept, to find deletes at the end.
+                    if !self.owned(&o) {
+                        continue;
+                    }
+                    let uid = o.uid().unwrap_or_default();
+                    let rv = o.resource_version().unwrap_or_default();
+                    if let Some(l) = listed.as_mut() {
+                        l.insert(uid.clone());
+                    }
+                    match &mut seen {
+                        // A brand-new source: remember what exists, emit nothing (Knative).
+                        None => {
+                            fresh.insert(uid.clone(), rv);
+                            pending.push((uid, Some(seen_of(&o))));
+                        }
+                        Some(known) => {
+                            let change = match known.get(&uid) {
+                                None => Some(Change::Add),
+                                Some(known_rv) if *known_rv != rv => Some(Change::Update),
+                                Some(_) => None,
+                            };
+                            if let Some(c) = change {
+                                self.send(emit, &ar, source, c, &o).await?;
+                                known.insert(uid.clone(), rv);
+                                pending.push((uid, Some(seen_of(&o))));
+                            }
+                        }
+                    }
+                    if pending.len() >= 512 {
+                        store.update(key, std::mem::take(&mut pending))?;
                     }
                 }
                 WatchEvent::InitDone => {
-                    let listed = listing.take().unwrap_or_default();
-                    let mut changes = Vec::new();
+                    let listed = listed.take().unwrap_or_default();
                     match &mut seen {
-                        None => {
-                            // A brand-new source: remember what exists, emit nothing (Knative).
-                            for (uid, o) in &listed {
-                                changes.push((uid.clone(), Some(seen_of(o))));
-                            }
-                        }
+                        None => seen = Some(std::mem::take(&mut fresh)),
                         Some(known) => {
-                            for (uid, o) in &listed {
-                                let rv = o.resource_version().unwrap_or_default();
-                                let change = match known.get(uid) {
-                                    None => Some(Change::Add),
-                                    Some(known_rv) if *known_rv != rv => Some(Change::Update),
-                                    Some(_) => None,
-                                };
-                                if let Some(c) = change {
-                                    self.send(emit, &ar, source, c, o).await?;
-                                    changes.push((uid.clone(), Some(seen_of(o))));
-                                }
-                            }
                             let gone: Vec<String> = known
                                 .keys()
-                                .filter(|u| !listed.contains_key(*u))
+                                .filter(|u| !listed.contains(*u))
                                 .cloned()
                                 .collect();
                             for uid in gone {
@@ -307,18 +318,13 @@ impl ApiServerSource {
                                 {
                                     self.send(emit, &ar, source, Change::Delete, &o).await?;
                                 }
-                                changes.push((uid, None));
+                                known.remove(&uid);
+                                pending.push((uid, None));
                             }
                         }
                     }
-                    let known = seen.get_or_insert_with(HashMap::new);
-                    for (uid, s) in &changes {
-                        match s {
-                            Some(s) => known.insert(uid.clone(), s.resource_version.clone()),
-                            None => known.remove(uid),
-                        };
-                    }
-                    store.update(key, changes)?;
+                    // Also marks the source as having listed once, even when nothing changed.
+                    store.update(key, std::mem::take(&mut pending))?;
                 }
                 WatchEvent::Apply(o) => {
                     if !self.owned(&o) {

@@ -203,6 +203,9 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
     running.stop_sources(Duration::from_secs(5)).await;
     let _ = server.await;
     running.mesh.shutdown(Duration::from_secs(5)).await;
+    if let Some(log) = running.mesh.log() {
+        log.checkpoint().await;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
