@@ -152,7 +152,8 @@ impl Serve {
 }
 
 impl Serve {
-    /// The process id.
+    /// The process id (benches/apiserver.rs reads its memory).
+    #[allow(dead_code)]
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
