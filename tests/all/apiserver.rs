@@ -303,3 +303,54 @@ fn the_hello_world_against_a_real_cluster() {
         .args(["delete", "pod", "busybox"])
         .status();
 }
+
+#[test]
+fn a_namespace_selector_follows_namespace_labels() {
+    let sub = Capture::ok();
+    let fake = FakeApiServer::start(1);
+    let ns = |name: &str, team: &str| {
+        json!({"apiVersion": "v1", "kind": "Namespace",
+               "metadata": {"name": name, "uid": format!("ns-{name}"), "labels": {"team": team}}})
+    };
+    fake.add("namespaces", ns("team-a", "a"), false);
+    fake.add("namespaces", ns("team-b", "b"), false);
+    let in_ns = |name: &str, namespace: &str| {
+        let mut p = pod(name, "demo");
+        p["metadata"]["namespace"] = json!(namespace);
+        p
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml = pods_yaml(&sub).replace(
+        "  mode: Reference\n",
+        "  mode: Reference\n  namespaceSelector:\n    matchLabels: {team: a}\n",
+    );
+    std::fs::write(dir.path().join("b.yaml"), yaml).expect("yaml");
+    let kubeconfig = fake.kubeconfig(dir.path());
+    let serve = Serve::start_at(
+        dir.path(),
+        &["--kubeconfig", kubeconfig.to_str().expect("utf-8")],
+    );
+    wait_for("the pod watch", WAIT, || fake.watchers_of("pods") >= 1);
+    fake.add("pods", in_ns("b1", "team-b"), false);
+    fake.add("pods", in_ns("a1", "team-a"), false);
+    wait_for("a1", WAIT, || seen(&sub).iter().any(|(_, n)| n == "a1"));
+    // team-b is labelled into the selection: its pods are followed from then on.
+    fake.modify("namespaces", "team-b", |n| {
+        n["metadata"]["labels"]["team"] = json!("a")
+    });
+    wait_for("the namespace change to arrive", WAIT, || {
+        fake.add(
+            "pods",
+            in_ns(&format!("probe-{}", seen(&sub).len()), "team-b"),
+            false,
+        );
+        seen(&sub).iter().any(|(_, n)| n.starts_with("probe-"))
+    });
+    let names: Vec<String> = seen(&sub).into_iter().map(|(_, n)| n).collect();
+    assert_eq!(names[0], "a1");
+    assert!(
+        !names.contains(&"b1".to_string()),
+        "team-b was not selected when b1 was added: {names:?}"
+    );
+    drop(serve);
+}

@@ -28,7 +28,8 @@ struct State {
     objects: BTreeMap<(String, String, String), Value>,
     /// Every change: (rv, type, plural, object).
     history: Vec<(u64, &'static str, String, Value)>,
-    watchers: Vec<(String, WatchSender)>,
+    /// Open watches: resource, label selector, where its lines go.
+    watchers: Vec<(String, Option<String>, WatchSender)>,
     compacted_below: u64,
     forbidden: bool,
 }
@@ -111,19 +112,36 @@ impl FakeApiServer {
         }
         let ns = obj["metadata"]["namespace"]
             .as_str()
-            .unwrap_or("default")
+            .unwrap_or("")
             .to_string();
         let name = obj["metadata"]["name"].as_str().expect("name").to_string();
         let key = (plural.to_string(), ns, name);
+        let old = st.objects.get(&key).cloned();
         if ty == "DELETED" {
             st.objects.remove(&key);
         } else {
             st.objects.insert(key, obj.clone());
         }
         st.history.push((rv, ty, plural.to_string(), obj.clone()));
-        let line = Bytes::from(format!("{}\n", json!({"type": ty, "object": obj})));
-        st.watchers
-            .retain(|(p, tx)| p != plural || tx.send(Ok(Frame::data(line.clone()))).is_ok());
+        // A watch with a label selector sees an object that starts matching as ADDED and one
+        // that stops matching as DELETED, as the real API server does.
+        st.watchers.retain(|(p, sel, tx)| {
+            if p != plural {
+                return true;
+            }
+            let before = old.as_ref().is_some_and(|o| labels_match(o, sel.as_ref()));
+            let now = labels_match(&obj, sel.as_ref());
+            let seen_as = match (ty, before, now) {
+                ("DELETED", _, true) => "DELETED",
+                ("DELETED", _, false) => return true,
+                (_, true, true) => ty,
+                (_, false, true) => "ADDED",
+                (_, true, false) => "DELETED",
+                (_, false, false) => return true,
+            };
+            let line = Bytes::from(format!("{}\n", json!({"type": seen_as, "object": obj})));
+            tx.send(Ok(Frame::data(line))).is_ok()
+        });
         obj
     }
 
@@ -172,10 +190,17 @@ impl FakeApiServer {
         st.watchers.clear();
     }
 
+    /// How many watch connections on `plural` are open.
+    pub(crate) fn watchers_of(&self, plural: &str) -> usize {
+        let mut st = self.state.lock().expect("lock");
+        st.watchers.retain(|(_, _, tx)| !tx.is_closed());
+        st.watchers.iter().filter(|(p, _, _)| p == plural).count()
+    }
+
     /// How many watch connections are open.
     pub(crate) fn watchers(&self) -> usize {
         let mut st = self.state.lock().expect("lock");
-        st.watchers.retain(|(_, tx)| !tx.is_closed());
+        st.watchers.retain(|(_, _, tx)| !tx.is_closed());
         st.watchers.len()
     }
 }
@@ -203,7 +228,9 @@ fn resources() -> Value {
                "verbs": ["get", "list", "watch"]})
     };
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1",
-           "resources": [r("events", "Event"), r("pods", "Pod")]})
+           "resources": [r("events", "Event"), r("pods", "Pod"),
+                         {"name": "namespaces", "singularName": "namespace", "namespaced": false,
+                          "kind": "Namespace", "verbs": ["get", "list", "watch"]}]})
 }
 
 fn labels_match(obj: &Value, selector: Option<&String>) -> bool {
@@ -289,7 +316,7 @@ fn handle(
             drop(tx);
         } else {
             for (rv, ty, p, obj) in &st.history {
-                if *rv > from && *p == plural {
+                if *rv > from && *p == plural && labels_match(obj, q.get("labelSelector")) {
                     let line = json!({"type": ty, "object": obj});
                     let _ = tx.send(Ok(Frame::data(Bytes::from(format!("{line}\n")))));
                 }
@@ -297,7 +324,8 @@ fn handle(
             let bookmark = json!({"type": "BOOKMARK", "object": {"kind": "Event", "apiVersion": "v1",
                 "metadata": {"resourceVersion": st.rv.to_string()}}});
             let _ = tx.send(Ok(Frame::data(Bytes::from(format!("{bookmark}\n")))));
-            st.watchers.push((plural.clone(), tx));
+            st.watchers
+                .push((plural.clone(), q.get("labelSelector").cloned(), tx));
         }
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
         return hyper::Response::builder()

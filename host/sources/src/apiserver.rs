@@ -226,11 +226,39 @@ impl ApiServerSource {
                     &format!("the API group of {} {}", r.api_version, r.kind),
                 )
             })?;
+        // Namespaces: absent, the source's own; `{}`, all; a selector, those whose labels match,
+        // followed as labels change (a namespace watch with the selector: one that stops
+        // matching comes as a delete).
+        let mut namespaces: Option<Arc<std::sync::RwLock<HashSet<String>>>> = None;
         let api: Api<DynamicObject> = match &self.spec.namespace_selector {
             Some(sel) if sel.match_labels.is_empty() && sel.match_expressions.is_empty() => {
                 Api::all_with(client.clone(), &ar)
             }
-            _ => Api::namespaced_with(client.clone(), &self.namespace, &ar),
+            Some(sel) => {
+                let set = Arc::new(std::sync::RwLock::new(HashSet::new()));
+                let ready = follow_namespaces(
+                    client.clone(),
+                    selector_string(sel),
+                    Arc::clone(&set),
+                    stop.clone(),
+                );
+                ready
+                    .await
+                    .map_err(|e| format!("watching namespaces: {e}"))??;
+                namespaces = Some(set);
+                Api::all_with(client.clone(), &ar)
+            }
+            None => Api::namespaced_with(client.clone(), &self.namespace, &ar),
+        };
+        let in_scope = |o: &DynamicObject| match &namespaces {
+            None => self.owned(o),
+            Some(set) => {
+                self.owned(o)
+                    && set
+                        .read()
+                        .map(|s| s.contains(&o.namespace().unwrap_or_default()))
+                        .unwrap_or(false)
+            }
         };
         let mut config = watcher::Config::default();
         if let Some(sel) = r.selector.as_ref().or(r.label_selector.as_ref()) {
@@ -271,7 +299,7 @@ impl ApiServerSource {
                 WatchEvent::InitApply(o) => {
                     // Handled one object at a time, so a listing of many objects never sits
                     // in memory: only the uids listed are kept, to find deletes at the end.
-                    if !self.owned(&o) {
+                    if !in_scope(&o) {
                         continue;
                     }
                     let uid = o.uid().unwrap_or_default();
@@ -327,7 +355,7 @@ impl ApiServerSource {
                     store.update(key, std::mem::take(&mut pending))?;
                 }
                 WatchEvent::Apply(o) => {
-                    if !self.owned(&o) {
+                    if !in_scope(&o) {
                         continue;
                     }
                     let known = seen.get_or_insert_with(HashMap::new);
@@ -344,7 +372,7 @@ impl ApiServerSource {
                     store.update(key, vec![(uid, Some(s))])?;
                 }
                 WatchEvent::Delete(o) => {
-                    if !self.owned(&o) {
+                    if !in_scope(&o) {
                         continue;
                     }
                     let uid = o.uid().unwrap_or_default();
@@ -446,6 +474,65 @@ impl ApiServerSource {
             .build()
             .map_err(|e| e.to_string())
     }
+}
+
+/// Keeps `set` equal to the names of the namespaces matching `selector`, until `stop`. The
+/// returned future resolves once the first listing is in (or fails).
+fn follow_namespaces(
+    client: Client,
+    selector: String,
+    set: Arc<std::sync::RwLock<HashSet<String>>>,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
+        let stream =
+            watcher::watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
+        futures::pin_mut!(stream);
+        let mut ready = Some(ready_tx);
+        let mut listing: HashSet<String> = HashSet::new();
+        loop {
+            let ev = tokio::select! {
+                ev = stream.next() => ev,
+                _ = stop.changed() => return,
+            };
+            let Some(ev) = ev else { return };
+            match ev {
+                Ok(WatchEvent::Init) => listing.clear(),
+                Ok(WatchEvent::InitApply(ns)) => {
+                    listing.insert(ns.name_any());
+                }
+                Ok(WatchEvent::InitDone) => {
+                    if let Ok(mut s) = set.write() {
+                        *s = std::mem::take(&mut listing);
+                    }
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(Ok(()));
+                    }
+                }
+                Ok(WatchEvent::Apply(ns)) => {
+                    if let Ok(mut s) = set.write() {
+                        s.insert(ns.name_any());
+                    }
+                }
+                Ok(WatchEvent::Delete(ns)) => {
+                    if let Ok(mut s) = set.write() {
+                        s.remove(&ns.name_any());
+                    }
+                }
+                Err(e) => {
+                    let msg = match &e {
+                        watcher::Error::InitialListFailed(k)
+                        | watcher::Error::WatchStartFailed(k) => describe(k, "list", "namespaces"),
+                        other => other.to_string(),
+                    };
+                    tracing::warn!(error = %msg, "namespace watch error; retrying with backoff");
+                }
+            }
+        }
+    });
+    ready_rx
 }
 
 fn seen_of(o: &DynamicObject) -> Seen {
