@@ -354,3 +354,50 @@ fn a_namespace_selector_follows_namespace_labels() {
     );
     drop(serve);
 }
+
+#[test]
+fn the_owner_filter_and_ce_overrides() {
+    let sub = Capture::ok();
+    let fake = FakeApiServer::start(1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml = pods_yaml(&sub).replace(
+        "  mode: Reference\n",
+        "  mode: Reference\n  owner: {apiVersion: apps/v1, kind: ReplicaSet}\n  ceOverrides:\n    extensions: {team: blue}\n",
+    );
+    std::fs::write(dir.path().join("b.yaml"), yaml).expect("yaml");
+    let kubeconfig = fake.kubeconfig(dir.path());
+    let serve = Serve::start_at(
+        dir.path(),
+        &["--kubeconfig", kubeconfig.to_str().expect("utf-8")],
+    );
+    wait_for("the watch", WAIT, || fake.watchers() >= 1);
+    let owned_by = |name: &str, kind: &str, controller: bool| {
+        let mut p = pod(name, "demo");
+        p["metadata"]["ownerReferences"] = json!([{"apiVersion": if kind == "ReplicaSet" { "apps/v1" } else { "batch/v1" },
+            "kind": kind, "name": "owner", "uid": "o-1", "controller": controller}]);
+        p
+    };
+    fake.add("pods", owned_by("job-pod", "Job", true), false);
+    fake.add(
+        "pods",
+        owned_by("not-controller", "ReplicaSet", false),
+        false,
+    );
+    fake.add("pods", pod("orphan", "demo"), false);
+    fake.add("pods", owned_by("rs-pod", "ReplicaSet", true), false);
+    wait_for("rs-pod", WAIT, || {
+        seen(&sub).iter().any(|(_, n)| n == "rs-pod")
+    });
+    let names: Vec<String> = seen(&sub).into_iter().map(|(_, n)| n).collect();
+    assert_eq!(
+        names,
+        ["rs-pod"],
+        "only objects whose controller matches the owner"
+    );
+    assert_eq!(
+        sub.on("/pods")[0].headers["ce-team"],
+        "blue",
+        "ceOverrides extensions are set"
+    );
+    drop(serve);
+}
