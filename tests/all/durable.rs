@@ -232,7 +232,8 @@ fn ordered_triggers_keep_the_order_of_each_partition_key() {
     drop(serve);
 }
 
-/// A tmpfs of a few MiB, unmounted on drop: a disk that fills up.
+/// A 24 MiB tmpfs (room for one 16 MiB write-ahead segment and a little more), unmounted on
+/// drop: a disk that fills up.
 struct SmallDisk(std::path::PathBuf);
 
 impl SmallDisk {
@@ -240,7 +241,7 @@ impl SmallDisk {
         let path = dir.join("data");
         std::fs::create_dir_all(&path).ok()?;
         let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
             .arg(&path)
             .status()
             .is_ok_and(|s| s.success());
@@ -279,7 +280,7 @@ fn a_full_disk_answers_503_and_keeps_what_it_acknowledged() {
     let body = vec![b'x'; 256 << 10];
     let mut acked = Vec::new();
     let mut refused = None;
-    for i in 0..64 {
+    for i in 0..200 {
         let id = format!("big-{i}");
         let mut h = ce_headers(&id, "t");
         h.retain(|(k, _)| *k != "content-type");

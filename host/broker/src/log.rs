@@ -137,7 +137,13 @@ impl DurableLog {
         let replayed = replay.len();
         let records: Vec<Record> = replay.into_iter().map(|(_, r)| r).collect();
         let scratch = (AtomicU64::new(0), AtomicU64::new(0));
-        apply_records(&db, &records, Durability::None, &scratch.0, &scratch.1)?;
+        apply_records(
+            &db,
+            &records,
+            Durability::None,
+            (&scratch.0, &scratch.1),
+            true,
+        )?;
         let (count, bytes, next_seq) = {
             let r = db.begin_read().map_err(io)?;
             let next_seq = r
@@ -601,9 +607,8 @@ struct Writer {
     next_seq: u64,
 }
 
-/// How often redb is made durable so that the write-ahead log can be dropped.
+/// How often redb is made durable so that full write-ahead segments can be dropped.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
-const CHECKPOINT_BYTES: u64 = 64 << 20;
 
 impl Writer {
     /// Acknowledgements alone are appended to the write-ahead log without a sync; they become
@@ -652,8 +657,7 @@ impl Writer {
                     }
                 }
             }
-            if (self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
-                || self.wal.segment_len() >= CHECKPOINT_BYTES)
+            if self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
                 && let Err(e) = self.checkpoint()
             {
                 tracing::error!(error = %e, "checkpoint failed; the write-ahead log keeps growing");
@@ -665,7 +669,8 @@ impl Writer {
     /// Makes redb durable up to the last record written, then drops the older segments.
     fn checkpoint(&mut self) -> Result<(), LogError> {
         let lsn = self.wal.last_lsn();
-        self.wal.rotate().map_err(io)?;
+        // Everything written is applied to redb: make redb durable, then older segments go.
+        self.wal.sync().map_err(io)?;
         let mut w = self.db.begin_write().map_err(io)?;
         w.set_durability(Durability::Immediate).map_err(io)?;
         w.open_table(META)
@@ -729,12 +734,23 @@ impl Writer {
                 &self.db,
                 &records,
                 Durability::None,
-                &self.events,
-                &self.bytes,
+                (&self.events, &self.bytes),
+                false,
             );
         }
         if let Err(e) = &result {
+            // Producers get 503. Records already in the write-ahead log are applied again at the
+            // next start (replay is idempotent), so a refused event may still be delivered:
+            // at least once, never lost.
             tracing::error!(error = %e, "the event log could not commit; producers get 503");
+        } else {
+            for r in &records {
+                if let Record::Append { payload, .. } = r {
+                    self.events.fetch_add(1, Ordering::Relaxed);
+                    self.bytes
+                        .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                }
+            }
         }
         let mut done = Vec::new();
         for op in ops {
@@ -763,13 +779,15 @@ impl Writer {
 
 /// Applies records to redb in one transaction. Replays are idempotent: an append whose event is
 /// already there, or an ack of a delivery no longer owed, changes nothing.
+/// `counters` (events, bytes) follow releases, and appends too when `count_appends`.
 fn apply_records(
     db: &Database,
     records: &[Record],
     durability: Durability,
-    count: &AtomicU64,
-    total: &AtomicU64,
+    counters: (&AtomicU64, &AtomicU64),
+    count_appends: bool,
 ) -> Result<(), LogError> {
+    let (count, total) = counters;
     if records.is_empty() {
         return Ok(());
     }
@@ -797,8 +815,10 @@ fn apply_records(
                     for t in triggers {
                         pending.insert((*t, *seq), 0).map_err(io)?;
                     }
-                    count.fetch_add(1, Ordering::Relaxed);
-                    total.fetch_add(payload.len() as u64, Ordering::Relaxed);
+                    if count_appends {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        total.fetch_add(payload.len() as u64, Ordering::Relaxed);
+                    }
                 }
                 Record::Ack { trigger, seq } => {
                     if pending.remove((*trigger, *seq)).map_err(io)?.is_some() {

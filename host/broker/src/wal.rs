@@ -9,7 +9,8 @@
 //! there and cut off (the file is truncated), never served.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// One change to the log.
@@ -129,6 +130,32 @@ fn segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// Segments are created full of zeros, so that a sync after a write in place need not also
+/// journal a new file size: on this kind of disk that makes each `fdatasync` about a third
+/// cheaper. A zero length ends the records of a segment.
+const SEGMENT_BYTES: u64 = 16 << 20;
+
+/// Creates a segment of `SEGMENT_BYTES` zeros, durably.
+fn create_segment(path: &Path) -> std::io::Result<File> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..(SEGMENT_BYTES >> 20) {
+        file.write_all(&zeros)?;
+    }
+    file.sync_all()?;
+    if let Some(dir) = path.parent()
+        && let Ok(d) = File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(file)
+}
+
 impl Wal {
     /// Opens the directory: reads every valid record in order (cutting a torn tail) and returns
     /// those after `after_lsn`, with the WAL ready to append after the last one.
@@ -138,6 +165,7 @@ impl Wal {
         let mut last_lsn = after_lsn;
         let files = segments(dir)?;
         let mut cut = false;
+        let mut current: Option<(PathBuf, u64)> = None;
         for path in &files {
             if cut {
                 // Everything after a torn record is unreachable: never served.
@@ -150,6 +178,9 @@ impl Wal {
             while at + 8 <= bytes.len() {
                 let len =
                     u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default()) as usize;
+                if len == 0 {
+                    break;
+                }
                 let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap_or_default());
                 let Some(body) = bytes.get(at + 8..at + 8 + len) else {
                     break;
@@ -166,28 +197,29 @@ impl Wal {
                 last_lsn = last_lsn.max(lsn);
                 at += 8 + len;
             }
-            if at < bytes.len() {
+            let garbage_end = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+            if garbage_end > at {
                 tracing::warn!(
-                    file = %path.display(), valid = at, dropped = bytes.len() - at,
+                    file = %path.display(), valid = at, dropped = garbage_end - at,
                     "cut a torn write at the end of the write-ahead log"
                 );
-                OpenOptions::new()
-                    .write(true)
-                    .open(path)?
-                    .set_len(at as u64)?;
+                let f = OpenOptions::new().write(true).open(path)?;
+                f.write_all_at(&vec![0u8; garbage_end - at], at as u64)?;
+                f.sync_all()?;
                 cut = true;
             }
+            current = Some((path.clone(), at as u64));
         }
-        let path = match files.iter().rev().find(|p| p.exists()) {
-            Some(p) => p.clone(),
-            None => dir.join(segment_name(last_lsn + 1)),
+        let (path, file, len) = match current {
+            Some((path, len)) => {
+                let file = OpenOptions::new().read(true).write(true).open(&path)?;
+                (path, file, len)
+            }
+            None => {
+                let path = dir.join(segment_name(last_lsn + 1));
+                (path.clone(), create_segment(&path)?, 0)
+            }
         };
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .open(&path)?;
-        let len = file.seek(SeekFrom::End(0))?;
         Ok((
             Wal {
                 dir: dir.to_path_buf(),
@@ -200,8 +232,9 @@ impl Wal {
         ))
     }
 
-    /// Appends records (one write); on failure the file is cut back so nothing half-written
-    /// stays. Returns the last LSN written.
+    /// Appends records (one write, in place in the zero-filled segment; a new segment when this
+    /// one is full). On failure the region is zeroed again, so nothing half-written stays.
+    /// Returns the last LSN written.
     pub(crate) fn append(&mut self, records: &[Record]) -> std::io::Result<u64> {
         let mut buf = Vec::new();
         let mut lsn = self.next_lsn;
@@ -209,8 +242,11 @@ impl Wal {
             r.encode(lsn, &mut buf);
             lsn += 1;
         }
-        if let Err(e) = self.file.write_all(&buf) {
-            let _ = self.file.set_len(self.len);
+        if self.len > 0 && self.len + buf.len() as u64 > SEGMENT_BYTES {
+            self.rotate()?;
+        }
+        if let Err(e) = self.file.write_all_at(&buf, self.len) {
+            let _ = self.file.write_all_at(&vec![0u8; buf.len()], self.len);
             return Err(e);
         }
         self.len += buf.len() as u64;
@@ -228,25 +264,13 @@ impl Wal {
         self.next_lsn - 1
     }
 
-    /// Bytes in the current segment.
-    pub(crate) fn segment_len(&self) -> u64 {
-        self.len
-    }
-
     /// Starts a new segment; the older ones stay until [`Wal::remove_old`].
     pub(crate) fn rotate(&mut self) -> std::io::Result<()> {
         self.sync()?;
         let path = self.dir.join(segment_name(self.next_lsn));
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .open(&path)?;
+        self.file = create_segment(&path)?;
         self.path = path;
         self.len = 0;
-        if let Ok(dir) = File::open(&self.dir) {
-            let _ = dir.sync_all();
-        }
         Ok(())
     }
 
@@ -281,29 +305,25 @@ mod tests {
                 attempts: 2,
             },
         ];
-        {
+        let good_len = {
             let (mut wal, old) = Wal::open(dir.path(), 0).expect("open");
             assert!(old.is_empty());
             assert_eq!(wal.append(&recs).expect("append"), 3);
             wal.sync().expect("sync");
-        }
-        // A torn write: half a record of junk at the tail.
+            wal.len as usize
+        };
+        // A torn write: half a record of junk right after the last record.
         let seg = segments(dir.path()).expect("list").remove(0);
-        let good_len = std::fs::metadata(&seg).expect("meta").len();
-        OpenOptions::new()
-            .append(true)
-            .open(&seg)
-            .expect("open")
-            .write_all(&[7; 13])
-            .expect("junk");
+        let f = OpenOptions::new().write(true).open(&seg).expect("open");
+        f.write_all_at(&[7; 13], good_len as u64).expect("junk");
         let (mut wal, back) = Wal::open(dir.path(), 0).expect("reopen");
         assert_eq!(
             back.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
             recs
         );
-        assert_eq!(
-            std::fs::metadata(&seg).expect("meta").len(),
-            good_len,
+        let after = std::fs::read(&seg).expect("read");
+        assert!(
+            after[good_len..].iter().all(|b| *b == 0),
             "the torn tail is cut"
         );
         assert_eq!(
