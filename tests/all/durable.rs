@@ -312,3 +312,38 @@ fn a_full_disk_answers_503_and_keeps_what_it_acknowledged() {
     }
     drop(serve);
 }
+
+#[test]
+fn events_a_wasm_filter_drops_are_reclaimed_from_the_log() {
+    // A log that holds 3 events: if filtered-out deliveries were never acknowledged, the
+    // fourth event would be refused for good.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {knative-eventing-injection: enabled}}\n---\n\
+         apiVersion: wasmesh.dev/v1alpha1\nkind: Function\nmetadata: {name: display}\nspec: {module: builtin:event-display}\n---\n\
+         apiVersion: wasmesh.dev/v1alpha1\nkind: Function\nmetadata: {name: only-knative}\nspec: {module: builtin:type-filter, config: {prefix: dev.knative.}}\n---\n\
+         apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {name: t}\nspec:\n  wasmFilter: only-knative\n  subscriber:\n    ref: {apiVersion: wasmesh.dev/v1alpha1, kind: Function, name: display}\n",
+    )
+    .expect("yaml");
+    let serve = Serve::start_at(dir.path(), &["--log-capacity", "3"]);
+    for i in 0..10 {
+        let id = format!("other-{i}");
+        wait_for(&format!("{id} accepted"), Duration::from_secs(10), || {
+            crate::harness::request(
+                serve.addr,
+                "POST",
+                "/default/default",
+                &ce_headers(&id, "com.other"),
+                b"{}",
+            )
+            .status
+                == 202
+        });
+    }
+    assert!(
+        !serve.stdout().contains("com.other"),
+        "the Wasm filter dropped them"
+    );
+    drop(serve);
+}

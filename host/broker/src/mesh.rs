@@ -53,8 +53,9 @@ const TTL_EXTENSION: &str = "knativebrokerttl";
 pub struct Envelope {
     pub event: Arc<Event>,
     pub ttl: i32,
-    /// Its place in the durable log (none in memory mode).
-    pub seq: Option<u64>,
+    /// Its place in the durable log and the id of the trigger that owes it (none in memory
+    /// mode): what acknowledges it when the delivery is finished.
+    pub seq: Option<(u64, u64)>,
     /// Attempts already made (before a restart).
     pub attempts: u32,
 }
@@ -498,6 +499,7 @@ impl Mesh {
                 Ok(called) => {
                     self.config.output.write(wf.name(), &called.output);
                     if !called.value {
+                        self.done(&env);
                         return;
                     }
                 }
@@ -509,6 +511,7 @@ impl Mesh {
                     runtime.spawn(async move {
                         mesh.dead_letter(&t, &env.event, &Sink::Function(wf), failure)
                             .await;
+                        mesh.done(&env);
                     });
                     return;
                 }
@@ -521,9 +524,9 @@ impl Mesh {
         match first {
             Outcome::Delivered(Some(reply)) => {
                 self.reply_blocking(t, reply, env.ttl);
-                self.done(t, &env);
+                self.done(&env);
             }
-            Outcome::Delivered(None) => self.done(t, &env),
+            Outcome::Delivered(None) => self.done(&env),
             failed if t.policy.ordered_by.is_some() => {
                 // Ordered: the lane waits for this event's retries before the next event.
                 runtime.block_on(self.finish_delivery(t, env, Some(failed)));
@@ -568,7 +571,7 @@ impl Mesh {
                 Ok(Ok(called)) => {
                     self.config.output.write(wf.name(), &called.output);
                     if !called.value {
-                        self.done(t, &env);
+                        self.done(&env);
                         return;
                     }
                 }
@@ -578,7 +581,7 @@ impl Mesh {
                     let failure = Failure::message(Some(500), e.to_string());
                     self.dead_letter(t, &env.event, &Sink::Function(Arc::clone(wf)), failure)
                         .await;
-                    self.done(t, &env);
+                    self.done(&env);
                     return;
                 }
                 Err(e) => {
@@ -595,11 +598,11 @@ impl Mesh {
     async fn finish_delivery(&self, t: &TriggerSpecRuntime, env: Envelope, first: Option<Outcome>) {
         let mut first = first;
         let event = &env.event;
-        let log = self.log_for(t).zip(env.seq);
+        let log = self.config.log.clone().zip(env.seq);
         let record = |attempts: u32| {
             let log = log.clone();
             async move {
-                if let Some(((log, id), seq)) = log {
+                if let Some((log, (id, seq))) = log {
                     log.attempted(id, seq, attempts).await;
                 }
             }
@@ -622,25 +625,13 @@ impl Mesh {
                     .await
             }
         }
-        self.done(t, &env);
-    }
-
-    fn log_for(&self, t: &TriggerSpecRuntime) -> Option<(Arc<DurableLog>, u64)> {
-        let log = self.config.log.as_ref()?;
-        let brokers = self.brokers.read().unwrap_or_else(PoisonError::into_inner);
-        let id = brokers
-            .get(&t.broker)?
-            .triggers
-            .iter()
-            .find(|r| r.spec.name == t.name && r.spec.namespace == t.namespace)?
-            .log_id?;
-        Some((Arc::clone(log), id))
+        self.done(&env);
     }
 
     /// The delivery is finished (delivered, filtered out, or dead-lettered): the log no longer
     /// owes it.
-    fn done(&self, t: &TriggerSpecRuntime, env: &Envelope) {
-        if let (Some(seq), Some((log, id))) = (env.seq, self.log_for(t)) {
+    fn done(&self, env: &Envelope) {
+        if let (Some((id, seq)), Some(log)) = (env.seq, &self.config.log) {
             log.ack(id, seq);
         }
     }
@@ -785,7 +776,7 @@ async fn feed(
             let env = Envelope {
                 event: Arc::new(owed.event),
                 ttl: owed.ttl,
-                seq: Some(owed.seq),
+                seq: Some((trigger, owed.seq)),
                 attempts: owed.attempts,
             };
             let queue = lanes.for_event(&env.event).clone();
