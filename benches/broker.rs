@@ -150,6 +150,7 @@ async fn broker_with(
         output: FunctionOutput {
             prefix: false,
             sink: Some(Arc::new(move |_, bytes| rec.displayed(bytes))),
+            book: None,
         },
         log,
     });
@@ -354,7 +355,11 @@ fn main() {
             FunctionSettings { max_idle: 16, ..Default::default() },
         )
         .expect("loads");
-        let display = Arc::new(display);
+        let digest = display.plugin().digest().to_string();
+        let display = wasmesh_broker::FunctionSlot::new(
+            "event-display",
+            wasmesh_broker::Version::new(Arc::new(display), 1, digest),
+        );
 
         let ceiling_addr = bare_server().await;
         let mut a = load(ceiling_addr, "/", None, None).await;

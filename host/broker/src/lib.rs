@@ -9,6 +9,7 @@ pub mod log;
 pub mod mesh;
 pub mod output;
 pub mod sink;
+pub mod slot;
 mod wal;
 
 pub use delivery::DeliveryPolicy;
@@ -16,3 +17,4 @@ pub use ingress::{IngressConfig, serve};
 pub use mesh::{BrokerKey, Mesh, MeshConfig, PublishError, TriggerSpecRuntime};
 pub use output::FunctionOutput;
 pub use sink::Sink;
+pub use slot::{FunctionSlot, RolloutPolicy, Version};

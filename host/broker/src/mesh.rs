@@ -5,21 +5,23 @@
 //! in-memory channel per trigger.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use base64::Engine as _;
 use chrono::{SecondsFormat, Utc};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use wasmesh_core::filter::Filter;
 use wasmesh_core::{AttributesReader, Event, ExtensionValue};
-use wasmesh_runtime::Function;
 
 use crate::delivery::DeliveryPolicy;
 use crate::log::{Append, DurableLog, LogError};
 use crate::output::FunctionOutput;
 use crate::sink::{self, Failure, HttpClient, Outcome, Sink};
+use crate::slot::FunctionSlot;
 
 /// A broker's identity: namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -90,17 +92,50 @@ pub struct TriggerSpecRuntime {
     pub name: String,
     pub broker: BrokerKey,
     pub filter: Filter,
-    pub wasm_filter: Option<Arc<Function>>,
+    pub wasm_filter: Option<Arc<FunctionSlot>>,
     pub subscriber: Sink,
     pub policy: DeliveryPolicy,
 }
 
+/// A trigger's spec as its workers read it: replaced in place, atomically, when the trigger
+/// changes in a way its workers can follow (filters, subscriber, delivery policy).
+type SpecCell = Arc<ArcSwap<TriggerSpecRuntime>>;
+
+/// What a trigger's workers are built from; a change of shape builds new workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Shape {
+    lanes: usize,
+    ordered_by: Option<String>,
+    per_queue: usize,
+    wasm: bool,
+}
+
 struct TriggerRuntime {
-    spec: Arc<TriggerSpecRuntime>,
+    spec: SpecCell,
     /// Memory mode: the queues ingress fills. Durable mode: a feeder fills them from the log.
     /// One queue, or for ordered delivery one lane per unit of concurrency.
     lanes: Lanes,
     log_id: Option<u64>,
+    shape: Shape,
+    /// Durable mode: the feeder, and the last log position it queued.
+    feeder: Mutex<Option<Feeder>>,
+}
+
+struct Feeder {
+    stop: tokio::sync::watch::Sender<bool>,
+    handle: JoinHandle<()>,
+    fed: Arc<AtomicU64>,
+}
+
+/// What [`Mesh::apply_trigger`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TriggerChange {
+    Created,
+    /// Changed in place: the next delivery uses the new spec.
+    Updated,
+    /// New workers (concurrency, ordering or the kind of subscriber changed); the old ones
+    /// finish what they hold.
+    Rebuilt,
 }
 
 /// A trigger's queues: one shared queue, or lanes chosen by the partition key.
@@ -201,67 +236,245 @@ impl Mesh {
             .contains_key(key)
     }
 
-    /// Adds a trigger to its (existing) broker and starts its delivery workers.
-    pub fn add_trigger(self: &Arc<Self>, spec: TriggerSpecRuntime) -> Result<(), PublishError> {
-        let key = spec.broker.clone();
+    fn shape(&self, spec: &TriggerSpecRuntime) -> Shape {
         let concurrency = spec
             .policy
             .concurrency
             .unwrap_or(self.config.concurrency)
             .max(1);
         let ordered_by = spec.policy.ordered_by.clone();
-        let lane_count = if ordered_by.is_some() { concurrency } else { 1 };
-        let capacity = (self.config.queue_capacity / lane_count).max(1);
+        Shape {
+            lanes: if ordered_by.is_some() { concurrency } else { 1 },
+            // Ordered lanes have one worker each, so a key's events go one at a time.
+            per_queue: if ordered_by.is_some() { 1 } else { concurrency },
+            ordered_by,
+            wasm: matches!(spec.subscriber, Sink::Function(_)),
+        }
+    }
+
+    /// Adds a trigger to its (existing) broker and starts its delivery workers.
+    pub fn add_trigger(self: &Arc<Self>, spec: TriggerSpecRuntime) -> Result<(), PublishError> {
+        let key = spec.broker.clone();
+        if !self.has_broker(&key) {
+            return Err(PublishError::UnknownBroker(key));
+        }
+        let trigger = self.build_trigger(spec, Some(0))?;
+        self.route(&key, trigger, None);
+        Ok(())
+    }
+
+    /// Creates or changes a trigger. Deliveries in flight finish on the spec they started
+    /// with; none is lost or repeated. A trigger that moves to another broker, or whose
+    /// concurrency, ordering or kind of subscriber changes, gets new workers: the old ones
+    /// finish the events they hold, and in durable mode the new ones continue in the log after
+    /// the last event the old ones took.
+    pub async fn apply_trigger(
+        self: &Arc<Self>,
+        spec: TriggerSpecRuntime,
+    ) -> Result<TriggerChange, PublishError> {
+        let key = spec.broker.clone();
+        if !self.has_broker(&key) {
+            return Err(PublishError::UnknownBroker(key));
+        }
+        let existing = self.find_trigger(&spec.namespace, &spec.name);
+        if let Some((old_key, old)) = &existing
+            && *old_key == key
+            && old.shape == self.shape(&spec)
+        {
+            old.spec.store(Arc::new(spec));
+            return Ok(TriggerChange::Updated);
+        }
+        let Some((old_key, old)) = existing else {
+            let trigger = self.build_trigger(spec, Some(0))?;
+            self.route(&key, trigger, None);
+            return Ok(TriggerChange::Created);
+        };
+        // The new workers take new events at once; in durable mode their feeder starts after
+        // the old feeder stopped, past what it queued.
+        let trigger = self.build_trigger(spec, None)?;
+        self.route(&key, Arc::clone(&trigger), Some(&old_key));
+        let fed = Self::retire(&old).await;
+        self.start_feeder(&trigger, fed);
+        Ok(TriggerChange::Rebuilt)
+    }
+
+    /// Removes a trigger: no new event goes to it; its workers finish what they hold. In
+    /// durable mode what the log still owes it is dropped by the next garbage collection.
+    pub async fn remove_trigger(&self, namespace: &str, name: &str) -> bool {
+        let Some((key, old)) = self.find_trigger(namespace, name) else {
+            return false;
+        };
+        {
+            let mut brokers = self.brokers.write().unwrap_or_else(PoisonError::into_inner);
+            if let Some(b) = brokers.get(&key) {
+                let triggers = b
+                    .triggers
+                    .iter()
+                    .filter(|t| !Arc::ptr_eq(t, &old))
+                    .cloned()
+                    .collect();
+                brokers.insert(key, Arc::new(BrokerRuntime { triggers }));
+            }
+        }
+        if let Some(id) = old.log_id {
+            self.live_log_ids
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|i| *i != id);
+        }
+        Self::retire(&old).await;
+        true
+    }
+
+    /// Removes a broker and its triggers.
+    pub async fn remove_broker(&self, key: &BrokerKey) -> bool {
+        let Some(b) = self
+            .brokers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key)
+        else {
+            return false;
+        };
+        for t in &b.triggers {
+            if let Some(id) = t.log_id {
+                self.live_log_ids
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .retain(|i| *i != id);
+            }
+            Self::retire(t).await;
+        }
+        true
+    }
+
+    /// The triggers of a broker by name, with the subscriber each delivers to now.
+    pub fn triggers(&self) -> Vec<(BrokerKey, String, String)> {
+        let brokers = self.brokers.read().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<_> = brokers
+            .iter()
+            .flat_map(|(k, b)| {
+                b.triggers.iter().map(|t| {
+                    let spec = t.spec.load();
+                    (
+                        k.clone(),
+                        format!("{}/{}", spec.namespace, spec.name),
+                        spec.subscriber.describe(),
+                    )
+                })
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn find_trigger(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<(BrokerKey, Arc<TriggerRuntime>)> {
+        let brokers = self.brokers.read().unwrap_or_else(PoisonError::into_inner);
+        brokers.iter().find_map(|(k, b)| {
+            b.triggers
+                .iter()
+                .find(|t| {
+                    let spec = t.spec.load();
+                    spec.namespace == namespace && spec.name == name
+                })
+                .map(|t| (k.clone(), Arc::clone(t)))
+        })
+    }
+
+    /// Puts `trigger` in `key`'s routing, in place of the trigger of the same name (in
+    /// `replacing`, when it moves).
+    fn route(&self, key: &BrokerKey, trigger: Arc<TriggerRuntime>, replacing: Option<&BrokerKey>) {
+        let (ns, name) = {
+            let spec = trigger.spec.load();
+            (spec.namespace.clone(), spec.name.clone())
+        };
+        let same = |t: &Arc<TriggerRuntime>| {
+            let spec = t.spec.load();
+            spec.namespace == ns && spec.name == name
+        };
+        let mut brokers = self.brokers.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(old_key) = replacing
+            && old_key != key
+            && let Some(b) = brokers.get(old_key)
+        {
+            let triggers = b.triggers.iter().filter(|t| !same(t)).cloned().collect();
+            brokers.insert(old_key.clone(), Arc::new(BrokerRuntime { triggers }));
+        }
+        if let Some(b) = brokers.get(key) {
+            let mut triggers: Vec<_> = b.triggers.iter().filter(|t| !same(t)).cloned().collect();
+            triggers.push(trigger);
+            brokers.insert(key.clone(), Arc::new(BrokerRuntime { triggers }));
+        }
+    }
+
+    /// Stops a trigger's feeder; returns the last log position it queued. Its queue closes
+    /// once nothing routes to it, and its workers end after the events they hold.
+    async fn retire(trigger: &TriggerRuntime) -> u64 {
+        let feeder = trigger
+            .feeder
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(f) = feeder else { return 0 };
+        let _ = f.stop.send(true);
+        let _ = f.handle.await;
+        f.fed.load(Ordering::Acquire)
+    }
+
+    /// Builds a trigger's queues and workers; in durable mode with `feed_after`, its feeder
+    /// too (reading the log after that position).
+    fn build_trigger(
+        self: &Arc<Self>,
+        spec: TriggerSpecRuntime,
+        feed_after: Option<u64>,
+    ) -> Result<Arc<TriggerRuntime>, PublishError> {
+        let shape = self.shape(&spec);
+        let capacity = (self.config.queue_capacity / shape.lanes).max(1);
         let (senders, receivers): (Vec<_>, Vec<_>) =
-            (0..lane_count).map(|_| mpsc::channel(capacity)).unzip();
+            (0..shape.lanes).map(|_| mpsc::channel(capacity)).unzip();
         let lanes = Lanes {
             queues: senders,
-            ordered_by: ordered_by.clone(),
+            ordered_by: shape.ordered_by.clone(),
         };
         let log_id = match &self.config.log {
             Some(log) => Some(log.trigger_id(&format!("{}/{}", spec.namespace, spec.name))?),
             None => None,
         };
-        let spec = Arc::new(spec);
+        let cell: SpecCell = Arc::new(ArcSwap::from_pointee(spec));
         let trigger = Arc::new(TriggerRuntime {
-            spec: Arc::clone(&spec),
-            lanes: lanes.clone(),
+            spec: Arc::clone(&cell),
+            lanes,
             log_id,
+            shape: shape.clone(),
+            feeder: Mutex::new(None),
         });
-        if let (Some(log), Some(id)) = (&self.config.log, log_id) {
-            self.live_log_ids
+        if let Some(id) = log_id {
+            let mut live = self
+                .live_log_ids
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(id);
-            let feeder = tokio::spawn(feed(Arc::clone(log), id, lanes, self.stopping.subscribe()));
-            self.workers
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(feeder);
-        } else {
-            drop(lanes);
+                .unwrap_or_else(PoisonError::into_inner);
+            if !live.contains(&id) {
+                live.push(id);
+            }
         }
-        {
-            let mut brokers = self.brokers.write().unwrap_or_else(PoisonError::into_inner);
-            let broker = brokers
-                .get(&key)
-                .ok_or_else(|| PublishError::UnknownBroker(key.clone()))?;
-            let mut triggers = broker.triggers.clone();
-            triggers.push(Arc::clone(&trigger));
-            brokers.insert(key, Arc::new(BrokerRuntime { triggers }));
+        if let Some(after) = feed_after {
+            self.start_feeder(&trigger, after);
         }
-        // The workers hold the spec, not the sender: dropping the broker closes the queue.
-        // Ordered lanes have one worker each, so a key's events go one at a time.
-        let per_queue = if ordered_by.is_some() { 1 } else { concurrency };
+        // The workers hold the spec, not the sender: dropping the trigger closes the queue.
         let mut handles = Vec::new();
         for rx in receivers {
-            if matches!(spec.subscriber, Sink::Function(_)) {
-                handles.extend(self.start_wasm_workers(Arc::clone(&spec), rx, per_queue));
+            if shape.wasm {
+                handles.extend(self.start_wasm_workers(Arc::clone(&cell), rx, shape.per_queue));
             } else {
                 let mesh = Arc::clone(self);
-                let spec = Arc::clone(&spec);
+                let cell = Arc::clone(&cell);
+                let per_queue = shape.per_queue;
                 handles.push(tokio::spawn(async move {
-                    mesh.run_trigger(spec, rx, per_queue).await
+                    mesh.run_trigger(cell, rx, per_queue).await
                 }));
             }
         }
@@ -269,7 +482,27 @@ impl Mesh {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .extend(handles);
-        Ok(())
+        Ok(trigger)
+    }
+
+    fn start_feeder(&self, trigger: &TriggerRuntime, after: u64) {
+        let (Some(log), Some(id)) = (&self.config.log, trigger.log_id) else {
+            return;
+        };
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let fed = Arc::new(AtomicU64::new(after));
+        let handle = tokio::spawn(feed(
+            Arc::clone(log),
+            id,
+            trigger.lanes.clone(),
+            Arc::clone(&fed),
+            self.stopping.subscribe(),
+            stop_rx,
+        ));
+        *trigger
+            .feeder
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Feeder { stop, handle, fed });
     }
 
     /// Sets `knativearrivaltime`, applies the TTL rules and finds, for each event, the triggers
@@ -300,7 +533,7 @@ impl Mesh {
             let matching: Vec<Arc<TriggerRuntime>> = broker
                 .triggers
                 .iter()
-                .filter(|t| t.spec.filter.matches(&event))
+                .filter(|t| t.spec.load().filter.matches(&event))
                 .cloned()
                 .collect();
             prepared.push((
@@ -325,9 +558,10 @@ impl Mesh {
                 match trigger.lanes.for_event(&env.event).try_reserve() {
                     Ok(permit) => permits.push((permit, env.clone())),
                     Err(_) => {
+                        let spec = trigger.spec.load();
                         return Err(PublishError::Full(format!(
                             "{}/{}",
-                            trigger.spec.namespace, trigger.spec.name
+                            spec.namespace, spec.name
                         )));
                     }
                 }
@@ -446,7 +680,7 @@ impl Mesh {
     /// thread finds the next event waiting, so the hot path has no task spawn and no hand-off.
     fn start_wasm_workers(
         self: &Arc<Self>,
-        spec: Arc<TriggerSpecRuntime>,
+        cell: SpecCell,
         rx: mpsc::Receiver<Envelope>,
         concurrency: usize,
     ) -> Vec<JoinHandle<()>> {
@@ -458,11 +692,11 @@ impl Mesh {
         for i in 0..threads {
             let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
             let mesh = Arc::clone(self);
-            let spec = Arc::clone(&spec);
+            let cell = Arc::clone(&cell);
             let rx = Arc::clone(&rx);
             let runtime = runtime.clone();
-            let name = format!("wasm-{}-{i}", spec.name);
-            let trigger_name = spec.name.clone();
+            let trigger_name = cell.load().name.clone();
+            let name = format!("wasm-{trigger_name}-{i}");
             let spawned = std::thread::Builder::new().name(name).spawn(move || {
                 let _enter = runtime.enter();
                 loop {
@@ -471,7 +705,7 @@ impl Mesh {
                         .unwrap_or_else(PoisonError::into_inner)
                         .blocking_recv();
                     let Some(env) = next else { break };
-                    mesh.deliver_on_thread(&spec, env, &runtime);
+                    mesh.deliver_on_thread(&cell.load_full(), env, &runtime);
                 }
                 drop(done_tx);
             });
@@ -495,7 +729,7 @@ impl Mesh {
         runtime: &tokio::runtime::Handle,
     ) {
         if let Some(wf) = &t.wasm_filter {
-            match wf.matches(&env.event) {
+            match wf.matches(&env.event).1 {
                 Ok(called) => {
                     self.config.output.write(wf.name(), &called.output);
                     if !called.value {
@@ -517,10 +751,15 @@ impl Mesh {
                 }
             }
         }
-        let Sink::Function(f) = &t.subscriber else {
-            return;
+        let first = match &t.subscriber {
+            Sink::Function(f) => sink::call_function(f, &env.event, &self.config.output),
+            // The trigger changed to another kind of subscriber while this event was queued.
+            _ => {
+                let (mesh, t) = (Arc::clone(self), Arc::clone(t));
+                runtime.spawn(async move { mesh.finish_delivery(&t, env, None).await });
+                return;
+            }
         };
-        let first = sink::call_function(f, &env.event, &self.config.output);
         match first {
             Outcome::Delivered(Some(reply)) => {
                 self.reply_blocking(t, reply, env.ttl);
@@ -540,7 +779,7 @@ impl Mesh {
 
     async fn run_trigger(
         self: Arc<Self>,
-        trigger: Arc<TriggerSpecRuntime>,
+        cell: SpecCell,
         mut rx: mpsc::Receiver<Envelope>,
         concurrency: usize,
     ) {
@@ -551,7 +790,7 @@ impl Mesh {
                 break;
             };
             let mesh = Arc::clone(&self);
-            let trigger = Arc::clone(&trigger);
+            let trigger = cell.load_full();
             inflight.spawn(async move {
                 mesh.deliver(&trigger, env).await;
                 drop(permit);
@@ -567,7 +806,7 @@ impl Mesh {
         if let Some(wf) = &t.wasm_filter {
             let f = Arc::clone(wf);
             let ev = Arc::clone(&env.event);
-            match tokio::task::spawn_blocking(move || f.matches(&ev)).await {
+            match tokio::task::spawn_blocking(move || f.matches(&ev).1).await {
                 Ok(Ok(called)) => {
                     self.config.output.write(wf.name(), &called.output);
                     if !called.value {
@@ -752,10 +991,12 @@ async fn feed(
     log: Arc<DurableLog>,
     trigger: u64,
     lanes: Lanes,
+    fed: Arc<AtomicU64>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    mut retire: tokio::sync::watch::Receiver<bool>,
 ) {
     let notify = log.notifier(trigger);
-    let mut after = 0;
+    let mut after = fed.load(Ordering::Acquire);
     loop {
         let batch = match log.owed(trigger, after, 256) {
             Ok(b) => b,
@@ -769,6 +1010,7 @@ async fn feed(
             tokio::select! {
                 _ = notify.notified() => continue,
                 _ = stop.changed() => return,
+                _ = retire.changed() => return,
             }
         }
         for owed in batch {
@@ -783,7 +1025,9 @@ async fn feed(
             tokio::select! {
                 sent = queue.send(env) => if sent.is_err() { return },
                 _ = stop.changed() => return,
+                _ = retire.changed() => return,
             }
+            fed.store(after, Ordering::Release);
         }
     }
 }

@@ -11,17 +11,18 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use wasmesh_core::Event;
-use wasmesh_runtime::{CallErrorKind, Disposition, Function};
+use wasmesh_runtime::{CallErrorKind, Disposition};
 
 use crate::codec;
 use crate::delivery::is_retryable_status;
 use crate::mesh::BrokerKey;
+use crate::slot::FunctionSlot;
 
 /// A resolved destination.
 #[derive(Clone)]
 pub enum Sink {
-    /// A Wasm subscriber, called in this process.
-    Function(Arc<Function>),
+    /// A Wasm subscriber, called in this process (its live version).
+    Function(Arc<FunctionSlot>),
     /// An HTTP endpoint, sent binary-mode CloudEvents.
     Http(http::Uri),
     /// A broker of this process (a Broker `ref` as sink).
@@ -185,7 +186,7 @@ pub async fn send_http(
 /// Hands one event to a Wasm subscriber on the blocking pool (Wasm calls never run on Tokio's
 /// workers: WASI output blocks) and maps its disposition onto delivery outcomes.
 pub async fn send_function(
-    func: &Arc<Function>,
+    func: &Arc<FunctionSlot>,
     event: Arc<Event>,
     output: &crate::output::FunctionOutput,
 ) -> Outcome {
@@ -200,11 +201,12 @@ pub async fn send_function(
 /// Calls a Wasm subscriber on this thread (never a Tokio worker) and maps its disposition onto
 /// delivery outcomes; its output is written on the way.
 pub fn call_function(
-    func: &Function,
+    func: &FunctionSlot,
     event: &Event,
     output: &crate::output::FunctionOutput,
 ) -> Outcome {
-    match func.handle(event) {
+    let (_version, result) = func.handle(event);
+    match result {
         Ok(called) => {
             output.write(func.name(), &called.output);
             match called.value {

@@ -446,6 +446,53 @@ pub struct FunctionSpec {
     pub limits: Option<FunctionLimits>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isolation: Option<IsolationSpec>,
+    /// How a new version goes live: on trial, rolled back by itself when it fails too often.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
+}
+
+/// `Function.spec.rollout`: a new version's first `window` events decide it; when more than
+/// `maxFailureRate` of them fail, wasmesh goes back to the version before.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", try_from = "RawRollout")]
+pub struct RolloutSpec {
+    pub window: u32,
+    pub max_failure_rate: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRollout {
+    #[serde(default = "default_window")]
+    window: u32,
+    max_failure_rate: f64,
+}
+
+fn default_window() -> u32 {
+    20
+}
+
+impl TryFrom<RawRollout> for RolloutSpec {
+    type Error = String;
+
+    fn try_from(raw: RawRollout) -> Result<Self, String> {
+        if !(1..=100_000).contains(&raw.window) {
+            return Err(format!(
+                "window {}: expected 1 to 100000 events",
+                raw.window
+            ));
+        }
+        if !(0.0..1.0).contains(&raw.max_failure_rate) {
+            return Err(format!(
+                "maxFailureRate {}: expected a fraction from 0 up to (not including) 1, e.g. 0.2",
+                raw.max_failure_rate
+            ));
+        }
+        Ok(Self {
+            window: raw.window,
+            max_failure_rate: raw.max_failure_rate,
+        })
+    }
 }
 
 /// `PingSource.spec` (`sources.knative.dev/v1`).
@@ -576,6 +623,20 @@ pub enum Resource {
 }
 
 impl Resource {
+    /// The object as JSON, as it was declared (what `wasmesh get -o yaml` prints).
+    pub fn to_json(&self) -> Option<serde_json::Value> {
+        let v = match self {
+            Resource::Namespace(o) => serde_json::to_value(o),
+            Resource::Broker(o) => serde_json::to_value(o),
+            Resource::Trigger(o) => serde_json::to_value(o),
+            Resource::Function(o) => serde_json::to_value(o),
+            Resource::PingSource(o) => serde_json::to_value(o),
+            Resource::ApiServerSource(o) => serde_json::to_value(o),
+            Resource::Ignored { .. } => return None,
+        };
+        v.ok()
+    }
+
     /// `Kind/namespace/name`, for messages.
     pub fn id(&self) -> String {
         let (kind, meta) = match self {

@@ -1,5 +1,7 @@
 //! One module per subcommand.
 
+pub(crate) mod client;
+pub(crate) mod ops;
 pub(crate) mod run;
 pub(crate) mod send;
 pub(crate) mod serve;

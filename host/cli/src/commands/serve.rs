@@ -1,4 +1,5 @@
-//! `wasmesh serve -f PATH... [--listen ADDR] [--data-dir DIR]`: runs what the files declare.
+//! `wasmesh serve -f PATH... [--listen ADDR] [--data-dir DIR] [--watch]`: runs what the files
+//! declare, with the admin API on its own listener.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -6,8 +7,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use std::sync::Arc;
 use wasmesh_broker::log::{DurableLog, LogConfig};
+
+use wasmesh_broker::output::LogBook;
 use wasmesh_broker::{FunctionOutput, IngressConfig, Mesh, MeshConfig};
+use wasmesh_control::{ControlConfig, Controller, admin};
 use wasmesh_core::yaml::{Located, YamlErrors};
 use wasmesh_runtime::{EngineConfig, PluginEngine};
 
@@ -50,6 +55,25 @@ pub(crate) struct ServeArgs {
     /// Events older than this are dropped from the log even if undelivered (e.g. 7d, 12h, 30m).
     #[arg(long, default_value = "7d", value_parser = parse_age)]
     retention: Duration,
+    /// Apply changes to the files while running; a change that does not parse or build is
+    /// reported and leaves the running state as it was.
+    #[arg(long)]
+    watch: bool,
+    /// Where the admin API listens (`off` for none).
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    admin_listen: String,
+    /// The admin API's bearer token (default: generated into <data-dir>/admin-token, mode 0600).
+    #[arg(long, env = "WASMESH_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// A PEM certificate (chain) for the admin API: it then speaks HTTPS only.
+    #[arg(long, value_name = "FILE", requires = "admin_tls_key")]
+    admin_tls_cert: Option<PathBuf>,
+    /// The PEM private key of --admin-tls-cert.
+    #[arg(long, value_name = "FILE", requires = "admin_tls_cert")]
+    admin_tls_key: Option<PathBuf>,
+    /// Largest module the admin API accepts, in bytes (413 above it).
+    #[arg(long, default_value_t = 32 << 20)]
+    max_module_bytes: usize,
 }
 
 fn parse_age(s: &str) -> Result<Duration, String> {
@@ -65,8 +89,8 @@ fn parse_age(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("`{s}`: use a number and d, h, m or s (e.g. 7d)"))
 }
 
-/// Reads every declaration file; all errors of all files are reported together.
-pub(crate) fn load(paths: &[PathBuf]) -> anyhow::Result<Result<Vec<Located>, YamlErrors>> {
+/// The YAML files the paths name: files as given, directories' *.yaml and *.yml in name order.
+pub(crate) fn yaml_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -81,6 +105,12 @@ pub(crate) fn load(paths: &[PathBuf]) -> anyhow::Result<Result<Vec<Located>, Yam
             files.push(p.clone());
         }
     }
+    Ok(files)
+}
+
+/// Reads every declaration file; all errors of all files are reported together.
+pub(crate) fn load(paths: &[PathBuf]) -> anyhow::Result<Result<Vec<Located>, YamlErrors>> {
+    let files = yaml_files(paths)?;
     let mut all = Vec::new();
     let mut errors = Vec::new();
     for f in files {
@@ -153,45 +183,97 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
         "memory" => None,
         other => anyhow::bail!("--store `{other}`: use `embedded` or `memory`"),
     };
+    let book = LogBook::new(1000);
     let mesh = Mesh::new(MeshConfig {
         queue_capacity: args.queue,
         concurrency: args.concurrency,
         output: FunctionOutput {
             prefix: args.prefix_output,
             sink: None,
+            book: Some(Arc::clone(&book)),
         },
         log,
     });
-    let mut running = wasmesh_control::start(
-        &engine,
-        &builtins(),
+    let controller = Controller::new(
+        engine,
+        builtins(),
         mesh,
-        &resources,
-        args.kubeconfig.as_deref(),
+        ControlConfig {
+            data_dir: Some(args.data_dir.clone()),
+            kubeconfig: args.kubeconfig.clone(),
+        },
     )
-    .await;
-    for s in &running.statuses {
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for s in controller.start(resources).await {
         if s.ready {
             tracing::info!("{s}");
         } else {
             tracing::warn!("{s}");
         }
     }
+    let mesh = Arc::clone(controller.mesh());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    if args.admin_listen != "off" {
+        let admin_addr: SocketAddr = args
+            .admin_listen
+            .parse()
+            .with_context(|| format!("--admin-listen `{}`: not an address", args.admin_listen))?;
+        let (token, token_file) = admin::admin_token(args.admin_token.clone(), &args.data_dir)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let tls = match (&args.admin_tls_cert, &args.admin_tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(admin::tls_config(cert, key).map_err(|e| anyhow::anyhow!("{e}"))?)
+            }
+            _ => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+            .await
+            .with_context(|| format!("cannot listen on {admin_addr} (--admin-listen)"))?;
+        let bound = admin_listener.local_addr()?;
+        match &token_file {
+            Some(f) => eprintln!(
+                "wasmesh: admin API listening on {scheme}://{bound} (token in {})",
+                f.display()
+            ),
+            None => eprintln!("wasmesh: admin API listening on {scheme}://{bound}"),
+        }
+        tasks.push(tokio::spawn(admin::serve(
+            admin_listener,
+            Arc::clone(&controller),
+            admin::AdminConfig {
+                token,
+                max_module_bytes: args.max_module_bytes,
+                max_body_bytes: args.max_body,
+                tls,
+                book: Some(book),
+            },
+            stop_rx.clone(),
+        )));
+    }
+    // Last: tests and scripts wait for this line, and read the admin address before it.
     eprintln!("wasmesh: ingress listening on http://{addr}");
-    for key in running.mesh.brokers() {
+    for key in mesh.brokers() {
         eprintln!(
             "wasmesh: Broker {key} ready at http://{addr}/{}/{}",
             key.namespace, key.name
         );
     }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if args.watch {
+        tasks.push(tokio::spawn(watch_files(
+            args.files.clone(),
+            Arc::clone(&controller),
+            stop_rx.clone(),
+        )));
+    }
     let server = tokio::spawn(wasmesh_broker::serve(
         listener,
-        std::sync::Arc::clone(&running.mesh),
+        Arc::clone(&mesh),
         IngressConfig {
             max_body_bytes: args.max_body,
         },
@@ -200,13 +282,85 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
     shutdown_signal().await;
     eprintln!("wasmesh: shutting down");
     let _ = stop_tx.send(true);
-    running.stop_sources(Duration::from_secs(5)).await;
+    controller.stop_sources(Duration::from_secs(5)).await;
     let _ = server.await;
-    running.mesh.shutdown(Duration::from_secs(5)).await;
-    if let Some(log) = running.mesh.log() {
+    for t in tasks {
+        let _ = t.await;
+    }
+    mesh.shutdown(Duration::from_secs(5)).await;
+    if let Some(log) = mesh.log() {
         log.checkpoint().await;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the watched paths look like now: every file's path, length and modification time.
+fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let mut out = Vec::new();
+    for p in paths {
+        let entries: Vec<PathBuf> = if p.is_dir() {
+            std::fs::read_dir(p)
+                .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+                .unwrap_or_default()
+        } else {
+            vec![p.clone()]
+        };
+        for e in entries {
+            let meta = std::fs::metadata(&e).ok();
+            out.push((
+                e,
+                meta.as_ref().map_or(0, |m| m.len()),
+                meta.and_then(|m| m.modified().ok()),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `--watch`: looks at the files twice a second; on a change, reads them all and hands them to
+/// the reconciler. Errors are reported and the running state stays as it was.
+async fn watch_files(
+    paths: Vec<PathBuf>,
+    controller: Arc<Controller>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut last = fingerprint(&paths);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.changed() => return,
+        }
+        let now = fingerprint(&paths);
+        if now == last {
+            continue;
+        }
+        last = now;
+        let resources = match load(&paths) {
+            Ok(Ok(r)) => r,
+            Ok(Err(errors)) => {
+                eprintln!(
+                    "wasmesh: --watch: the files have errors; the running state is unchanged:\n{errors}"
+                );
+                continue;
+            }
+            Err(e) => {
+                eprintln!("wasmesh: --watch: {e:#}; the running state is unchanged");
+                continue;
+            }
+        };
+        match controller.set_files(resources).await {
+            Ok(changes) => {
+                for c in changes.iter().filter(|c| c.action != "unchanged") {
+                    eprintln!("wasmesh: --watch: {} {}", c.id, c.action);
+                }
+                for s in controller.statuses().await.iter().filter(|s| !s.ready) {
+                    eprintln!("wasmesh: --watch: {s}");
+                }
+            }
+            Err(e) => eprintln!("wasmesh: --watch: {e}; the running state is unchanged"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,1130 @@
+//! The one reconcile path. Start-up, `serve --watch` and the admin API all hand the controller
+//! the objects they want; it diffs them against what runs, builds the new parts first (a module
+//! that does not load refuses the whole change, and nothing running is touched), then swaps
+//! them in: a changed Function's slot to its new version, a changed Trigger's spec in place,
+//! a changed source restarted. Each object ends with a status.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Mutex, watch};
+use wasmesh_broker::{
+    BrokerKey, DeliveryPolicy, FunctionSlot, Mesh, RolloutPolicy, Sink, TriggerSpecRuntime, Version,
+};
+use wasmesh_core::filter::Filter;
+use wasmesh_core::resources::{
+    BrokerSpec, DeliverySpec, Destination, FunctionSpec, IsolationSpec, Object, Resource,
+    TriggerSpec,
+};
+use wasmesh_core::yaml::Located;
+use wasmesh_runtime::{FunctionSettings, Isolation, Limits, PluginEngine, PluginKind};
+use wasmesh_sources::Emit;
+use wasmesh_sources::apiserver::{ApiServerSource, MemorySeen, SeenStore};
+use wasmesh_sources::ping::PingSource;
+
+use crate::store::{ModuleStore, Overlay, Revision};
+use crate::{Builtins, INJECTION_LABEL, LogSeen, SinkEmit, Status};
+
+/// The file name objects applied through the admin API carry in statuses and errors.
+pub const API_FILE: &str = "admin-api";
+
+/// Why a change was refused; nothing running changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// The request itself is wrong (YAML, an unknown object, a path module over the API).
+    #[error("{0}")]
+    Invalid(String),
+    /// A part could not be built (a module that does not load).
+    #[error("{id}: {message}")]
+    Build { id: String, message: String },
+    /// The data directory could not record the change.
+    #[error("cannot record the change: {0}")]
+    Storage(String),
+}
+
+/// What a change did to one object.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Change {
+    pub id: String,
+    /// `created`, `configured`, `unchanged` or `deleted`.
+    pub action: &'static str,
+}
+
+/// Where the controller keeps things.
+#[derive(Debug, Clone, Default)]
+pub struct ControlConfig {
+    /// Uploaded modules, the admin API's changes and revisions live here; `None` keeps them in
+    /// memory only.
+    pub data_dir: Option<PathBuf>,
+    /// For ApiServerSources (otherwise KUBECONFIG, ~/.kube/config or in-cluster).
+    pub kubeconfig: Option<PathBuf>,
+}
+
+struct FunctionRun {
+    fingerprint: String,
+    slot: Arc<FunctionSlot>,
+    kind: PluginKind,
+}
+
+struct SourceRun {
+    fingerprint: String,
+    stop: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct State {
+    files: Vec<Located>,
+    overlay: Overlay,
+    desired: Vec<Located>,
+    functions: BTreeMap<String, FunctionRun>,
+    brokers: BTreeMap<BrokerKey, BrokerSpec>,
+    triggers: BTreeSet<(String, String)>,
+    sources: BTreeMap<String, SourceRun>,
+    statuses: BTreeMap<String, Status>,
+}
+
+type Problem = (&'static str, String);
+
+/// A Function's version ready to go live.
+struct Built {
+    key: String,
+    function: wasmesh_runtime::Function,
+    hex: String,
+    module: String,
+    fingerprint: String,
+    rollout: Option<RolloutPolicy>,
+}
+
+/// Desired state in, running parts out.
+pub struct Controller {
+    engine: PluginEngine,
+    builtins: Builtins,
+    mesh: Arc<Mesh>,
+    config: ControlConfig,
+    modules: Option<ModuleStore>,
+    state: Mutex<State>,
+}
+
+fn function_key(ns: &str, name: &str) -> String {
+    format!("{ns}/{name}")
+}
+
+fn problem_err(id: &str, (_, message): Problem) -> ApplyError {
+    ApplyError::Build {
+        id: id.to_string(),
+        message,
+    }
+}
+
+impl Controller {
+    /// A controller with nothing running yet; it reads what the admin API left in the data
+    /// directory.
+    pub fn new(
+        engine: PluginEngine,
+        builtins: Builtins,
+        mesh: Arc<Mesh>,
+        config: ControlConfig,
+    ) -> Result<Arc<Self>, String> {
+        let overlay = match &config.data_dir {
+            Some(d) => Overlay::load(d)?,
+            None => Overlay::default(),
+        };
+        let modules = config.data_dir.as_deref().map(ModuleStore::new);
+        Ok(Arc::new(Self {
+            engine,
+            builtins,
+            mesh,
+            config,
+            modules,
+            state: Mutex::new(State {
+                overlay,
+                ..State::default()
+            }),
+        }))
+    }
+
+    /// The data plane.
+    pub fn mesh(&self) -> &Arc<Mesh> {
+        &self.mesh
+    }
+
+    /// The module store (with a data directory).
+    pub fn modules(&self) -> Option<&ModuleStore> {
+        self.modules.as_ref()
+    }
+
+    /// The engine that validates uploads.
+    pub fn engine(&self) -> &PluginEngine {
+        &self.engine
+    }
+
+    /// Start-up: brings up what the files (and earlier API changes) declare. An object that
+    /// cannot run gets a not-ready status and never stops the others.
+    pub async fn start(&self, files: Vec<Located>) -> Vec<Status> {
+        let mut st = self.state.lock().await;
+        st.files = files;
+        let desired = merge(&st.files, &st.overlay);
+        let desired = match desired {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!("the admin API's saved changes cannot be read back: {e}");
+                st.files.clone()
+            }
+        };
+        // Lenient: never fails.
+        let _ = self.reconcile(&mut st, desired, false).await;
+        self.mesh.collect_garbage();
+        ordered_statuses(&st)
+    }
+
+    /// `serve --watch`: the files changed. A change that does not build leaves everything
+    /// running as it was.
+    pub async fn set_files(&self, files: Vec<Located>) -> Result<Vec<Change>, ApplyError> {
+        let mut st = self.state.lock().await;
+        let desired = merge(&files, &st.overlay).map_err(ApplyError::Invalid)?;
+        let changes = self.reconcile(&mut st, desired, true).await?;
+        st.files = files;
+        Ok(changes)
+    }
+
+    /// The admin API: applies objects (as `kubectl apply` does: created or configured).
+    pub async fn apply(&self, objects: Vec<Located>) -> Result<Vec<Change>, ApplyError> {
+        let mut st = self.state.lock().await;
+        let mut overlay = st.overlay.clone();
+        for loc in &objects {
+            if let Resource::Function(f) = &loc.resource
+                && !(f.spec.module.starts_with("sha256:") || f.spec.module.starts_with("builtin:"))
+            {
+                return Err(ApplyError::Invalid(format!(
+                    "{}: spec.module `{}`: over the admin API a module is `sha256:<digest>` of an uploaded module or `builtin:<name>` (upload with `wasmesh push function NAME FILE.wasm`; `wasmesh apply -f` uploads path modules for you)",
+                    loc.resource.id(),
+                    f.spec.module
+                )));
+            }
+            let Some(json) = loc.resource.to_json() else {
+                continue;
+            };
+            let id = loc.resource.id();
+            overlay.deleted.retain(|d| *d != id);
+            overlay.applied.insert(id, json);
+        }
+        let asked: Vec<String> = objects.iter().map(|l| l.resource.id()).collect();
+        let changes = self.commit(&mut st, overlay).await?;
+        Ok(only_asked(changes, &asked))
+    }
+
+    /// The admin API: deletes objects by `Kind/namespace/name`.
+    pub async fn delete(&self, ids: Vec<String>) -> Result<Vec<Change>, ApplyError> {
+        let mut st = self.state.lock().await;
+        let mut overlay = st.overlay.clone();
+        for id in &ids {
+            if !st.desired.iter().any(|l| l.resource.id() == *id) {
+                return Err(ApplyError::Invalid(format!("{id} does not exist")));
+            }
+            overlay.applied.remove(id);
+            if !overlay.deleted.contains(id) {
+                overlay.deleted.push(id.clone());
+            }
+        }
+        let changes = self.commit(&mut st, overlay).await?;
+        self.mesh.collect_garbage();
+        Ok(only_asked(changes, &ids))
+    }
+
+    /// `rollout undo`: makes an earlier revision of a Function live again, as a new revision.
+    /// Without `to`, the revision before the latest one.
+    pub async fn undo(
+        &self,
+        namespace: &str,
+        name: &str,
+        to: Option<u32>,
+    ) -> Result<Vec<Change>, ApplyError> {
+        let mut st = self.state.lock().await;
+        let id = format!("Function/{namespace}/{name}");
+        let Some(loc) = st.desired.iter().find(|l| l.resource.id() == id).cloned() else {
+            return Err(ApplyError::Invalid(format!("{id} does not exist")));
+        };
+        let Resource::Function(mut f) = loc.resource else {
+            return Err(ApplyError::Invalid(format!("{id} is not a Function")));
+        };
+        let history = st.overlay.history.get(&id).cloned().unwrap_or_default();
+        let target = match to {
+            Some(n) => history.iter().find(|r| r.revision == n),
+            None => history.iter().rev().nth(1),
+        };
+        let Some(target) = target else {
+            return Err(ApplyError::Invalid(match to {
+                Some(n) => format!("{id} has no revision {n}"),
+                None => format!("{id} has no earlier revision to go back to"),
+            }));
+        };
+        f.spec.module = target.digest.clone();
+        let mut overlay = st.overlay.clone();
+        overlay.deleted.retain(|d| *d != id);
+        if let Some(json) = Resource::Function(f).to_json() {
+            overlay.applied.insert(id.clone(), json);
+        }
+        let changes = self.commit(&mut st, overlay).await?;
+        Ok(only_asked(changes, &[id]))
+    }
+
+    async fn commit(&self, st: &mut State, overlay: Overlay) -> Result<Vec<Change>, ApplyError> {
+        let desired = merge(&st.files, &overlay).map_err(ApplyError::Invalid)?;
+        let before = std::mem::replace(&mut st.overlay, overlay);
+        match self.reconcile(st, desired, true).await {
+            Ok(changes) => {
+                if let Some(dir) = &self.config.data_dir
+                    && let Err(e) = st.overlay.save(dir)
+                {
+                    tracing::error!(error = %e, "cannot save the admin API's changes");
+                    return Err(ApplyError::Storage(e.to_string()));
+                }
+                Ok(changes)
+            }
+            Err(e) => {
+                st.overlay = before;
+                Err(e)
+            }
+        }
+    }
+
+    /// Every object's status, in declaration order.
+    pub async fn statuses(&self) -> Vec<Status> {
+        ordered_statuses(&*self.state.lock().await)
+    }
+
+    /// The objects of one kind (`brokers`, `triggers`, `functions`, `sources`), each as JSON
+    /// with a Knative-style `status`.
+    pub async fn list(&self, kind: &str) -> Result<Vec<serde_json::Value>, String> {
+        self.find(kind, |_| true).await
+    }
+
+    async fn find(
+        &self,
+        kind: &str,
+        pick: impl Fn(&Located) -> bool,
+    ) -> Result<Vec<serde_json::Value>, String> {
+        let kinds = kinds_of(kind)?;
+        let st = self.state.lock().await;
+        Ok(st
+            .desired
+            .iter()
+            .filter(|l| kinds.contains(&kind_name(&l.resource)) && pick(l))
+            .filter_map(|l| view(&st, l))
+            .collect())
+    }
+
+    /// One object, with its status (and a Function's revisions).
+    pub async fn get(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<serde_json::Value>, String> {
+        let suffix = format!("/{namespace}/{name}");
+        let found = self
+            .find(kind, |l| l.resource.id().ends_with(&suffix))
+            .await?;
+        Ok(found.into_iter().next())
+    }
+
+    /// A Function's revisions, oldest first, and the live one.
+    pub async fn revisions(&self, namespace: &str, name: &str) -> Option<(Vec<Revision>, u32)> {
+        let st = self.state.lock().await;
+        let run = st.functions.get(&function_key(namespace, name))?;
+        let id = format!("Function/{namespace}/{name}");
+        Some((
+            st.overlay.history.get(&id).cloned().unwrap_or_default(),
+            run.slot.live().revision,
+        ))
+    }
+
+    /// True when the Function exists.
+    pub async fn has_function(&self, namespace: &str, name: &str) -> bool {
+        self.state
+            .lock()
+            .await
+            .functions
+            .contains_key(&function_key(namespace, name))
+    }
+
+    /// Stops every source: each finishes the event it is handling, up to `grace`.
+    pub async fn stop_sources(&self, grace: Duration) {
+        let sources = std::mem::take(&mut self.state.lock().await.sources);
+        for s in sources.values() {
+            let _ = s.stop.send(true);
+        }
+        let all = async {
+            for (_, s) in sources {
+                let _ = s.handle.await;
+            }
+        };
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(
+                "sources still busy after {} ms; stopping anyway",
+                grace.as_millis()
+            );
+        }
+    }
+
+    async fn reconcile(
+        &self,
+        st: &mut State,
+        desired: Vec<Located>,
+        strict: bool,
+    ) -> Result<Vec<Change>, ApplyError> {
+        let desired = with_injected_brokers(desired);
+        let mut problems: BTreeMap<String, Problem> = BTreeMap::new();
+        // 1. Build: every new or changed Function version, before anything changes.
+        let mut built = Vec::new();
+        for loc in &desired {
+            let Resource::Function(f) = &loc.resource else {
+                continue;
+            };
+            let id = loc.resource.id();
+            match self.build_function(st, loc, f).await {
+                Ok(Some(b)) => built.push(b),
+                Ok(None) => {}
+                Err(p) if strict => return Err(problem_err(&id, p)),
+                Err(p) => {
+                    problems.insert(id, p);
+                }
+            }
+        }
+        let old_desired = std::mem::take(&mut st.desired);
+        // 2. Swap, dependencies first: functions, brokers, triggers, sources.
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        for b in built {
+            let id = format!("Function/{}", b.key);
+            let history = st.overlay.history.entry(id).or_default();
+            let revision = history.last().map_or(1, |r| r.revision + 1);
+            let kind = b.function.plugin().kind();
+            let version = Version::new(Arc::new(b.function), revision, format!("sha256:{}", b.hex));
+            history.push(Revision {
+                revision,
+                digest: format!("sha256:{}", b.hex),
+                module: b.module,
+                created: now.clone(),
+                rolled_back: None,
+            });
+            match st.functions.get_mut(&b.key) {
+                Some(run) => {
+                    run.slot.swap(version, b.rollout);
+                    run.fingerprint = b.fingerprint;
+                    tracing::info!(function = %b.key, revision, "new version live");
+                }
+                None => {
+                    let slot = FunctionSlot::new(&b.key, version);
+                    st.functions.insert(
+                        b.key,
+                        FunctionRun {
+                            fingerprint: b.fingerprint,
+                            slot,
+                            kind,
+                        },
+                    );
+                }
+            }
+        }
+        let wanted_functions: BTreeSet<String> = desired
+            .iter()
+            .filter_map(|l| match &l.resource {
+                Resource::Function(f) => {
+                    Some(function_key(f.metadata.namespace(), &f.metadata.name))
+                }
+                _ => None,
+            })
+            .collect();
+        st.functions.retain(|k, _| wanted_functions.contains(k));
+
+        let mut brokers: BTreeMap<BrokerKey, BrokerSpec> = BTreeMap::new();
+        for loc in &desired {
+            match &loc.resource {
+                Resource::Broker(o) => {
+                    brokers.insert(
+                        BrokerKey::new(o.metadata.namespace(), &o.metadata.name),
+                        o.spec.clone(),
+                    );
+                }
+                Resource::Namespace(ns)
+                    if ns.metadata.labels.get(INJECTION_LABEL).map(String::as_str)
+                        == Some("enabled") =>
+                {
+                    brokers
+                        .entry(BrokerKey::new(&ns.metadata.name, "default"))
+                        .or_default();
+                }
+                _ => {}
+            }
+        }
+        for key in st.brokers.keys() {
+            if !brokers.contains_key(key) {
+                self.mesh.remove_broker(key).await;
+            }
+        }
+        for key in brokers.keys() {
+            self.mesh.add_broker(key.clone());
+        }
+        st.brokers = brokers;
+
+        let mut wanted_triggers = BTreeSet::new();
+        for loc in &desired {
+            let Resource::Trigger(t) = &loc.resource else {
+                continue;
+            };
+            let key = (t.metadata.namespace().to_string(), t.metadata.name.clone());
+            wanted_triggers.insert(key.clone());
+            let result = match resolve_trigger(st, &self.mesh, t) {
+                Ok(spec) => self
+                    .mesh
+                    .apply_trigger(spec)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| ("BrokerDoesNotExist", e.to_string())),
+                Err(p) => Err(p),
+            };
+            match result {
+                Ok(()) => {
+                    st.triggers.insert(key);
+                }
+                Err(p) => {
+                    if st.triggers.remove(&key) {
+                        self.mesh.remove_trigger(&key.0, &key.1).await;
+                    }
+                    problems.insert(loc.resource.id(), p);
+                }
+            }
+        }
+        let gone: Vec<_> = st
+            .triggers
+            .iter()
+            .filter(|k| !wanted_triggers.contains(*k))
+            .cloned()
+            .collect();
+        for (ns, name) in gone {
+            self.mesh.remove_trigger(&ns, &name).await;
+            st.triggers.remove(&(ns, name));
+        }
+
+        let mut wanted_sources = BTreeSet::new();
+        for loc in &desired {
+            let (ns, sink_dest) = match &loc.resource {
+                Resource::PingSource(p) => (p.metadata.namespace(), &p.spec.sink),
+                Resource::ApiServerSource(a) => (a.metadata.namespace(), &a.spec.sink),
+                _ => continue,
+            };
+            let id = loc.resource.id();
+            wanted_sources.insert(id.clone());
+            let sink = match resolve_sink(st, &self.mesh, ns, sink_dest, "spec.sink") {
+                Ok(s) => s,
+                Err(p) => {
+                    if let Some(old) = st.sources.remove(&id) {
+                        stop_source(old).await;
+                    }
+                    problems.insert(id, p);
+                    continue;
+                }
+            };
+            let fingerprint = format!(
+                "{}|{}|{:p}",
+                loc.resource.to_json().unwrap_or_default(),
+                sink.describe(),
+                match &sink {
+                    Sink::Function(s) => Arc::as_ptr(s).cast::<()>(),
+                    _ => std::ptr::null(),
+                }
+            );
+            if st
+                .sources
+                .get(&id)
+                .is_some_and(|s| s.fingerprint == fingerprint)
+            {
+                continue;
+            }
+            if let Some(old) = st.sources.remove(&id) {
+                stop_source(old).await;
+            }
+            match self.start_source(&loc.resource, sink).await {
+                Ok((stop, handle)) => {
+                    st.sources.insert(
+                        id,
+                        SourceRun {
+                            fingerprint,
+                            stop,
+                            handle,
+                        },
+                    );
+                }
+                Err(p) => {
+                    problems.insert(id, p);
+                }
+            }
+        }
+        let gone: Vec<String> = st
+            .sources
+            .keys()
+            .filter(|k| !wanted_sources.contains(*k))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(old) = st.sources.remove(&id) {
+                stop_source(old).await;
+            }
+        }
+
+        // 3. Statuses and what changed.
+        st.statuses.clear();
+        for loc in &desired {
+            if let Resource::Ignored { kind, name, why } = &loc.resource {
+                if !old_desired.iter().any(|l| l.resource == loc.resource) {
+                    tracing::info!("{kind}/{name}: accepted and ignored ({why})");
+                }
+                continue;
+            }
+            let id = loc.resource.id();
+            let result = match problems.remove(&id) {
+                Some(p) => Err(p),
+                None => Ok(()),
+            };
+            st.statuses.insert(id.clone(), status_of(st, loc, result));
+        }
+        let mut changes = Vec::new();
+        for loc in &desired {
+            if matches!(loc.resource, Resource::Ignored { .. }) {
+                continue;
+            }
+            let id = loc.resource.id();
+            let action = match old_desired.iter().find(|l| l.resource.id() == id) {
+                None => "created",
+                Some(old) if old.resource == loc.resource => "unchanged",
+                Some(_) => "configured",
+            };
+            changes.push(Change { id, action });
+        }
+        for old in &old_desired {
+            let id = old.resource.id();
+            if !matches!(old.resource, Resource::Ignored { .. })
+                && !desired.iter().any(|l| l.resource.id() == id)
+            {
+                changes.push(Change {
+                    id,
+                    action: "deleted",
+                });
+            }
+        }
+        st.desired = desired;
+        Ok(changes)
+    }
+
+    /// Loads a Function's module when it is new or changed (`None`: unchanged).
+    async fn build_function(
+        &self,
+        st: &State,
+        loc: &Located,
+        f: &Object<FunctionSpec>,
+    ) -> Result<Option<Built>, Problem> {
+        let key = function_key(f.metadata.namespace(), &f.metadata.name);
+        let bytes = self.module_bytes(loc, f)?;
+        let hex = wasmesh_runtime::digest(&bytes);
+        let mut rest = f.spec.clone();
+        rest.module = String::new();
+        let fingerprint = format!("{hex}|{}", serde_json::to_string(&rest).unwrap_or_default());
+        let existing = st.functions.get(&key);
+        if existing.is_some_and(|r| r.fingerprint == fingerprint) {
+            return Ok(None);
+        }
+        let settings = settings(&f.spec);
+        let engine = self.engine.clone();
+        let name = key.clone();
+        let function = tokio::task::spawn_blocking(move || {
+            let loaded = wasmesh_runtime::load_function(&engine, &name, &bytes, None, settings);
+            (loaded, bytes)
+        })
+        .await
+        .map_err(|e| ("ModuleInvalid", format!("loading aborted: {e}")))?;
+        let (function, bytes) = function;
+        let function = function.map_err(|e| ("ModuleInvalid", e.to_string()))?;
+        if let Some(run) = existing
+            && run.kind != function.plugin().kind()
+        {
+            return Err((
+                "WrongWorld",
+                format!(
+                    "spec.module: the new module implements world `{}`, but this Function runs `{}`; triggers use it as such (delete and re-create it to change its world)",
+                    function.plugin().kind(),
+                    run.kind
+                ),
+            ));
+        }
+        if let Some(store) = &self.modules {
+            // Every version is kept by digest, so that `rollout undo` can go back to it.
+            store
+                .put(&bytes)
+                .map_err(|e| ("ModuleNotStored", format!("cannot store the module: {e}")))?;
+        }
+        Ok(Some(Built {
+            key,
+            function,
+            hex,
+            module: f.spec.module.clone(),
+            fingerprint,
+            rollout: f.spec.rollout.map(|r| RolloutPolicy {
+                window: r.window,
+                max_failure_rate: r.max_failure_rate,
+            }),
+        }))
+    }
+
+    fn module_bytes(&self, loc: &Located, f: &Object<FunctionSpec>) -> Result<Vec<u8>, Problem> {
+        let module = &f.spec.module;
+        if let Some(builtin) = module.strip_prefix("builtin:") {
+            return self
+                .builtins
+                .get(builtin)
+                .map(|b| b.to_vec())
+                .ok_or_else(|| {
+                    (
+                        "ModuleNotFound",
+                        format!(
+                            "spec.module: no builtin module `{builtin}` (builtins: {})",
+                            self.builtins.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    )
+                });
+        }
+        if module.starts_with("sha256:") {
+            let Some(store) = &self.modules else {
+                return Err((
+                    "ModuleNotFound",
+                    "spec.module: uploaded modules need a data directory".into(),
+                ));
+            };
+            return store
+                .get(module)
+                .map_err(|e| ("ModuleNotFound", format!("spec.module: {e}")));
+        }
+        let base = Path::new(&loc.file).parent().unwrap_or(Path::new("."));
+        let path = base.join(module);
+        std::fs::read(&path).map_err(|e| {
+            (
+                "ModuleNotFound",
+                format!("spec.module: cannot read {}: {e}", path.display()),
+            )
+        })
+    }
+
+    async fn start_source(
+        &self,
+        resource: &Resource,
+        sink: Sink,
+    ) -> Result<(watch::Sender<bool>, tokio::task::JoinHandle<()>), Problem> {
+        let (stop, stop_rx) = watch::channel(false);
+        match resource {
+            Resource::PingSource(p) => {
+                let source =
+                    PingSource::new(&p.metadata, &p.spec).map_err(|e| ("InvalidSpec", e))?;
+                let emit: Arc<dyn Emit> = Arc::new(SinkEmit {
+                    mesh: Arc::clone(&self.mesh),
+                    sink,
+                    namespace: p.metadata.namespace().to_string(),
+                });
+                Ok((stop, tokio::spawn(source.run(emit, stop_rx))))
+            }
+            Resource::ApiServerSource(a) => {
+                let (client, api_server) = self.kube_client().await?;
+                let seen: Arc<dyn SeenStore> = match self.mesh.log() {
+                    Some(log) => Arc::new(LogSeen(log)),
+                    None => Arc::new(MemorySeen::default()),
+                };
+                let emit: Arc<dyn Emit> = Arc::new(SinkEmit {
+                    mesh: Arc::clone(&self.mesh),
+                    sink,
+                    namespace: a.metadata.namespace().to_string(),
+                });
+                let source = ApiServerSource::new(&a.metadata, &a.spec);
+                Ok((
+                    stop,
+                    tokio::spawn(source.run(client, api_server, emit, seen, stop_rx)),
+                ))
+            }
+            _ => Err(("InvalidSpec", "not a source".into())),
+        }
+    }
+
+    async fn kube_client(&self) -> Result<(kube::Client, String), Problem> {
+        let config = match &self.config.kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| ("NoCluster", format!("--kubeconfig {}: {e}", path.display())))?;
+                kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                    .await
+                    .map_err(|e| ("NoCluster", format!("--kubeconfig {}: {e}", path.display())))?
+            }
+            None => kube::Config::infer().await.map_err(|e| {
+                (
+                    "NoCluster",
+                    format!(
+                        "no Kubernetes API server to watch (set KUBECONFIG or --kubeconfig, or run \
+                         in a cluster): {e}"
+                    ),
+                )
+            })?,
+        };
+        let api_server = config
+            .cluster_url
+            .to_string()
+            .trim_end_matches('/')
+            .to_string();
+        let client = kube::Client::try_from(config).map_err(|e| {
+            (
+                "NoCluster",
+                format!("cannot build a Kubernetes client: {e}"),
+            )
+        })?;
+        Ok((client, api_server))
+    }
+}
+
+/// The changes to report for a request: what it named, and whatever else changed with it.
+fn only_asked(changes: Vec<Change>, asked: &[String]) -> Vec<Change> {
+    changes
+        .into_iter()
+        .filter(|c| c.action != "unchanged" || asked.contains(&c.id))
+        .collect()
+}
+
+async fn stop_source(run: SourceRun) {
+    let _ = run.stop.send(true);
+    if tokio::time::timeout(Duration::from_secs(5), run.handle)
+        .await
+        .is_err()
+    {
+        tracing::warn!("a replaced source did not stop within 5 s");
+    }
+}
+
+/// The files' objects, with the admin API's changes on top (an applied object replaces the
+/// file's of the same id; a deleted one is left out).
+fn merge(files: &[Located], overlay: &Overlay) -> Result<Vec<Located>, String> {
+    let mut out: Vec<Located> = files
+        .iter()
+        .filter(|l| {
+            let id = l.resource.id();
+            !overlay.deleted.contains(&id) && !overlay.applied.contains_key(&id)
+        })
+        .cloned()
+        .collect();
+    for json in overlay.applied.values() {
+        let text = serde_json::to_string(json).map_err(|e| e.to_string())?;
+        let docs =
+            wasmesh_core::yaml::parse_documents(API_FILE, &text).map_err(|e| e.to_string())?;
+        out.extend(docs);
+    }
+    Ok(out)
+}
+
+/// A Namespace labelled `knative-eventing-injection=enabled` gets its `default` Broker, as an
+/// object of its own (as Knative creates one), unless one is declared.
+fn with_injected_brokers(mut desired: Vec<Located>) -> Vec<Located> {
+    let mut injected = Vec::new();
+    for loc in &desired {
+        let Resource::Namespace(ns) = &loc.resource else {
+            continue;
+        };
+        if ns.metadata.labels.get(INJECTION_LABEL).map(String::as_str) != Some("enabled") {
+            continue;
+        }
+        let id = format!("Broker/{}/default", ns.metadata.name);
+        if desired.iter().any(|l| l.resource.id() == id) {
+            continue;
+        }
+        injected.push(Located {
+            file: loc.file.clone(),
+            line: loc.line,
+            resource: Resource::Broker(Object {
+                api_version: "eventing.knative.dev/v1".into(),
+                kind: "Broker".into(),
+                metadata: wasmesh_core::resources::ObjectMeta {
+                    name: "default".into(),
+                    namespace: Some(ns.metadata.name.clone()),
+                    ..Default::default()
+                },
+                spec: BrokerSpec::default(),
+                status: None,
+            }),
+        });
+    }
+    desired.extend(injected);
+    desired
+}
+
+fn settings(spec: &FunctionSpec) -> FunctionSettings {
+    let limits = spec.limits.clone().unwrap_or_default();
+    let defaults = Limits::default();
+    FunctionSettings {
+        config: spec.config.clone(),
+        limits: Limits {
+            memory_bytes: limits.memory.map_or(defaults.memory_bytes, |m| m.bytes()),
+            timeout: limits.timeout.map_or(defaults.timeout, |t| t.get()),
+        },
+        isolation: match spec.isolation.unwrap_or_default() {
+            IsolationSpec::Warm => Isolation::Warm,
+            IsolationSpec::Fresh => Isolation::Fresh,
+        },
+        max_idle: 16,
+    }
+}
+
+fn lookup_function(
+    st: &State,
+    ns: &str,
+    name: &str,
+    kind: PluginKind,
+) -> Result<Arc<FunctionSlot>, Problem> {
+    let run = st.functions.get(&function_key(ns, name)).ok_or_else(|| {
+        (
+            "FunctionDoesNotExist",
+            format!("Function {ns}/{name} does not exist or is not ready"),
+        )
+    })?;
+    if run.kind != kind {
+        return Err((
+            "WrongWorld",
+            format!(
+                "Function {ns}/{name} implements world `{}`, but a `{kind}` is needed",
+                run.kind
+            ),
+        ));
+    }
+    Ok(Arc::clone(&run.slot))
+}
+
+fn resolve_sink(
+    st: &State,
+    mesh: &Mesh,
+    ns: &str,
+    dest: &Destination,
+    field: &str,
+) -> Result<Sink, Problem> {
+    if let Some(uri) = &dest.uri {
+        let parsed: http::Uri = uri
+            .parse()
+            .map_err(|e| ("InvalidSink", format!("{field}.uri `{uri}`: {e}")))?;
+        if parsed.scheme_str() != Some("http") {
+            return Err((
+                "InvalidSink",
+                format!("{field}.uri `{uri}`: only http is supported in this version"),
+            ));
+        }
+        return Ok(Sink::Http(parsed));
+    }
+    let Some(r) = &dest.reference else {
+        return Err(("InvalidSink", format!("{field}: no ref or uri")));
+    };
+    let ref_ns = r.namespace.as_deref().unwrap_or(ns);
+    let group = r.api_version.split('/').next().unwrap_or("");
+    match (group, r.kind.as_str()) {
+        ("wasmesh.dev", "Function") | ("serving.knative.dev", "Service") => {
+            lookup_function(st, ref_ns, &r.name, PluginKind::Subscriber).map(Sink::Function)
+        }
+        ("eventing.knative.dev", "Broker") => {
+            let key = BrokerKey::new(ref_ns, &r.name);
+            if mesh.has_broker(&key) {
+                Ok(Sink::Broker(key))
+            } else {
+                Err((
+                    "BrokerDoesNotExist",
+                    format!("{field}: Broker {key} does not exist"),
+                ))
+            }
+        }
+        (_, kind) => Err((
+            "InvalidSink",
+            format!(
+                "{field}.ref: kind {kind} ({}) is not a sink wasmesh can run; use a Function, a Knative Service (resolved to the Function of the same name), a Broker or a uri",
+                r.api_version
+            ),
+        )),
+    }
+}
+
+fn resolve_policy(
+    st: &State,
+    mesh: &Mesh,
+    ns: &str,
+    spec: Option<&DeliverySpec>,
+) -> Result<DeliveryPolicy, Problem> {
+    let Some(spec) = spec else {
+        return Ok(DeliveryPolicy::default());
+    };
+    let dls = match &spec.dead_letter_sink {
+        Some(d) => Some(resolve_sink(
+            st,
+            mesh,
+            ns,
+            d,
+            "spec.delivery.deadLetterSink",
+        )?),
+        None => None,
+    };
+    Ok(DeliveryPolicy::from_spec(spec, dls))
+}
+
+fn resolve_trigger(
+    st: &State,
+    mesh: &Mesh,
+    t: &Object<TriggerSpec>,
+) -> Result<TriggerSpecRuntime, Problem> {
+    let ns = t.metadata.namespace();
+    let key = BrokerKey::new(ns, &t.spec.broker);
+    let Some(broker) = st.brokers.get(&key) else {
+        return Err(("BrokerDoesNotExist", format!("Broker {key} does not exist")));
+    };
+    let subscriber = resolve_sink(st, mesh, ns, &t.spec.subscriber, "spec.subscriber")?;
+    let wasm_filter = match &t.spec.wasm_filter {
+        Some(name) => Some(lookup_function(st, ns, name, PluginKind::Filter)?),
+        None => None,
+    };
+    let policy = resolve_policy(
+        st,
+        mesh,
+        ns,
+        t.spec.delivery.as_ref().or(broker.delivery.as_ref()),
+    )?;
+    let filter = Filter::for_trigger(
+        t.spec.filter.as_ref().map(|f| &f.attributes),
+        &t.spec.filters,
+    );
+    Ok(TriggerSpecRuntime {
+        namespace: ns.to_string(),
+        name: t.metadata.name.clone(),
+        broker: key,
+        filter,
+        wasm_filter,
+        subscriber,
+        policy,
+    })
+}
+
+fn status_of(st: &State, loc: &Located, result: Result<(), Problem>) -> Status {
+    let (mut ready, mut reason, mut message) = match result {
+        Ok(()) => (true, String::new(), String::new()),
+        Err((reason, message)) => (false, reason.to_string(), message),
+    };
+    if ready && let Resource::Function(f) = &loc.resource {
+        if let Some(run) = st
+            .functions
+            .get(&function_key(f.metadata.namespace(), &f.metadata.name))
+        {
+            let live = run.slot.live();
+            message = format!("revision {} ({}) is live", live.revision, live.digest);
+            if let Some(note) = run.slot.note() {
+                if note.contains("rolled back") {
+                    reason = "RolledBack".into();
+                }
+                message = format!("{message}; {note}");
+            }
+        } else {
+            ready = false;
+            reason = "ModuleInvalid".into();
+        }
+    }
+    Status {
+        id: loc.resource.id(),
+        declared_at: format!("{}:{}", loc.file, loc.line),
+        ready,
+        reason,
+        message,
+    }
+}
+
+fn ordered_statuses(st: &State) -> Vec<Status> {
+    st.desired
+        .iter()
+        .filter(|l| st.statuses.contains_key(&l.resource.id()))
+        .map(|l| current_status(st, l))
+        .collect()
+}
+
+fn kind_name(r: &Resource) -> &'static str {
+    match r {
+        Resource::Namespace(_) => "Namespace",
+        Resource::Broker(_) => "Broker",
+        Resource::Trigger(_) => "Trigger",
+        Resource::Function(_) => "Function",
+        Resource::PingSource(_) => "PingSource",
+        Resource::ApiServerSource(_) => "ApiServerSource",
+        Resource::Ignored { .. } => "Ignored",
+    }
+}
+
+/// The kinds a `get` argument names (`brokers`, `trigger`, `functions`, `sources`, ...).
+fn kinds_of(kind: &str) -> Result<&'static [&'static str], String> {
+    Ok(match kind.to_ascii_lowercase().as_str() {
+        "broker" | "brokers" => &["Broker"],
+        "trigger" | "triggers" => &["Trigger"],
+        "function" | "functions" | "fn" => &["Function"],
+        "source" | "sources" => &["PingSource", "ApiServerSource"],
+        "pingsource" | "pingsources" => &["PingSource"],
+        "apiserversource" | "apiserversources" => &["ApiServerSource"],
+        "namespace" | "namespaces" | "ns" => &["Namespace"],
+        other => {
+            return Err(format!(
+                "unknown kind `{other}`: use brokers, triggers, functions, sources, pingsources, apiserversources or namespaces"
+            ));
+        }
+    })
+}
+
+/// An object as `get` returns it: as declared, plus a status with Knative's `Ready` condition.
+fn view(st: &State, loc: &Located) -> Option<serde_json::Value> {
+    let mut json = loc.resource.to_json()?;
+    let id = loc.resource.id();
+    st.statuses.get(&id)?;
+    let status = current_status(st, loc);
+    let mut s = serde_json::json!({
+        "conditions": [{
+            "type": "Ready",
+            "status": if status.ready { "True" } else { "False" },
+            "reason": status.reason,
+            "message": status.message,
+        }],
+        "declaredAt": status.declared_at,
+    });
+    if let Resource::Function(f) = &loc.resource
+        && let Some(run) = st
+            .functions
+            .get(&function_key(f.metadata.namespace(), &f.metadata.name))
+    {
+        let live = run.slot.live();
+        s["world"] = run.kind.world().into();
+        s["revision"] = live.revision.into();
+        s["digest"] = live.digest.clone().into();
+        s["revisions"] = serde_json::to_value(st.overlay.history.get(&id)).unwrap_or_default();
+    }
+    if let Resource::Broker(o) = &loc.resource {
+        s["address"] = serde_json::json!({
+            "path": format!("/{}/{}", o.metadata.namespace(), o.metadata.name)
+        });
+    }
+    json["status"] = s;
+    Some(json)
+}
+
+/// The recorded status; a ready Function's is read from its slot now, since its trial may have
+/// ended since.
+fn current_status(st: &State, loc: &Located) -> Status {
+    let s = st
+        .statuses
+        .get(&loc.resource.id())
+        .cloned()
+        .unwrap_or_else(|| status_of(st, loc, Ok(())));
+    if s.ready && matches!(loc.resource, Resource::Function(_)) {
+        status_of(st, loc, Ok(()))
+    } else {
+        s
+    }
+}

@@ -1,0 +1,115 @@
+//! What the control path keeps in the data directory: uploaded modules by digest, and the
+//! changes made through the admin API (objects applied, objects deleted, each Function's
+//! revisions), so that a restart comes back to the state the API left.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Modules stored content-addressed: `<data-dir>/modules/<hex sha256>.wasm`.
+#[derive(Debug, Clone)]
+pub struct ModuleStore {
+    dir: PathBuf,
+}
+
+impl ModuleStore {
+    /// The store under `data_dir`.
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            dir: data_dir.join("modules"),
+        }
+    }
+
+    fn path(&self, hex: &str) -> Option<PathBuf> {
+        (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| self.dir.join(format!("{}.wasm", hex.to_ascii_lowercase())))
+    }
+
+    /// Keeps `bytes`; returns their hex digest. Written to a temporary file and renamed, so a
+    /// crash never leaves a torn module under its digest.
+    pub fn put(&self, bytes: &[u8]) -> std::io::Result<String> {
+        let hex = wasmesh_runtime::digest(bytes);
+        let Some(path) = self.path(&hex) else {
+            return Err(std::io::Error::other("bad digest"));
+        };
+        if path.exists() {
+            return Ok(hex);
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        let tmp = self.dir.join(format!(".{hex}.tmp"));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(hex)
+    }
+
+    /// The bytes stored under `sha256:<hex>` (or a bare hex digest).
+    pub fn get(&self, digest: &str) -> Result<Vec<u8>, String> {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        let path = self
+            .path(hex)
+            .ok_or_else(|| format!("`{digest}` is not a sha256 digest (sha256:<64 hex digits>)"))?;
+        std::fs::read(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => format!(
+                "no uploaded module {digest}: upload it first (wasmesh push function NAME FILE.wasm)"
+            ),
+            _ => format!("cannot read {}: {e}", path.display()),
+        })
+    }
+}
+
+/// One revision of a Function.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Revision {
+    pub revision: u32,
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// `spec.module` as declared (a path, `builtin:...` or a digest).
+    pub module: String,
+    /// When it went live (RFC 3339).
+    pub created: String,
+    /// Why it is no longer live, when a rollout rolled it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<String>,
+}
+
+/// The admin API's changes, as persisted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Overlay {
+    /// Objects applied through the API, by `Kind/namespace/name`, as JSON.
+    #[serde(default)]
+    pub applied: BTreeMap<String, serde_json::Value>,
+    /// Objects deleted through the API (files may still declare them).
+    #[serde(default)]
+    pub deleted: Vec<String>,
+    /// Each Function's revisions, oldest first.
+    #[serde(default)]
+    pub history: BTreeMap<String, Vec<Revision>>,
+}
+
+impl Overlay {
+    /// Reads `<data-dir>/control.json` (empty when there is none).
+    pub fn load(data_dir: &Path) -> Result<Self, String> {
+        let path = data_dir.join("control.json");
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    /// Writes it atomically (temporary file, fsync, rename).
+    pub fn save(&self, data_dir: &Path) -> std::io::Result<()> {
+        let path = data_dir.join("control.json");
+        let tmp = data_dir.join(".control.json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    }
+}
