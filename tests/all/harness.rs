@@ -30,6 +30,10 @@ pub(crate) fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> 
 pub(crate) struct Serve {
     child: Child,
     pub(crate) addr: SocketAddr,
+    /// The admin API (unless started with `--admin-listen off`).
+    pub(crate) admin: Option<SocketAddr>,
+    data_dir: std::path::PathBuf,
+    files_dir: std::path::PathBuf,
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
     _dir: Option<tempfile::TempDir>,
@@ -65,6 +69,11 @@ impl Serve {
             .arg(dir)
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.join("data"))
+            .args(if extra.contains(&"--admin-listen") {
+                &[][..]
+            } else {
+                &["--admin-listen", "127.0.0.1:0"][..]
+            })
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -75,6 +84,7 @@ impl Serve {
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut err_lines = BufReader::new(child.stderr.take().expect("stderr"));
         let mut addr = None;
+        let mut admin = None;
         let mut line = String::new();
         while addr.is_none() {
             line.clear();
@@ -90,6 +100,11 @@ impl Serve {
                 .strip_prefix("wasmesh: ingress listening on http://")
             {
                 addr = Some(rest.parse().expect("address"));
+            }
+            if let Some(rest) = line.trim().strip_prefix("wasmesh: admin API listening on ") {
+                let url = rest.split_whitespace().next().unwrap_or_default();
+                let host = url.split("://").nth(1).unwrap_or_default();
+                admin = Some(host.parse().expect("admin address"));
             }
         }
         let e = Arc::clone(&stderr);
@@ -116,10 +131,43 @@ impl Serve {
         Serve {
             child,
             addr: addr.expect("address"),
+            admin,
+            data_dir: dir.join("data"),
+            files_dir: dir.to_path_buf(),
             stdout,
             stderr,
             _dir: None,
         }
+    }
+
+    /// Its data directory.
+    pub(crate) fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The directory of the YAML files it serves.
+    pub(crate) fn files_dir(&self) -> &Path {
+        &self.files_dir
+    }
+
+    /// The admin token the server generated into its data directory.
+    pub(crate) fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin-token"))
+            .expect("admin-token")
+            .trim()
+            .to_string()
+    }
+
+    /// A request to the admin API with the right token.
+    pub(crate) fn admin(&self, method: &str, path: &str, body: &[u8]) -> Response {
+        let auth = format!("Bearer {}", self.admin_token());
+        request(
+            self.admin.expect("admin API"),
+            method,
+            path,
+            &[("authorization", &auth)],
+            body,
+        )
     }
 
     pub(crate) fn stdout(&self) -> String {

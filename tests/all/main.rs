@@ -1,6 +1,7 @@
 //! wasmesh's integration tests: one binary, a module per area. Everything here is real: Wasm
 //! components built from `plugins/`, the real `wasmesh` binary.
 
+mod admin;
 mod apiserver;
 mod broker;
 mod cli_run;
