@@ -170,6 +170,12 @@ impl Serve {
         )
     }
 
+    /// What the server printed from byte `offset` on (benches poll with it).
+    #[allow(dead_code)]
+    pub(crate) fn stdout_from(&self, offset: usize) -> String {
+        self.stdout.lock().expect("lock")[offset..].to_string()
+    }
+
     pub(crate) fn stdout(&self) -> String {
         self.stdout.lock().expect("lock").clone()
     }
