@@ -4,6 +4,7 @@
 mod admin;
 mod apiserver;
 mod broker;
+mod cesql;
 mod cli_run;
 mod durable;
 mod fake_apiserver;

@@ -61,12 +61,10 @@ impl TryFrom<RawFilterSpec> for FilterSpec {
             set.push(FilterSpec::Not(f));
         }
         if let Some(expr) = r.cesql {
-            let _ = expr;
-            return Err(
-                "the `cesql` dialect is not supported yet; use exact, prefix, suffix, \
-                        all, any or not"
-                    .into(),
-            );
+            // Parsed and checked here, so that a bad expression refuses the trigger with its
+            // position; compiled again (cheaply) by `Filter::compile`.
+            crate::cesql::Expression::parse_filter(&expr)?;
+            set.push(FilterSpec::Cesql(expr));
         }
         match set.len() {
             1 => Ok(set.remove(0)),
@@ -113,7 +111,8 @@ pub enum Attr {
 }
 
 impl Attr {
-    fn new(name: &str) -> Self {
+    /// The attribute of that name (an extension unless it is a context attribute).
+    pub fn new(name: &str) -> Self {
         match name {
             "id" => Attr::Id,
             "source" => Attr::Source,
@@ -159,6 +158,8 @@ pub enum Filter {
     All(Vec<Filter>),
     Any(Vec<Filter>),
     Not(Box<Filter>),
+    /// A CESQL expression: passes when it evaluates to `true` without an error.
+    Cesql(std::sync::Arc<crate::cesql::Expression>),
 }
 
 impl Filter {
@@ -185,8 +186,12 @@ impl Filter {
             FilterSpec::All(v) => Filter::All(v.iter().map(Filter::compile).collect()),
             FilterSpec::Any(v) => Filter::Any(v.iter().map(Filter::compile).collect()),
             FilterSpec::Not(f) => Filter::Not(Box::new(Filter::compile(f))),
-            // Refused at deserialization until CESQL lands.
-            FilterSpec::Cesql(_) => Filter::Not(Box::new(Filter::True)),
+            FilterSpec::Cesql(text) => match crate::cesql::Expression::parse_filter(text) {
+                Ok(e) => Filter::Cesql(std::sync::Arc::new(e)),
+                // Unreachable for a spec that was deserialized (checked there); a filter that
+                // cannot be compiled lets nothing through.
+                Err(_) => Filter::Not(Box::new(Filter::True)),
+            },
         }
     }
 
@@ -218,6 +223,7 @@ impl Filter {
             Filter::All(v) => v.iter().all(|f| f.matches(e)),
             Filter::Any(v) => v.iter().any(|f| f.matches(e)),
             Filter::Not(f) => !f.matches(e),
+            Filter::Cesql(expr) => expr.matches(e),
         }
     }
 }
@@ -321,10 +327,11 @@ mod tests {
                 .contains("^[a-z][a-z0-9]*$")
         );
         assert!(
-            spec("cesql: \"type = 'x'\"")
+            spec("cesql: \"type =\"")
                 .expect_err("cesql")
-                .contains("not supported yet")
+                .contains("CESQL: column 7: expected an expression")
         );
+        assert!(spec("cesql: \"type = 'x'\"").is_ok());
         assert!(
             spec("exakt: {a: b}")
                 .expect_err("unknown")

@@ -2,6 +2,7 @@
 //! declare and their validation, YAML reading with located errors, and the native filter
 //! dialects. No I/O and no async runtime live here.
 
+pub mod cesql;
 pub mod display;
 pub mod duration;
 pub mod event;
