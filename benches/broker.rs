@@ -153,6 +153,7 @@ async fn broker_with(
             book: None,
         },
         log,
+        nats: None,
     });
     let key = BrokerKey::new("default", "default");
     mesh.add_broker(key.clone());

@@ -63,12 +63,18 @@ impl Serve {
     /// Serves the YAML files in `dir` with the data directory `dir/data`, which outlives this
     /// process (for restarts on the same data).
     pub(crate) fn start_at(dir: &Path, extra: &[&str]) -> Serve {
+        Self::start_replica(dir, &dir.join("data"), extra)
+    }
+
+    /// Serves the YAML files in `dir` with its own data directory `data` (replicas of the
+    /// same files each have one).
+    pub(crate) fn start_replica(dir: &Path, data: &Path, extra: &[&str]) -> Serve {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wasmesh"))
             .arg("serve")
             .arg("-f")
             .arg(dir)
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.join("data"))
+            .arg(data)
             .args(if extra.contains(&"--admin-listen") {
                 &[][..]
             } else {
@@ -132,7 +138,7 @@ impl Serve {
             child,
             addr: addr.expect("address"),
             admin,
-            data_dir: dir.join("data"),
+            data_dir: data.to_path_buf(),
             files_dir: dir.to_path_buf(),
             stdout,
             stderr,

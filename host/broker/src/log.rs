@@ -400,7 +400,7 @@ impl DurableLog {
 
 /// A record: TTL, the attributes as JSON, then content type, schema and the data bytes exactly
 /// as they came (JSON would re-encode them).
-fn encode_record(event: &Event, ttl: i32) -> Vec<u8> {
+pub(crate) fn encode_record(event: &Event, ttl: i32) -> Vec<u8> {
     let mut e = event.clone();
     let (ct, schema, data) = e.take_data();
     // Serializing attributes to JSON cannot fail: every value is representable.
@@ -426,7 +426,7 @@ fn encode_record(event: &Event, ttl: i32) -> Vec<u8> {
     out
 }
 
-fn decode_record(bytes: &[u8]) -> Result<(Event, i32), String> {
+pub(crate) fn decode_record(bytes: &[u8]) -> Result<(Event, i32), String> {
     let mut at = 0usize;
     let mut take = |n: usize| -> Result<&[u8], String> {
         let part = bytes.get(at..at + n).ok_or("truncated record")?;

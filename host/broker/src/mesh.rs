@@ -19,6 +19,7 @@ use wasmesh_core::{AttributesReader, Event, ExtensionValue};
 
 use crate::delivery::DeliveryPolicy;
 use crate::log::{Append, DurableLog, LogError};
+use crate::nats::NatsStore;
 use crate::output::FunctionOutput;
 use crate::sink::{self, Failure, HttpClient, Outcome, Sink};
 use crate::slot::FunctionSlot;
@@ -58,8 +59,10 @@ pub struct Envelope {
     /// Its place in the durable log and the id of the trigger that owes it (none in memory
     /// mode): what acknowledges it when the delivery is finished.
     pub seq: Option<(u64, u64)>,
-    /// Attempts already made (before a restart).
+    /// Attempts already made (before a restart, or earlier deliveries from JetStream).
     pub attempts: u32,
+    /// JetStream mode: what acknowledges or NAKs the message.
+    pub acker: Option<Arc<crate::nats::AckHandle>>,
 }
 
 /// Settings of the data plane.
@@ -73,6 +76,8 @@ pub struct MeshConfig {
     pub output: FunctionOutput,
     /// The durable log; `None` keeps events in memory only (lost on a crash).
     pub log: Option<Arc<DurableLog>>,
+    /// NATS JetStream in place of the embedded log (several replicas share the work).
+    pub nats: Option<Arc<NatsStore>>,
 }
 
 impl Default for MeshConfig {
@@ -82,6 +87,7 @@ impl Default for MeshConfig {
             concurrency: 16,
             output: FunctionOutput::default(),
             log: None,
+            nats: None,
         }
     }
 }
@@ -275,6 +281,20 @@ impl Mesh {
         let key = spec.broker.clone();
         if !self.has_broker(&key) {
             return Err(PublishError::UnknownBroker(key));
+        }
+        if let Some(nats) = &self.config.nats {
+            // The durable consumer exists before the trigger counts as applied: it starts at
+            // the events published from now on, and none accepted after this may pass it by.
+            nats.consumer(
+                &key,
+                &spec.name,
+                spec.policy.ordered_by.is_some(),
+                self.config.queue_capacity,
+                spec.policy.timeout.map_or(Duration::from_secs(30), |t| {
+                    (t * 2).max(Duration::from_secs(2))
+                }),
+            )
+            .await?;
         }
         let existing = self.find_trigger(&spec.namespace, &spec.name);
         if let Some((old_key, old)) = &existing
@@ -486,6 +506,10 @@ impl Mesh {
     }
 
     fn start_feeder(&self, trigger: &TriggerRuntime, after: u64) {
+        if let Some(nats) = &self.config.nats {
+            self.start_nats_feeder(nats, trigger);
+            return;
+        }
         let (Some(log), Some(id)) = (&self.config.log, trigger.log_id) else {
             return;
         };
@@ -503,6 +527,71 @@ impl Mesh {
             .feeder
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(Feeder { stop, handle, fed });
+    }
+
+    /// JetStream mode: reads the trigger's durable consumer into its queues. Events its native
+    /// filter refuses are acknowledged at once.
+    fn start_nats_feeder(&self, nats: &Arc<NatsStore>, trigger: &TriggerRuntime) {
+        let (stop, retire) = tokio::sync::watch::channel(false);
+        let nats = Arc::clone(nats);
+        let cell = Arc::clone(&trigger.spec);
+        let lanes = trigger.lanes.clone();
+        let stopping = self.stopping.subscribe();
+        let capacity = self.config.queue_capacity;
+        let handle = tokio::spawn(async move {
+            let spec = cell.load_full();
+            let ordered = spec.policy.ordered_by.is_some();
+            // Twice the delivery timeout (30 s without one): a crashed replica's messages come
+            // back after it; an ordered trigger's retries in place send progress meanwhile.
+            let ack_wait = spec.policy.timeout.map_or(Duration::from_secs(30), |t| {
+                (t * 2).max(Duration::from_secs(2))
+            });
+            let consumer = loop {
+                match nats
+                    .consumer(&spec.broker, &spec.name, ordered, capacity, ack_wait)
+                    .await
+                {
+                    Ok(c) => break c,
+                    Err(e) => {
+                        tracing::warn!(trigger = %spec.name, error = %e, "no JetStream consumer yet; retrying in 1 s");
+                        let mut r = retire.clone();
+                        let mut s = stopping.clone();
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = r.changed() => return,
+                            _ = s.changed() => return,
+                        }
+                    }
+                }
+            };
+            crate::nats::pull(consumer, stopping, retire, move |p: crate::nats::Pulled| {
+                let passes = cell.load().filter.matches(&p.event);
+                let queue = lanes.for_event(&p.event).clone();
+                async move {
+                    if !passes {
+                        let _ = p.acker.ack().await;
+                        return true;
+                    }
+                    let env = Envelope {
+                        event: Arc::new(p.event),
+                        ttl: p.ttl,
+                        seq: None,
+                        attempts: p.delivered_before,
+                        acker: Some(p.acker),
+                    };
+                    queue.send(env).await.is_ok()
+                }
+            })
+            .await;
+        });
+        *trigger
+            .feeder
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Feeder {
+            stop,
+            handle,
+            fed: Arc::new(AtomicU64::new(0)),
+        });
     }
 
     /// Sets `knativearrivaltime`, applies the TTL rules and finds, for each event, the triggers
@@ -542,6 +631,7 @@ impl Mesh {
                     ttl,
                     seq: None,
                     attempts: 0,
+                    acker: None,
                 },
                 matching,
             ));
@@ -589,6 +679,18 @@ impl Mesh {
     /// disk (202 means safe); in memory mode, once they are queued.
     pub async fn publish(&self, key: &BrokerKey, events: Vec<Event>) -> Result<(), PublishError> {
         let prepared = self.prepare(key, events)?;
+        if let Some(nats) = &self.config.nats {
+            // Events no trigger wants are not kept; each replica has the same triggers.
+            let events: Vec<(Arc<Event>, i32)> = prepared
+                .into_iter()
+                .filter(|(_, t)| !t.is_empty())
+                .map(|(env, _)| (env.event, env.ttl))
+                .collect();
+            if events.is_empty() {
+                return Ok(());
+            }
+            return Ok(nats.publish(key, events).await?);
+        }
         match &self.config.log {
             Some(log) => Ok(log.append(Self::appends(prepared)).await?),
             None => Self::enqueue(prepared),
@@ -601,6 +703,9 @@ impl Mesh {
         key: &BrokerKey,
         events: Vec<Event>,
     ) -> Result<(), PublishError> {
+        if self.config.nats.is_some() {
+            return tokio::runtime::Handle::current().block_on(self.publish(key, events));
+        }
         let prepared = self.prepare(key, events)?;
         match &self.config.log {
             Some(log) => Ok(log.append_blocking(Self::appends(prepared))?),
@@ -835,14 +940,25 @@ impl Mesh {
     /// The subscriber with retries (continuing after `first` when the first attempt was made
     /// elsewhere), then the reply or the dead letter.
     async fn finish_delivery(&self, t: &TriggerSpecRuntime, env: Envelope, first: Option<Outcome>) {
+        if let Some(acker) = env.acker.clone()
+            && t.policy.ordered_by.is_none()
+        {
+            return self.finish_jetstream(t, env, first, acker).await;
+        }
         let mut first = first;
         let event = &env.event;
         let log = self.config.log.clone().zip(env.seq);
+        let acker = env.acker.clone();
         let record = |attempts: u32| {
             let log = log.clone();
+            let acker = acker.clone();
             async move {
                 if let Some((log, (id, seq))) = log {
                     log.attempted(id, seq, attempts).await;
+                }
+                // JetStream, ordered: the message stays in flight while its retries run here.
+                if let Some(a) = acker {
+                    let _ = a.ack_with(async_nats::jetstream::AckKind::Progress).await;
                 }
             }
         };
@@ -867,11 +983,62 @@ impl Mesh {
         self.done(&env);
     }
 
+    /// JetStream, unordered: one attempt here; a retryable failure is NAKed with the trigger's
+    /// backoff, and JetStream delivers the event again later, to this replica or another. Past
+    /// the retry limit, or for a failure that is not retried, the dead-letter sink.
+    async fn finish_jetstream(
+        &self,
+        t: &TriggerSpecRuntime,
+        env: Envelope,
+        first: Option<Outcome>,
+        acker: Arc<crate::nats::AckHandle>,
+    ) {
+        let outcome = match first {
+            Some(o) => o,
+            None => self.send_once(t, &t.subscriber, &env.event).await,
+        };
+        match outcome {
+            Outcome::Delivered(reply) => {
+                if let Some(reply) = reply {
+                    self.reply(t, reply, env.ttl).await;
+                }
+            }
+            Outcome::Retry(f) if env.attempts < t.policy.retry => {
+                let wait = f
+                    .retry_after
+                    .unwrap_or_else(|| t.policy.backoff(env.attempts + 1));
+                tracing::info!(
+                    trigger = %t.name, retry = env.attempts + 1, wait_ms = wait.as_millis() as u64,
+                    code = ?f.code, "retrying (JetStream NAK)"
+                );
+                if let Err(e) = acker
+                    .ack_with(async_nats::jetstream::AckKind::Nak(Some(wait)))
+                    .await
+                {
+                    tracing::warn!(error = %e, "JetStream NAK failed; the event comes again after the ack wait");
+                }
+                return;
+            }
+            Outcome::Retry(f) | Outcome::Fail(f) => {
+                self.dead_letter(t, &env.event, &t.subscriber, f).await
+            }
+        }
+        self.done(&env);
+    }
+
     /// The delivery is finished (delivered, filtered out, or dead-lettered): the log no longer
     /// owes it.
     fn done(&self, env: &Envelope) {
         if let (Some((id, seq)), Some(log)) = (env.seq, &self.config.log) {
             log.ack(id, seq);
+        }
+        if let Some(acker) = &env.acker {
+            let acker = Arc::clone(acker);
+            tokio::spawn(async move {
+                if let Err(e) = acker.ack().await {
+                    tracing::warn!(error = %e, "JetStream ack failed; the event will come again");
+                }
+            });
         }
     }
 
@@ -1020,6 +1187,7 @@ async fn feed(
                 ttl: owed.ttl,
                 seq: Some((trigger, owed.seq)),
                 attempts: owed.attempts,
+                acker: None,
             };
             let queue = lanes.for_event(&env.event).clone();
             tokio::select! {

@@ -363,7 +363,13 @@ async fn upload(req: Request<Incoming>, c: &Controller, config: &AdminConfig) ->
             ),
         );
     }
-    match store.put(&bytes) {
+    let stored = store.put(&bytes);
+    if let Ok(hex) = &stored
+        && let Err(e) = c.share_module(hex, &bytes).await
+    {
+        return error(StatusCode::SERVICE_UNAVAILABLE, e);
+    }
+    match stored {
         Ok(hex) => json(
             StatusCode::CREATED,
             &serde_json::json!({

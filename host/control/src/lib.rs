@@ -5,6 +5,7 @@
 
 pub mod admin;
 mod reconcile;
+pub mod shared;
 mod store;
 
 pub use reconcile::{API_FILE, ApplyError, Change, ControlConfig, Controller};

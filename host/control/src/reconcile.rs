@@ -24,6 +24,7 @@ use wasmesh_sources::Emit;
 use wasmesh_sources::apiserver::{ApiServerSource, MemorySeen, SeenStore};
 use wasmesh_sources::ping::PingSource;
 
+use crate::shared::Shared;
 use crate::store::{ModuleStore, Overlay, Revision};
 use crate::{Builtins, INJECTION_LABEL, LogSeen, SinkEmit, Status};
 
@@ -53,13 +54,16 @@ pub struct Change {
 }
 
 /// Where the controller keeps things.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ControlConfig {
     /// Uploaded modules, the admin API's changes and revisions live here; `None` keeps them in
     /// memory only.
     pub data_dir: Option<PathBuf>,
     /// For ApiServerSources (otherwise KUBECONFIG, ~/.kube/config or in-cluster).
     pub kubeconfig: Option<PathBuf>,
+    /// Replicas over NATS: the admin API's changes, modules, source leases and source state
+    /// live there instead of the data directory.
+    pub shared: Option<Arc<Shared>>,
 }
 
 struct FunctionRun {
@@ -78,6 +82,8 @@ struct SourceRun {
 struct State {
     files: Vec<Located>,
     overlay: Overlay,
+    /// The shared overlay's revision this replica runs (replicas over NATS).
+    overlay_revision: u64,
     desired: Vec<Located>,
     functions: BTreeMap<String, FunctionRun>,
     brokers: BTreeMap<BrokerKey, BrokerSpec>,
@@ -156,6 +162,14 @@ impl Controller {
         self.modules.as_ref()
     }
 
+    /// Keeps an uploaded module where every replica finds it (over NATS).
+    pub async fn share_module(&self, hex: &str, bytes: &[u8]) -> Result<(), String> {
+        match &self.config.shared {
+            Some(shared) => shared.put_module(hex, bytes).await,
+            None => Ok(()),
+        }
+    }
+
     /// The engine that validates uploads.
     pub fn engine(&self) -> &PluginEngine {
         &self.engine
@@ -166,6 +180,15 @@ impl Controller {
     pub async fn start(&self, files: Vec<Located>) -> Vec<Status> {
         let mut st = self.state.lock().await;
         st.files = files;
+        if let Some(shared) = &self.config.shared {
+            match shared.load_overlay().await {
+                Ok((overlay, revision)) => {
+                    st.overlay = overlay;
+                    st.overlay_revision = revision;
+                }
+                Err(e) => tracing::error!("{e}"),
+            }
+        }
         let desired = merge(&st.files, &st.overlay);
         let desired = match desired {
             Ok(d) => d,
@@ -272,23 +295,94 @@ impl Controller {
     }
 
     async fn commit(&self, st: &mut State, overlay: Overlay) -> Result<Vec<Change>, ApplyError> {
-        let desired = merge(&st.files, &overlay).map_err(ApplyError::Invalid)?;
-        let before = std::mem::replace(&mut st.overlay, overlay);
-        match self.reconcile(st, desired, true).await {
-            Ok(changes) => {
+        let mut overlay = overlay;
+        // Over NATS another replica may have changed the state since: then take its state,
+        // put this change on top, and go again.
+        for _ in 0..8 {
+            let base = st.overlay.clone();
+            let desired = merge(&st.files, &overlay).map_err(ApplyError::Invalid)?;
+            let before = std::mem::replace(&mut st.overlay, overlay.clone());
+            let changes = match self.reconcile(st, desired, true).await {
+                Ok(c) => c,
+                Err(e) => {
+                    st.overlay = before;
+                    return Err(e);
+                }
+            };
+            let Some(shared) = &self.config.shared else {
                 if let Some(dir) = &self.config.data_dir
                     && let Err(e) = st.overlay.save(dir)
                 {
                     tracing::error!(error = %e, "cannot save the admin API's changes");
                     return Err(ApplyError::Storage(e.to_string()));
                 }
-                Ok(changes)
-            }
-            Err(e) => {
-                st.overlay = before;
-                Err(e)
+                return Ok(changes);
+            };
+            match shared
+                .save_overlay(&st.overlay, st.overlay_revision)
+                .await
+                .map_err(ApplyError::Storage)?
+            {
+                Ok(revision) => {
+                    st.overlay_revision = revision;
+                    return Ok(changes);
+                }
+                Err(_conflict) => {
+                    let (latest, revision) =
+                        shared.load_overlay().await.map_err(ApplyError::Storage)?;
+                    overlay = rebase(&base, &st.overlay, latest);
+                    st.overlay_revision = revision;
+                }
             }
         }
+        Err(ApplyError::Storage(
+            "the shared control state kept changing under this change; try again".into(),
+        ))
+    }
+
+    /// Over NATS: runs what other replicas apply, as they apply it, until `stop`.
+    pub fn follow_shared(self: &Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let Some(shared) = self.config.shared.clone() else {
+            return;
+        };
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut watch = match shared.watch_overlay().await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch the shared control state");
+                    return;
+                }
+            };
+            loop {
+                let revision = tokio::select! {
+                    r = crate::shared::next_revision(&mut watch) => r,
+                    _ = stop.changed() => return,
+                };
+                let Some(revision) = revision else { return };
+                let mut st = this.state.lock().await;
+                if revision <= st.overlay_revision {
+                    continue;
+                }
+                let (overlay, revision) = match shared.load_overlay().await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        continue;
+                    }
+                };
+                st.overlay = overlay;
+                st.overlay_revision = revision;
+                match merge(&st.files, &st.overlay) {
+                    Ok(desired) => {
+                        // Another replica validated it: what cannot run here becomes a status.
+                        let _ = this.reconcile(&mut st, desired, false).await;
+                        tracing::info!(revision, "applied a change made on another replica");
+                    }
+                    Err(e) => tracing::error!("the shared control state cannot be read: {e}"),
+                }
+            }
+        });
     }
 
     /// Every object's status, in declaration order.
@@ -400,16 +494,25 @@ impl Controller {
         for b in built {
             let id = format!("Function/{}", b.key);
             let history = st.overlay.history.entry(id).or_default();
-            let revision = history.last().map_or(1, |r| r.revision + 1);
+            let digest = format!("sha256:{}", b.hex);
+            // The newest revision already names this module (a restart, or a change another
+            // replica made and recorded): it is that revision, not a new one.
+            let revision = match history.last() {
+                Some(last) if last.digest == digest => last.revision,
+                last => {
+                    let revision = last.map_or(1, |r| r.revision + 1);
+                    history.push(Revision {
+                        revision,
+                        digest: digest.clone(),
+                        module: b.module,
+                        created: now.clone(),
+                        rolled_back: None,
+                    });
+                    revision
+                }
+            };
             let kind = b.function.plugin().kind();
-            let version = Version::new(Arc::new(b.function), revision, format!("sha256:{}", b.hex));
-            history.push(Revision {
-                revision,
-                digest: format!("sha256:{}", b.hex),
-                module: b.module,
-                created: now.clone(),
-                rolled_back: None,
-            });
+            let version = Version::new(Arc::new(b.function), revision, digest);
             match st.functions.get_mut(&b.key) {
                 Some(run) => {
                     run.slot.swap(version, b.rollout);
@@ -627,7 +730,7 @@ impl Controller {
         f: &Object<FunctionSpec>,
     ) -> Result<Option<Built>, Problem> {
         let key = function_key(f.metadata.namespace(), &f.metadata.name);
-        let bytes = self.module_bytes(loc, f)?;
+        let bytes = self.module_bytes(loc, f).await?;
         let hex = wasmesh_runtime::digest(&bytes);
         let mut rest = f.spec.clone();
         rest.module = String::new();
@@ -665,6 +768,12 @@ impl Controller {
                 .put(&bytes)
                 .map_err(|e| ("ModuleNotStored", format!("cannot store the module: {e}")))?;
         }
+        if let Some(shared) = &self.config.shared {
+            shared
+                .put_module(&hex, &bytes)
+                .await
+                .map_err(|e| ("ModuleNotStored", e))?;
+        }
         Ok(Some(Built {
             key,
             function,
@@ -678,7 +787,11 @@ impl Controller {
         }))
     }
 
-    fn module_bytes(&self, loc: &Located, f: &Object<FunctionSpec>) -> Result<Vec<u8>, Problem> {
+    async fn module_bytes(
+        &self,
+        loc: &Located,
+        f: &Object<FunctionSpec>,
+    ) -> Result<Vec<u8>, Problem> {
         let module = &f.spec.module;
         if let Some(builtin) = module.strip_prefix("builtin:") {
             return self
@@ -702,9 +815,18 @@ impl Controller {
                     "spec.module: uploaded modules need a data directory".into(),
                 ));
             };
-            return store
-                .get(module)
-                .map_err(|e| ("ModuleNotFound", format!("spec.module: {e}")));
+            let local = store.get(module);
+            if local.is_err()
+                && let Some(shared) = &self.config.shared
+            {
+                // Uploaded through another replica: fetch it by digest, keep it here too.
+                let hex = module.trim_start_matches("sha256:");
+                if let Some(bytes) = shared.get_module(hex).await {
+                    let _ = store.put(&bytes);
+                    return Ok(bytes);
+                }
+            }
+            return local.map_err(|e| ("ModuleNotFound", format!("spec.module: {e}")));
         }
         let base = Path::new(&loc.file).parent().unwrap_or(Path::new("."));
         let path = base.join(module);
@@ -722,7 +844,8 @@ impl Controller {
         sink: Sink,
     ) -> Result<(watch::Sender<bool>, tokio::task::JoinHandle<()>), Problem> {
         let (stop, stop_rx) = watch::channel(false);
-        match resource {
+        let id = resource.id();
+        let run: SourceRun2 = match resource {
             Resource::PingSource(p) => {
                 let source =
                     PingSource::new(&p.metadata, &p.spec).map_err(|e| ("InvalidSpec", e))?;
@@ -731,7 +854,40 @@ impl Controller {
                     sink,
                     namespace: p.metadata.namespace().to_string(),
                 });
-                Ok((stop, tokio::spawn(source.run(emit, stop_rx))))
+                let shared = self.config.shared.clone();
+                let id = id.clone();
+                Arc::new(move |stop| {
+                    let (source, emit, shared, id) = (
+                        source.clone(),
+                        Arc::clone(&emit),
+                        shared.clone(),
+                        id.clone(),
+                    );
+                    Box::pin(async move {
+                        let Some(shared) = shared else {
+                            return source.run(emit, stop).await;
+                        };
+                        // Over NATS: go on from the last tick any replica emitted, so that a
+                        // failover neither skips nor repeats one.
+                        let now = chrono::Utc::now();
+                        let from = shared
+                            .source_state(&id, "tick")
+                            .await
+                            .and_then(|b| {
+                                chrono::DateTime::parse_from_rfc3339(&String::from_utf8_lossy(&b))
+                                    .ok()
+                            })
+                            .map(|t| t.with_timezone(&chrono::Utc))
+                            .filter(|t| now - *t < chrono::Duration::hours(1))
+                            .unwrap_or(now);
+                        let emit: Arc<dyn Emit> = Arc::new(TickRecorder {
+                            inner: emit,
+                            shared,
+                            id,
+                        });
+                        source.run_from(emit, stop, from).await
+                    })
+                })
             }
             Resource::ApiServerSource(a) => {
                 let (client, api_server) = self.kube_client().await?;
@@ -745,13 +901,24 @@ impl Controller {
                     namespace: a.metadata.namespace().to_string(),
                 });
                 let source = ApiServerSource::new(&a.metadata, &a.spec);
-                Ok((
-                    stop,
-                    tokio::spawn(source.run(client, api_server, emit, seen, stop_rx)),
-                ))
+                Arc::new(move |stop| {
+                    let (source, client, api_server, emit, seen) = (
+                        source.clone(),
+                        client.clone(),
+                        api_server.clone(),
+                        Arc::clone(&emit),
+                        Arc::clone(&seen),
+                    );
+                    Box::pin(source.run(client, api_server, emit, seen, stop))
+                })
             }
-            _ => Err(("InvalidSpec", "not a source".into())),
-        }
+            _ => return Err(("InvalidSpec", "not a source".into())),
+        };
+        let handle = match &self.config.shared {
+            None => tokio::spawn(run(stop_rx)),
+            Some(shared) => tokio::spawn(leased(Arc::clone(shared), id, run, stop_rx)),
+        };
+        Ok((stop, handle))
     }
 
     async fn kube_client(&self) -> Result<(kube::Client, String), Problem> {
@@ -788,12 +955,130 @@ impl Controller {
     }
 }
 
+/// `ours` changed `base`; `latest` is what another replica saved since: `latest` with our
+/// change on top.
+fn rebase(base: &Overlay, ours: &Overlay, mut latest: Overlay) -> Overlay {
+    for (id, json) in &ours.applied {
+        if base.applied.get(id) != Some(json) {
+            latest.applied.insert(id.clone(), json.clone());
+        }
+    }
+    for id in base.applied.keys() {
+        if !ours.applied.contains_key(id) {
+            latest.applied.remove(id);
+        }
+    }
+    for id in &ours.deleted {
+        if !base.deleted.contains(id) && !latest.deleted.contains(id) {
+            latest.deleted.push(id.clone());
+        }
+    }
+    for id in &base.deleted {
+        if !ours.deleted.contains(id) {
+            latest.deleted.retain(|d| d != id);
+        }
+    }
+    for (id, revs) in &ours.history {
+        if base.history.get(id) != Some(revs) {
+            let mine = latest.history.entry(id.clone()).or_default();
+            for r in revs {
+                if !mine
+                    .iter()
+                    .any(|m| m.digest == r.digest && m.revision == r.revision)
+                {
+                    let next = mine.last().map_or(1, |m| m.revision + 1);
+                    mine.push(Revision {
+                        revision: next.max(r.revision),
+                        ..r.clone()
+                    });
+                }
+            }
+        }
+    }
+    latest
+}
+
 /// The changes to report for a request: what it named, and whatever else changed with it.
 fn only_asked(changes: Vec<Change>, asked: &[String]) -> Vec<Change> {
     changes
         .into_iter()
         .filter(|c| c.action != "unchanged" || asked.contains(&c.id))
         .collect()
+}
+
+/// Starts a source's work, given what stops it.
+type SourceRun2 = Arc<
+    dyn Fn(watch::Receiver<bool>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Over NATS: runs a source only while this replica holds its lease, renewing it; another
+/// replica takes over when this one stops renewing (crash) or gives the lease up (shutdown).
+async fn leased(shared: Arc<Shared>, id: String, run: SourceRun2, mut stop: watch::Receiver<bool>) {
+    let period = crate::shared::LEASE_TTL / 3;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let Some(mut revision) = shared.acquire(&id).await else {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => continue,
+                _ = stop.changed() => return,
+            }
+        };
+        tracing::info!(source = %id, replica = %shared.replica, "holds the lease: the source runs here");
+        let (inner_stop, inner_rx) = watch::channel(false);
+        let mut task = tokio::spawn(run(inner_rx));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => match shared.renew(&id, revision).await {
+                    Some(r) => revision = r,
+                    None => {
+                        tracing::warn!(source = %id, "lost the lease: the source stops here");
+                        let _ = inner_stop.send(true);
+                        let _ = (&mut task).await;
+                        break;
+                    }
+                },
+                _ = stop.changed() => {
+                    let _ = inner_stop.send(true);
+                    let _ = (&mut task).await;
+                    shared.release(&id, revision).await;
+                    return;
+                }
+                _ = &mut task => {
+                    shared.release(&id, revision).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Records each emitted ping's tick in the shared state once it was accepted.
+struct TickRecorder {
+    inner: Arc<dyn Emit>,
+    shared: Arc<Shared>,
+    id: String,
+}
+
+#[async_trait::async_trait]
+impl Emit for TickRecorder {
+    async fn emit(&self, ev: wasmesh_core::Event) -> Result<(), String> {
+        let tick = wasmesh_core::AttributesReader::time(&ev).copied();
+        self.inner.emit(ev).await?;
+        if let Some(t) = tick {
+            self.shared
+                .set_source_state(
+                    &self.id,
+                    "tick",
+                    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true).into(),
+                )
+                .await;
+        }
+        Ok(())
+    }
 }
 
 async fn stop_source(run: SourceRun) {

@@ -83,6 +83,7 @@ struct Outputs<'a> {
 }
 
 /// One ApiServerSource, ready to run.
+#[derive(Clone)]
 pub struct ApiServerSource {
     namespace: String,
     name: String,

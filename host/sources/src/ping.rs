@@ -108,7 +108,13 @@ impl PingSource {
     /// The event for the firing at `at`.
     pub fn event(&self, at: DateTime<Utc>) -> Event {
         let mut b = EventBuilderV10::new()
-            .id(uuid::Uuid::new_v4().to_string())
+            // One id per source and tick: a tick emitted twice (a failover between replicas)
+            // is one event, which the broker's store drops as a duplicate.
+            .id(uuid::Uuid::new_v5(
+                &uuid::Uuid::NAMESPACE_URL,
+                format!("{}#{}", self.source(), at.timestamp()).as_bytes(),
+            )
+            .to_string())
             .source(self.source())
             .ty(PING_TYPE)
             .time(at);
@@ -128,8 +134,19 @@ impl PingSource {
 
     /// Fires on schedule until `stop` turns true. A send that fails is logged and retried a few
     /// times; the schedule itself never stops.
-    pub async fn run(self, emit: Arc<dyn Emit>, mut stop: watch::Receiver<bool>) {
-        let mut last = Utc::now();
+    pub async fn run(self, emit: Arc<dyn Emit>, stop: watch::Receiver<bool>) {
+        self.run_from(emit, stop, Utc::now()).await
+    }
+
+    /// Fires every tick after `from` (ticks already past fire at once, oldest first), until
+    /// `stop`.
+    pub async fn run_from(
+        self,
+        emit: Arc<dyn Emit>,
+        mut stop: watch::Receiver<bool>,
+        from: DateTime<Utc>,
+    ) {
+        let mut last = from;
         loop {
             let Some(next) = self.next_after(last) else {
                 tracing::error!(source = %self.source(), "the schedule has no next firing");

@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use std::sync::Arc;
 use wasmesh_broker::log::{DurableLog, LogConfig};
 
+use wasmesh_broker::nats::{NatsConfig, NatsStore};
 use wasmesh_broker::output::LogBook;
 use wasmesh_broker::{FunctionOutput, IngressConfig, Mesh, MeshConfig};
 use wasmesh_control::{ControlConfig, Controller, admin};
@@ -40,9 +41,20 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     prefix_output: bool,
     /// Where events are kept: `embedded` (a durable log in the data directory: 202 only once an
-    /// event is on disk) or `memory` (faster, lost on a crash).
+    /// event is on disk), `memory` (faster, lost on a crash), or `nats://HOST:PORT` (NATS
+    /// JetStream: several replicas share the work and the control state).
     #[arg(long, default_value = "embedded")]
     store: String,
+    /// With `--store nats://`: a NATS credentials (.creds) file.
+    #[arg(long, value_name = "FILE")]
+    nats_creds: Option<PathBuf>,
+    /// With `--store nats://`: a PEM CA certificate to trust (TLS is then required).
+    #[arg(long, value_name = "FILE")]
+    nats_ca: Option<PathBuf>,
+    /// With `--store nats://`: copies JetStream keeps of each stream and bucket (3 on a
+    /// three-node NATS cluster).
+    #[arg(long, default_value_t = 1)]
+    nats_replicas: usize,
     /// Most events the log holds before ingress answers 429.
     #[arg(long, default_value_t = 1_000_000)]
     log_capacity: u64,
@@ -181,7 +193,31 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
             })?,
         ),
         "memory" => None,
-        other => anyhow::bail!("--store `{other}`: use `embedded` or `memory`"),
+        url if url.starts_with("nats://") || url.starts_with("tls://") => None,
+        other => anyhow::bail!("--store `{other}`: use `embedded`, `memory` or nats://HOST:PORT"),
+    };
+    let nats = if args.store.starts_with("nats://") || args.store.starts_with("tls://") {
+        let store = NatsStore::connect(NatsConfig {
+            url: args.store.clone(),
+            credentials: args.nats_creds.clone(),
+            ca: args.nats_ca.clone(),
+            max_age: args.retention,
+            max_bytes: i64::try_from(args.log_max_bytes).unwrap_or(-1),
+            replicas: args.nats_replicas,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("--store {}: {e}", args.store))?;
+        Some(store)
+    } else {
+        None
+    };
+    let shared = match &nats {
+        Some(n) => Some(
+            wasmesh_control::shared::Shared::open(n, args.nats_replicas)
+                .await
+                .map_err(|e| anyhow::anyhow!("--store {}: {e}", args.store))?,
+        ),
+        None => None,
     };
     let book = LogBook::new(1000);
     let mesh = Mesh::new(MeshConfig {
@@ -193,6 +229,7 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
             book: Some(Arc::clone(&book)),
         },
         log,
+        nats: nats.clone(),
     });
     let controller = Controller::new(
         engine,
@@ -201,6 +238,7 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
         ControlConfig {
             data_dir: Some(args.data_dir.clone()),
             kubeconfig: args.kubeconfig.clone(),
+            shared,
         },
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -217,6 +255,7 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    controller.follow_shared(stop_rx.clone());
     let mut tasks = Vec::new();
     if args.admin_listen != "off" {
         let admin_addr: SocketAddr = args

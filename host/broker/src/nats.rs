@@ -1,0 +1,273 @@
+//! The NATS JetStream backend of the broker's log (`--store nats://HOST:PORT`): one stream per
+//! broker (subject `wasmesh.events.<namespace>.<broker>`), one durable pull consumer per
+//! trigger shared by every replica, so that each event is delivered by one of them. Ingress
+//! answers 202 once JetStream acknowledged the publish; a delivery is acknowledged only after
+//! the subscriber acknowledged it; a failed attempt is NAKed with the trigger's backoff and
+//! redelivered (to any replica), and past the retry limit goes to the dead-letter sink. Ordered
+//! triggers keep one message in flight, so that order holds across replicas.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures_util::StreamExt as _;
+use wasmesh_core::Event;
+
+use crate::log::{self, LogError};
+use crate::mesh::BrokerKey;
+
+/// How to reach NATS and how to keep events there.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// `nats://host:port` (`tls://` for TLS).
+    pub url: String,
+    /// A `.creds` file (JWT and NKey).
+    pub credentials: Option<PathBuf>,
+    /// A PEM CA certificate to trust (TLS is then required).
+    pub ca: Option<PathBuf>,
+    /// Events older than this leave the stream.
+    pub max_age: Duration,
+    /// Bytes each broker's stream holds at most (-1: no limit).
+    pub max_bytes: i64,
+    /// Copies JetStream keeps of each stream (1 for one server, 3 for a cluster).
+    pub replicas: usize,
+}
+
+/// What acknowledges, NAKs or extends one JetStream message.
+pub struct AckHandle(pub jetstream::message::Acker);
+
+impl std::fmt::Debug for AckHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AckHandle")
+    }
+}
+
+impl std::ops::Deref for AckHandle {
+    type Target = jetstream::message::Acker;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+/// A connection to JetStream.
+pub struct NatsStore {
+    js: jetstream::Context,
+    client: async_nats::Client,
+    config: NatsConfig,
+}
+
+/// The TTL travels in this header beside the event.
+const TTL_HEADER: &str = "Wasmesh-Ttl";
+
+fn io(e: impl std::fmt::Display) -> LogError {
+    LogError::Io(format!("NATS JetStream: {e}"))
+}
+
+impl std::fmt::Debug for NatsStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsStore")
+            .field("url", &self.config.url)
+            .finish()
+    }
+}
+
+impl NatsStore {
+    /// Connects (retrying in the background if the server is not up yet).
+    pub async fn connect(config: NatsConfig) -> Result<Arc<Self>, String> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name("wasmesh")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5));
+        if let Some(creds) = &config.credentials {
+            options = options
+                .credentials_file(creds)
+                .await
+                .map_err(|e| format!("--nats-creds {}: {e}", creds.display()))?;
+        }
+        if let Some(ca) = &config.ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        let client = options
+            .connect(config.url.as_str())
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", config.url))?;
+        let js = jetstream::new(client.clone());
+        Ok(Arc::new(Self { js, client, config }))
+    }
+
+    /// The JetStream context (the control path keeps its key/value and object buckets there).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// The client.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    fn subject(key: &BrokerKey) -> String {
+        format!("wasmesh.events.{}.{}", key.namespace, key.name)
+    }
+
+    fn stream_name(key: &BrokerKey) -> String {
+        format!("WASMESH-{}-{}", key.namespace, key.name)
+    }
+
+    /// The broker's stream, created when it is missing.
+    pub async fn stream(&self, key: &BrokerKey) -> Result<stream::Stream, LogError> {
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: Self::stream_name(key),
+                subjects: vec![Self::subject(key)],
+                max_age: self.config.max_age,
+                max_bytes: self.config.max_bytes,
+                storage: stream::StorageType::File,
+                num_replicas: self.config.replicas.max(1),
+                ..Default::default()
+            })
+            .await
+            .map_err(io)
+    }
+
+    /// Appends events to a broker's stream; resolves once JetStream acknowledged every one.
+    pub async fn publish(
+        &self,
+        key: &BrokerKey,
+        events: Vec<(Arc<Event>, i32)>,
+    ) -> Result<(), LogError> {
+        let subject = Self::subject(key);
+        let mut acks = Vec::with_capacity(events.len());
+        for (event, ttl) in events {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(TTL_HEADER, ttl.to_string().as_str());
+            // An event is its source and id: JetStream drops a second publish of the same
+            // event within its duplicate window (a producer's retry, a source's replay after a
+            // failover).
+            let msg_id = format!(
+                "{}#{}",
+                wasmesh_core::AttributesReader::source(&*event),
+                wasmesh_core::AttributesReader::id(&*event)
+            );
+            headers.insert("Nats-Msg-Id", msg_id.as_str());
+            let payload = log::encode_record(&event, ttl);
+            let ack = self
+                .js
+                .publish_with_headers(subject.clone(), headers, payload.into())
+                .await
+                .map_err(io)?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            match ack.await {
+                Ok(_) => {}
+                Err(e) => return Err(io(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The trigger's durable consumer on its broker's stream, created when missing. Ordered
+    /// triggers keep one message in flight across all replicas.
+    pub async fn consumer(
+        &self,
+        key: &BrokerKey,
+        trigger: &str,
+        ordered: bool,
+        max_pending: usize,
+        ack_wait: Duration,
+    ) -> Result<consumer::PullConsumer, LogError> {
+        let stream = self.stream(key).await?;
+        let name = format!("wasmesh-{}-{trigger}", key.namespace);
+        stream
+            .get_or_create_consumer(
+                &name,
+                consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    deliver_policy: consumer::DeliverPolicy::New,
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait,
+                    max_deliver: -1,
+                    filter_subject: Self::subject(key),
+                    max_ack_pending: if ordered {
+                        1
+                    } else {
+                        i64::try_from(max_pending).unwrap_or(1024)
+                    },
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(io)
+    }
+}
+
+/// A message taken from a consumer: the event, its TTL, how many times it was delivered
+/// before, and what acknowledges it.
+pub(crate) struct Pulled {
+    pub event: Event,
+    pub ttl: i32,
+    pub delivered_before: u32,
+    pub acker: Arc<AckHandle>,
+}
+
+/// Reads a trigger's consumer until `stop`, handing each message to `take`; it reconnects
+/// after errors. `take` returning false stops the reading.
+pub(crate) async fn pull<Fut>(
+    consumer: consumer::PullConsumer,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut retire: tokio::sync::watch::Receiver<bool>,
+    mut take: impl FnMut(Pulled) -> Fut,
+) where
+    Fut: std::future::Future<Output = bool>,
+{
+    loop {
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the JetStream consumer; retrying in 1 s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stop.changed() => return,
+                    _ = retire.changed() => return,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                m = messages.next() => m,
+                _ = stop.changed() => return,
+                _ = retire.changed() => return,
+            };
+            let msg = match next {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "JetStream consumer stream error");
+                    continue;
+                }
+                None => break,
+            };
+            let delivered = msg.info().map_or(1, |i| i.delivered.max(1));
+            let (msg, acker) = msg.split();
+            let acker = Arc::new(AckHandle(acker));
+            match log::decode_record(&msg.payload) {
+                Ok((event, ttl)) => {
+                    let pulled = Pulled {
+                        event,
+                        ttl,
+                        delivered_before: u32::try_from(delivered - 1).unwrap_or(u32::MAX),
+                        acker,
+                    };
+                    if !take(pulled).await {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "a message in the stream is not a wasmesh event; dropped");
+                    let _ = acker.ack_with(jetstream::AckKind::Term).await;
+                }
+            }
+        }
+    }
+}

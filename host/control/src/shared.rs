@@ -1,0 +1,237 @@
+//! Control state shared by the replicas over NATS JetStream (`--store nats://`): the admin
+//! API's changes in a key/value bucket (every replica watches it and reconciles), module bytes
+//! in an object store by digest, source leases (a source runs on one replica at a time), and
+//! what sources last did (a PingSource's last tick), so that a failover neither loses nor
+//! repeats events.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{kv, object_store, stream};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use tokio::io::AsyncReadExt as _;
+use wasmesh_broker::nats::NatsStore;
+
+use crate::store::Overlay;
+
+const OVERLAY_KEY: &str = "overlay";
+
+/// How long a lease lives without renewal; the holder renews it three times as often.
+pub const LEASE_TTL: Duration = Duration::from_secs(6);
+
+/// The replicas' shared buckets.
+pub struct Shared {
+    control: kv::Store,
+    leases: kv::Store,
+    state: kv::Store,
+    modules: object_store::ObjectStore,
+    /// This replica, as leases name their holder.
+    pub replica: String,
+}
+
+/// Another replica changed the state first.
+#[derive(Debug)]
+pub struct Conflict;
+
+async fn bucket(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<kv::Store, String> {
+    // The bucket's stream is created here with the key/value conventions, rather than through
+    // `create_key_value`, whose account query does not parse the answer of nats-server 2.9
+    // (Debian's).
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        storage: stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| format!("key/value bucket {name}: {e}"))?;
+    js.get_key_value(name)
+        .await
+        .map_err(|e| format!("key/value bucket {name}: {e}"))
+}
+
+impl Shared {
+    /// Opens (creating when missing) the buckets.
+    pub async fn open(nats: &NatsStore, replicas: usize) -> Result<Arc<Self>, String> {
+        let js = nats.jetstream();
+        let control = bucket(js, "wasmesh-control", Duration::ZERO, replicas).await?;
+        let leases = bucket(js, "wasmesh-leases", LEASE_TTL, replicas).await?;
+        let state = bucket(js, "wasmesh-sources", Duration::ZERO, replicas).await?;
+        let modules = match js.get_object_store("wasmesh-modules").await {
+            Ok(m) => m,
+            Err(_) => js
+                .create_object_store(object_store::Config {
+                    bucket: "wasmesh-modules".into(),
+                    num_replicas: replicas.max(1),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("object store wasmesh-modules: {e}"))?,
+        };
+        let mut raw = [0u8; 6];
+        getrandom::fill(&mut raw).map_err(|e| e.to_string())?;
+        let replica = raw.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Arc::new(Self {
+            control,
+            leases,
+            state,
+            modules,
+            replica,
+        }))
+    }
+
+    /// The admin API's changes and their revision (0: none yet).
+    pub async fn load_overlay(&self) -> Result<(Overlay, u64), String> {
+        match self.control.entry(OVERLAY_KEY).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => Ok((
+                serde_json::from_slice(&e.value).map_err(|e| format!("shared overlay: {e}"))?,
+                e.revision,
+            )),
+            Ok(_) => Ok((Overlay::default(), 0)),
+            Err(e) => Err(format!("cannot read the shared control state: {e}")),
+        }
+    }
+
+    /// Saves the changes if nobody else saved since `revision`.
+    pub async fn save_overlay(
+        &self,
+        overlay: &Overlay,
+        revision: u64,
+    ) -> Result<Result<u64, Conflict>, String> {
+        let bytes = Bytes::from(serde_json::to_vec(overlay).map_err(|e| e.to_string())?);
+        let result = if revision == 0 {
+            self.control
+                .create(OVERLAY_KEY, bytes)
+                .await
+                .map_err(|e| match e.kind() {
+                    kv::CreateErrorKind::AlreadyExists => None,
+                    _ => Some(e.to_string()),
+                })
+        } else {
+            self.control
+                .update(OVERLAY_KEY, bytes, revision)
+                .await
+                .map_err(|e| match e.kind() {
+                    kv::UpdateErrorKind::WrongLastRevision => None,
+                    _ => Some(e.to_string()),
+                })
+        };
+        match result {
+            Ok(rev) => Ok(Ok(rev)),
+            Err(None) => Ok(Err(Conflict)),
+            Err(Some(e)) => Err(format!("cannot save the shared control state: {e}")),
+        }
+    }
+
+    /// Every new revision of the changes, as it is written.
+    pub async fn watch_overlay(&self) -> Result<kv::Watch, String> {
+        self.control
+            .watch(OVERLAY_KEY)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Keeps a module's bytes under its hex digest.
+    pub async fn put_module(&self, hex: &str, bytes: &[u8]) -> Result<(), String> {
+        if self.modules.info(hex).await.is_ok() {
+            return Ok(());
+        }
+        let mut reader = bytes;
+        self.modules
+            .put(hex, &mut reader)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("cannot share module {hex}: {e}"))
+    }
+
+    /// A module's bytes by hex digest, if any replica uploaded it.
+    pub async fn get_module(&self, hex: &str) -> Option<Vec<u8>> {
+        let mut object = self.modules.get(hex).await.ok()?;
+        let mut bytes = Vec::new();
+        object.read_to_end(&mut bytes).await.ok()?;
+        (wasmesh_runtime::digest(&bytes) == hex).then_some(bytes)
+    }
+
+    fn key(id: &str) -> String {
+        id.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '.'
+                }
+            })
+            .collect()
+    }
+
+    /// Tries to take the lease of `id`; the revision to renew it with.
+    pub async fn acquire(&self, id: &str) -> Option<u64> {
+        self.leases
+            .create(Self::key(id), Bytes::from(self.replica.clone()))
+            .await
+            .ok()
+    }
+
+    /// Renews a lease this replica holds; `None` when it lost it.
+    pub async fn renew(&self, id: &str, revision: u64) -> Option<u64> {
+        self.leases
+            .update(Self::key(id), Bytes::from(self.replica.clone()), revision)
+            .await
+            .ok()
+    }
+
+    /// Gives a lease up (on shutdown), so that another replica takes over at once.
+    pub async fn release(&self, id: &str, revision: u64) {
+        let _ = self
+            .leases
+            .delete_expect_revision(Self::key(id), Some(revision))
+            .await;
+    }
+
+    /// What a source last recorded under `what`.
+    pub async fn source_state(&self, id: &str, what: &str) -> Option<Bytes> {
+        self.state
+            .get(format!("{}.{what}", Self::key(id)))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Records what a source did.
+    pub async fn set_source_state(&self, id: &str, what: &str, value: Bytes) {
+        if let Err(e) = self
+            .state
+            .put(format!("{}.{what}", Self::key(id)), value)
+            .await
+        {
+            tracing::warn!(source = id, error = %e, "cannot record the source's state");
+        }
+    }
+}
+
+/// Drains a watch into the revisions it reports (for the controller's loop).
+pub async fn next_revision(watch: &mut kv::Watch) -> Option<u64> {
+    loop {
+        match watch.next().await? {
+            Ok(e) if e.operation == kv::Operation::Put => return Some(e.revision),
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "watching the shared control state");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! Past one machine: the broker over NATS JetStream (a real `nats-server`, started here on a
+//! free loopback port with a temporary store), several `wasmesh serve` replicas sharing the
+//! work: the broker tests again on this backend, a replica killed under load, NATS restarted
+//! mid-stream, a hot swap through one replica reaching all, a ping source failing over.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::harness::{Capture, Serve, broker_with_triggers, ce_headers, try_request, wait_for};
+
+/// A `nats-server -js` on loopback, stopped on drop.
+pub(crate) struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub(crate) fn start() -> NatsServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut n = NatsServer {
+            child: None,
+            port,
+            dir,
+        };
+        n.run();
+        n
+    }
+
+    fn run(&mut self) {
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server (Debian's nats-server package; .ci/run installs it)");
+        self.child = Some(child);
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().expect("addr");
+        wait_for("nats-server to listen", Duration::from_secs(20), || {
+            TcpStream::connect(addr).is_ok()
+        });
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it and starts it again on the same port and store.
+    pub(crate) fn restart(&mut self, down_for: Duration) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        std::thread::sleep(down_for);
+        self.run();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn store(n: &NatsServer) -> Vec<String> {
+    vec!["--store".into(), n.url()]
+}
+
+fn with<R>(n: &NatsServer, f: impl FnOnce(&[&str]) -> R) -> R {
+    let s = store(n);
+    let flags: Vec<&str> = s.iter().map(String::as_str).collect();
+    f(&flags)
+}
+
+#[test]
+fn broker_tests_pass_on_jetstream_too() {
+    // Each on a NATS server of its own: streams and consumers outlive a `wasmesh serve`.
+    let fresh = |f: fn(&[&str])| with(&NatsServer::start(), f);
+    fresh(crate::broker::triggers_route_by_filter_dialect_on);
+    fresh(crate::broker::http_subscriber_replies_go_back_into_the_broker_on);
+    fresh(crate::broker::a_reply_loop_is_stopped_by_the_ttl_on);
+    fresh(crate::broker::retried_outcomes_then_dead_letter_with_error_extensions_on);
+    fresh(crate::broker::wasm_functions_subscribe_filter_reply_and_reject_on);
+    fresh(crate::broker::http_binding_conformance_cases_reach_the_subscriber_unchanged_on);
+}
+
+/// `replicas` servers of the same files, over `n`, each with its own data directory.
+fn replicas(n: &NatsServer, files: &tempfile::TempDir, count: usize) -> Vec<Serve> {
+    (0..count)
+        .map(|i| {
+            let data = files.path().join(format!("replica-{i}"));
+            std::fs::create_dir_all(&data).expect("dir");
+            let url = n.url();
+            Serve::start_replica(files.path(), &data, &["--store", &url])
+        })
+        .collect()
+}
+
+/// Sends events round-robin to `addrs` from a few threads until `stop`; returns the ids
+/// answered 202 (a replica that is down just gets skipped).
+fn load(
+    addrs: Vec<SocketAddr>,
+    stop: &Arc<AtomicBool>,
+    prefix: &'static str,
+) -> Vec<std::thread::JoinHandle<Vec<String>>> {
+    (0..3)
+        .map(|p| {
+            let (addrs, stop) = (addrs.clone(), Arc::clone(stop));
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = format!("{prefix}-{p}-{n}");
+                    let addr = addrs[n % addrs.len()];
+                    n += 1;
+                    if let Ok(Some(202)) = try_request(
+                        addr,
+                        "POST",
+                        "/default/default",
+                        &ce_headers(&id, "t"),
+                        b"{}",
+                    ) {
+                        acked.push(id);
+                    } else {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                acked
+            })
+        })
+        .collect()
+}
+
+fn delivered(sub: &Capture) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for c in sub.on("/all") {
+        *counts.entry(c.headers["ce-id"].clone()).or_default() += 1;
+    }
+    counts
+}
+
+fn files_with(yaml: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("b.yaml"), yaml).expect("yaml");
+    dir
+}
+
+/// Every acknowledged id reached the subscriber; prints the counts.
+fn check_nothing_lost(what: &str, sub: &Capture, acked: &[String]) {
+    wait_for(
+        "every acknowledged event delivered",
+        Duration::from_secs(90),
+        || {
+            let got = delivered(sub);
+            acked.iter().all(|id| got.contains_key(id))
+        },
+    );
+    let got = delivered(sub);
+    let duplicated: usize = got.values().map(|n| n - 1).sum();
+    println!(
+        "{what}: acknowledged {}, delivered {} distinct ({} deliveries), duplicated {duplicated}",
+        acked.len(),
+        got.len(),
+        got.values().sum::<usize>()
+    );
+    assert!(
+        acked.len() > 100,
+        "too little load to tell: {}",
+        acked.len()
+    );
+}
+
+#[test]
+fn a_replica_killed_under_load_loses_nothing() {
+    let n = NatsServer::start();
+    let sub = Capture::ok();
+    // A short delivery timeout: a dead replica's unacknowledged events come back after 2x it.
+    let files = files_with(&broker_with_triggers(&[(
+        "all",
+        "  delivery:\n    timeout: PT2S\n",
+        &sub.url("/all"),
+    )]));
+    let mut rs = replicas(&n, &files, 3);
+    let stop = Arc::new(AtomicBool::new(false));
+    let producers = load(rs.iter().map(|r| r.addr).collect(), &stop, "k");
+    wait_for("load", Duration::from_secs(30), || {
+        delivered(&sub).len() > 200
+    });
+    rs.remove(0).kill();
+    std::thread::sleep(Duration::from_millis(800));
+    stop.store(true, Ordering::Relaxed);
+    let acked: Vec<String> = producers
+        .into_iter()
+        .flat_map(|p| p.join().expect("producer"))
+        .collect();
+    check_nothing_lost("replica killed", &sub, &acked);
+}
+
+#[test]
+fn nats_restarted_mid_stream_loses_nothing() {
+    let mut n = NatsServer::start();
+    let sub = Capture::ok();
+    let files = files_with(&broker_with_triggers(&[("all", "", &sub.url("/all"))]));
+    let rs = replicas(&n, &files, 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let producers = load(rs.iter().map(|r| r.addr).collect(), &stop, "r");
+    wait_for("load", Duration::from_secs(30), || {
+        delivered(&sub).len() > 200
+    });
+    n.restart(Duration::from_millis(500));
+    let before = delivered(&sub).len();
+    wait_for("load after the restart", Duration::from_secs(60), || {
+        delivered(&sub).len() > before + 200
+    });
+    stop.store(true, Ordering::Relaxed);
+    let acked: Vec<String> = producers
+        .into_iter()
+        .flat_map(|p| p.join().expect("producer"))
+        .collect();
+    check_nothing_lost("NATS restarted", &sub, &acked);
+}
+
+#[test]
+fn a_swap_through_one_replica_is_live_on_all() {
+    let n = NatsServer::start();
+    let yaml = "apiVersion: eventing.knative.dev/v1
+kind: Broker
+metadata: {name: default, namespace: default}
+---
+apiVersion: wasmesh.dev/v1alpha1
+kind: Function
+metadata: {name: sub, namespace: default}
+spec: {module: builtin:event-display, config: {tag: new}}
+---
+apiVersion: eventing.knative.dev/v1
+kind: Trigger
+metadata: {name: all, namespace: default}
+spec:
+  broker: default
+  subscriber: {ref: {apiVersion: wasmesh.dev/v1alpha1, kind: Function, name: sub}}
+";
+    let files = files_with(yaml);
+    let rs = replicas(&n, &files, 3);
+    let bytes = std::fs::read(wasmesh_plugins::FIXTURE_TAG).expect("built");
+    let r = rs[0].admin("POST", "/v1/modules", &bytes);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let digest = serde_json::from_slice::<serde_json::Value>(&r.body).expect("json")["digest"]
+        .as_str()
+        .expect("digest")
+        .to_string();
+    let body = serde_json::json!({
+        "apiVersion": "wasmesh.dev/v1alpha1", "kind": "Function",
+        "metadata": {"name": "sub", "namespace": "default"},
+        "spec": {"module": digest, "config": {"tag": "new"}},
+    });
+    let asked = Instant::now();
+    let r = rs[0].admin("POST", "/v1/apply", body.to_string().as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut live_after = BTreeMap::new();
+    wait_for(
+        "the new revision on every replica",
+        Duration::from_secs(20),
+        || {
+            for (i, r) in rs.iter().enumerate() {
+                if live_after.contains_key(&i) {
+                    continue;
+                }
+                let f: serde_json::Value =
+                    serde_json::from_slice(&r.admin("GET", "/v1/functions/default/sub", b"").body)
+                        .unwrap_or_default();
+                if f["status"]["digest"] == digest.as_str() {
+                    live_after.insert(i, asked.elapsed());
+                }
+            }
+            live_after.len() == rs.len()
+        },
+    );
+    let slowest = live_after.values().max().copied().unwrap_or_default();
+    println!("swap through replica 0: live on all 3 replicas after {live_after:?}");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a replica took {slowest:?} (bar: 1 s)"
+    );
+    // Every replica delivers on the new version now: events go to whichever pulls them.
+    for i in 0..30 {
+        let r = &rs[i % rs.len()];
+        let id = format!("sw-{i}");
+        assert_eq!(
+            r.request("POST", "/default/default", &ce_headers(&id, "t"), b"{}")
+                .status,
+            202
+        );
+    }
+    wait_for("all 30 on the new version", Duration::from_secs(30), || {
+        let all: String = rs.iter().map(|r| r.stdout()).collect();
+        (0..30).all(|i| all.contains(&format!("tag=new id=sw-{i}\n")))
+    });
+    let all: String = rs.iter().map(|r| r.stdout()).collect();
+    assert!(!all.contains("id: sw-"), "no event on the old version");
+}
+
+#[test]
+fn the_ping_source_fails_over_without_a_gap_or_a_double() {
+    let n = NatsServer::start();
+    let sub = Capture::ok();
+    let yaml = format!(
+        "{}---
+apiVersion: sources.knative.dev/v1
+kind: PingSource
+metadata: {{name: tick, namespace: default}}
+spec:
+  schedule: '* * * * * *'
+  sink: {{ref: {{apiVersion: eventing.knative.dev/v1, kind: Broker, name: default}}}}
+",
+        broker_with_triggers(&[("all", "", &sub.url("/all"))])
+    );
+    let files = files_with(&yaml);
+    let mut rs = replicas(&n, &files, 2);
+    let ticks = || -> Vec<String> {
+        sub.on("/all")
+            .iter()
+            .map(|c| c.headers["ce-time"].clone())
+            .collect()
+    };
+    wait_for("three ticks", Duration::from_secs(30), || {
+        ticks().len() >= 3
+    });
+    let holder = rs
+        .iter()
+        .position(|r| r.stderr().contains("holds the lease"))
+        .expect("one replica holds the lease");
+    assert!(
+        !rs[1 - holder].stderr().contains("holds the lease"),
+        "only one replica runs the source"
+    );
+    rs.remove(holder).kill();
+    let before = ticks().len();
+    // The lease expires (6 s), the other replica takes over and emits the ticks it missed.
+    wait_for(
+        "ticks from the other replica",
+        Duration::from_secs(40),
+        || ticks().len() >= before + 10,
+    );
+    assert!(rs[0].stderr().contains("holds the lease"));
+    let mut times: Vec<chrono::DateTime<chrono::Utc>> = ticks()
+        .iter()
+        .map(|t| t.parse().expect("ce-time"))
+        .collect();
+    let total = times.len();
+    times.sort();
+    times.dedup();
+    assert_eq!(times.len(), total, "a tick was delivered twice");
+    for pair in times.windows(2) {
+        assert_eq!(
+            (pair[1] - pair[0]).num_seconds(),
+            1,
+            "a gap between {} and {}",
+            pair[0],
+            pair[1]
+        );
+    }
+    println!(
+        "ping failover: {} ticks from {} to {}, none missing, none twice",
+        times.len(),
+        times[0],
+        times[times.len() - 1]
+    );
+}
