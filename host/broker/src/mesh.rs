@@ -290,9 +290,7 @@ impl Mesh {
                 &spec.name,
                 spec.policy.ordered_by.is_some(),
                 self.config.queue_capacity,
-                spec.policy.timeout.map_or(Duration::from_secs(30), |t| {
-                    (t * 2).max(Duration::from_secs(2))
-                }),
+                crate::nats::ack_wait(spec.policy.timeout),
             )
             .await?;
         }
@@ -541,11 +539,7 @@ impl Mesh {
         let handle = tokio::spawn(async move {
             let spec = cell.load_full();
             let ordered = spec.policy.ordered_by.is_some();
-            // Twice the delivery timeout (30 s without one): a crashed replica's messages come
-            // back after it; an ordered trigger's retries in place send progress meanwhile.
-            let ack_wait = spec.policy.timeout.map_or(Duration::from_secs(30), |t| {
-                (t * 2).max(Duration::from_secs(2))
-            });
+            let ack_wait = crate::nats::ack_wait(spec.policy.timeout);
             let consumer = loop {
                 match nats
                     .consumer(&spec.broker, &spec.name, ordered, capacity, ack_wait)

@@ -51,6 +51,16 @@ impl std::ops::Deref for AckHandle {
     }
 }
 
+/// How long JetStream waits for a delivery's acknowledgement before it delivers the event again
+/// (to any replica): twice the trigger's delivery timeout, at least 2 s, 30 s without one. A
+/// crashed replica's events come back after it; an ordered trigger's retries in place send
+/// progress meanwhile.
+pub fn ack_wait(timeout: Option<Duration>) -> Duration {
+    timeout.map_or(Duration::from_secs(30), |t| {
+        (t * 2).max(Duration::from_secs(2))
+    })
+}
+
 /// A connection to JetStream.
 pub struct NatsStore {
     js: jetstream::Context,
