@@ -8,13 +8,12 @@
 #[path = "../tests/all/harness.rs"]
 mod harness;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use harness::Serve;
+use harness::{KeepAlive, Serve};
 
 const SWAPS: u32 = 10;
 const PRODUCERS: u64 = 4;
@@ -39,54 +38,6 @@ spec:
     ref: {apiVersion: wasmesh.dev/v1alpha1, kind: Function, name: sub}
 ";
 
-/// One keep-alive HTTP/1.1 connection posting binary-mode events.
-struct Producer {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Producer {
-    fn new(addr: SocketAddr) -> Self {
-        let stream = TcpStream::connect(addr).expect("connect");
-        stream.set_nodelay(true).expect("nodelay");
-        Self {
-            stream,
-            buf: vec![0; 4096],
-        }
-    }
-
-    fn post(&mut self, id: &str) -> bool {
-        let req = format!(
-            "POST /default/default HTTP/1.1\r\nHost: x\r\nce-specversion: 1.0\r\nce-id: {id}\r\nce-source: /bench\r\nce-type: t\r\ncontent-type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
-        );
-        if self.stream.write_all(req.as_bytes()).is_err() {
-            return false;
-        }
-        // The answer is small: read until the end of its head and its (short) body.
-        let mut got = Vec::new();
-        loop {
-            let Ok(n) = self.stream.read(&mut self.buf) else {
-                return false;
-            };
-            if n == 0 {
-                return false;
-            }
-            got.extend_from_slice(&self.buf[..n]);
-            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                if got.len() >= end + 4 + len {
-                    return head.starts_with("http/1.1 202");
-                }
-            }
-        }
-    }
-}
-
 /// Producers at `rate` events/s in total, paced, until `stop`.
 fn steady_load(
     addr: SocketAddr,
@@ -98,7 +49,7 @@ fn steady_load(
         .map(|_| {
             let (stop, next) = (Arc::clone(stop), Arc::clone(next));
             std::thread::spawn(move || {
-                let mut p = Producer::new(addr);
+                let mut p = KeepAlive::new(addr);
                 let gap = Duration::from_secs_f64(PRODUCERS as f64 / rate);
                 let start = Instant::now();
                 let mut sent = 0u64;

@@ -495,3 +495,123 @@ pub(crate) fn encode(v: &str) -> String {
         .add(0x7f);
     percent_encoding::utf8_percent_encode(v, SET).to_string()
 }
+
+/// A `nats-server -js` on loopback, stopped on drop.
+pub(crate) struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub(crate) fn start() -> NatsServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut n = NatsServer {
+            child: None,
+            port,
+            dir,
+        };
+        n.run();
+        n
+    }
+
+    fn run(&mut self) {
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server (Debian's nats-server package; .ci/run installs it)");
+        self.child = Some(child);
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().expect("addr");
+        wait_for("nats-server to listen", Duration::from_secs(20), || {
+            TcpStream::connect(addr).is_ok()
+        });
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it and starts it again on the same port and store.
+    pub(crate) fn restart(&mut self, down_for: Duration) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        std::thread::sleep(down_for);
+        self.run();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection posting binary-mode events.
+#[allow(dead_code)] // The benchmarks use it.
+pub(crate) struct KeepAlive {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+#[allow(dead_code)]
+impl KeepAlive {
+    pub(crate) fn new(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        Self {
+            stream,
+            buf: vec![0; 4096],
+        }
+    }
+
+    /// Posts one event; true on 202.
+    pub(crate) fn post(&mut self, id: &str) -> bool {
+        let req = format!(
+            "POST /default/default HTTP/1.1\r\nHost: x\r\nce-specversion: 1.0\r\nce-id: {id}\r\nce-source: /bench\r\nce-type: t\r\ncontent-type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+        );
+        if self.stream.write_all(req.as_bytes()).is_err() {
+            return false;
+        }
+        // The answer is small: read until the end of its head and its (short) body.
+        let mut got = Vec::new();
+        loop {
+            let Ok(n) = self.stream.read(&mut self.buf) else {
+                return false;
+            };
+            if n == 0 {
+                return false;
+            }
+            got.extend_from_slice(&self.buf[..n]);
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if got.len() >= end + 4 + len {
+                    return head.starts_with("http/1.1 202");
+                }
+            }
+        }
+    }
+}

@@ -4,82 +4,14 @@
 //! mid-stream, a hot swap through one replica reaching all, a ping source failing over.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Capture, Serve, broker_with_triggers, ce_headers, try_request, wait_for};
-
-/// A `nats-server -js` on loopback, stopped on drop.
-pub(crate) struct NatsServer {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl NatsServer {
-    pub(crate) fn start() -> NatsServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut n = NatsServer {
-            child: None,
-            port,
-            dir,
-        };
-        n.run();
-        n
-    }
-
-    fn run(&mut self) {
-        let child = Command::new("nats-server")
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server (Debian's nats-server package; .ci/run installs it)");
-        self.child = Some(child);
-        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().expect("addr");
-        wait_for("nats-server to listen", Duration::from_secs(20), || {
-            TcpStream::connect(addr).is_ok()
-        });
-    }
-
-    pub(crate) fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Kills it and starts it again on the same port and store.
-    pub(crate) fn restart(&mut self, down_for: Duration) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        std::thread::sleep(down_for);
-        self.run();
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use crate::harness::{
+    Capture, NatsServer, Serve, broker_with_triggers, ce_headers, try_request, wait_for,
+};
 
 fn store(n: &NatsServer) -> Vec<String> {
     vec!["--store".into(), n.url()]
