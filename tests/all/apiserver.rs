@@ -69,13 +69,13 @@ fn the_seeds_hello_world_runs_end_to_end() {
     );
 }
 
-fn pod(name: &str, app: &str) -> Value {
+pub(crate) fn pod(name: &str, app: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"), "labels": {"app": app}},
            "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
 }
 
-fn pods_yaml(sub: &Capture) -> String {
+pub(crate) fn pods_yaml(sub: &Capture) -> String {
     format!(
         "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata: {{name: default, namespace: default}}\n---\n\
          apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: pods, namespace: default}}\nspec:\n  subscriber: {{uri: '{}'}}\n---\n\
@@ -86,7 +86,7 @@ fn pods_yaml(sub: &Capture) -> String {
 }
 
 /// (type, name) of everything delivered so far.
-fn seen(sub: &Capture) -> Vec<(String, String)> {
+pub(crate) fn seen(sub: &Capture) -> Vec<(String, String)> {
     sub.on("/pods")
         .iter()
         .filter_map(|c| {

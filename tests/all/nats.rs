@@ -317,3 +317,63 @@ spec:
         times[times.len() - 1]
     );
 }
+
+#[test]
+fn the_apiserver_source_fails_over_without_losing_or_repeating_a_change() {
+    use crate::apiserver::{pod, pods_yaml, seen};
+    let n = NatsServer::start();
+    let fake = crate::fake_apiserver::FakeApiServer::start(7_000);
+    let sub = Capture::ok();
+    let files = files_with(&pods_yaml(&sub));
+    let kubeconfig = fake.kubeconfig(files.path());
+    let kc = kubeconfig.to_str().expect("utf-8").to_string();
+    let url = n.url();
+    let mut rs: Vec<Serve> = (0..2)
+        .map(|i| {
+            let data = files.path().join(format!("replica-{i}"));
+            std::fs::create_dir_all(&data).expect("dir");
+            Serve::start_replica(files.path(), &data, &["--store", &url, "--kubeconfig", &kc])
+        })
+        .collect();
+    wait_for("the watch", Duration::from_secs(30), || {
+        fake.watchers() >= 1
+    });
+    fake.add("pods", pod("a", "demo"), false);
+    let count = |t: &str, name: &str| {
+        seen(&sub)
+            .iter()
+            .filter(|(ty, n)| ty == t && n == name)
+            .count()
+    };
+    wait_for("add a", Duration::from_secs(30), || {
+        count("dev.knative.apiserver.ref.add", "a") == 1
+    });
+    let holder = rs
+        .iter()
+        .position(|r| r.stderr().contains("holds the lease"))
+        .expect("a replica holds the lease");
+    rs.remove(holder).kill();
+    // Changes while no replica watches: the next holder finds them from what the last one
+    // recorded in NATS.
+    fake.add("pods", pod("b", "demo"), false);
+    fake.modify("pods", "a", |p| {
+        p["metadata"]["annotations"] = serde_json::json!({"changed": "yes"})
+    });
+    wait_for(
+        "the other replica's changes",
+        Duration::from_secs(40),
+        || {
+            count("dev.knative.apiserver.ref.add", "b") == 1
+                && count("dev.knative.apiserver.ref.update", "a") == 1
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        count("dev.knative.apiserver.ref.add", "a"),
+        1,
+        "a's add not repeated"
+    );
+    assert_eq!(count("dev.knative.apiserver.ref.add", "b"), 1);
+    assert_eq!(count("dev.knative.apiserver.ref.update", "a"), 1);
+    println!("apiserver failover: {:?}", seen(&sub));
+}

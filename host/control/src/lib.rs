@@ -89,6 +89,49 @@ impl SeenStore for LogSeen {
     }
 }
 
+/// Over NATS: what ApiServerSources saw, in the shared bucket, so that the replica that takes
+/// a source over goes on from where the last one was. The source calls these from its task:
+/// they wait for NATS in place.
+pub(crate) struct SharedSeen(pub(crate) Arc<shared::Shared>);
+
+fn wait_for<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+impl SeenStore for SharedSeen {
+    fn object(&self, source: &str, uid: &str) -> Result<Option<Vec<u8>>, String> {
+        wait_for(self.0.seen_object(source, uid))
+    }
+
+    fn load(&self, source: &str) -> Result<Option<HashMap<String, Seen>>, String> {
+        Ok(wait_for(self.0.seen_load(source))?.map(|m| {
+            m.into_iter()
+                .map(|(uid, (resource_version, object))| {
+                    (
+                        uid,
+                        Seen {
+                            resource_version,
+                            object,
+                        },
+                    )
+                })
+                .collect()
+        }))
+    }
+
+    fn update(&self, source: &str, changes: Vec<(String, Option<Seen>)>) -> Result<(), String> {
+        wait_for(
+            self.0.seen_update(
+                source,
+                changes
+                    .into_iter()
+                    .map(|(uid, s)| (uid, s.map(|s| (s.resource_version, s.object))))
+                    .collect(),
+            ),
+        )
+    }
+}
+
 /// A source's sink: a broker in this process (no HTTP hop), a Function, or an HTTP endpoint.
 struct SinkEmit {
     mesh: Arc<Mesh>,

@@ -891,9 +891,10 @@ impl Controller {
             }
             Resource::ApiServerSource(a) => {
                 let (client, api_server) = self.kube_client().await?;
-                let seen: Arc<dyn SeenStore> = match self.mesh.log() {
-                    Some(log) => Arc::new(LogSeen(log)),
-                    None => Arc::new(MemorySeen::default()),
+                let seen: Arc<dyn SeenStore> = match (&self.config.shared, self.mesh.log()) {
+                    (Some(shared), _) => Arc::new(crate::SharedSeen(Arc::clone(shared))),
+                    (None, Some(log)) => Arc::new(LogSeen(log)),
+                    (None, None) => Arc::new(MemorySeen::default()),
                 };
                 let emit: Arc<dyn Emit> = Arc::new(SinkEmit {
                     mesh: Arc::clone(&self.mesh),

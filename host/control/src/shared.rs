@@ -222,6 +222,104 @@ impl Shared {
     }
 }
 
+/// An object as a source saw it: its resourceVersion and its JSON.
+pub type SeenObject = (String, Vec<u8>);
+
+impl Shared {
+    fn seen_prefix(source: &str) -> String {
+        format!("{}.seen.", Self::key(source))
+    }
+
+    /// What an ApiServerSource saw, by object uid (`None`: it never finished a listing).
+    pub async fn seen_load(
+        &self,
+        source: &str,
+    ) -> Result<Option<std::collections::HashMap<String, SeenObject>>, String> {
+        let listed = format!("{}.listed", Self::key(source));
+        if self
+            .state
+            .get(&listed)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let prefix = Self::seen_prefix(source);
+        let mut keys = self.state.keys().await.map_err(|e| e.to_string())?;
+        let mut wanted = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(|e| e.to_string())?;
+            if let Some(uid) = k.strip_prefix(&prefix) {
+                wanted.push((uid.to_string(), k.clone()));
+            }
+        }
+        let mut out = std::collections::HashMap::new();
+        for (uid, key) in wanted {
+            if let Some(v) = self.state.get(&key).await.map_err(|e| e.to_string())? {
+                out.insert(uid, split_seen(&v));
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// One object an ApiServerSource saw.
+    pub async fn seen_object(&self, source: &str, uid: &str) -> Result<Option<Vec<u8>>, String> {
+        let key = format!("{}{uid}", Self::seen_prefix(source));
+        Ok(self
+            .state
+            .get(&key)
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|v| split_seen(&v).1))
+    }
+
+    /// Records what an ApiServerSource saw (`None` forgets an object), and that it listed.
+    pub async fn seen_update(
+        &self,
+        source: &str,
+        changes: Vec<(String, Option<SeenObject>)>,
+    ) -> Result<(), String> {
+        let prefix = Self::seen_prefix(source);
+        for (uid, seen) in changes {
+            let key = format!("{prefix}{uid}");
+            match seen {
+                Some((rv, object)) => {
+                    let mut v = rv.into_bytes();
+                    v.push(b'\n');
+                    v.extend(object);
+                    self.state
+                        .put(&key, v.into())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                None => {
+                    self.state.purge(&key).await.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        self.state
+            .put(
+                format!("{}.listed", Self::key(source)),
+                Bytes::from_static(b"1"),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+/// `resourceVersion\nobject`.
+fn split_seen(v: &[u8]) -> SeenObject {
+    match v.iter().position(|b| *b == b'\n') {
+        Some(at) => (
+            String::from_utf8_lossy(&v[..at]).into_owned(),
+            v[at + 1..].to_vec(),
+        ),
+        None => (String::from_utf8_lossy(v).into_owned(), Vec::new()),
+    }
+}
+
 /// Drains a watch into the revisions it reports (for the controller's loop).
 pub async fn next_revision(watch: &mut kv::Watch) -> Option<u64> {
     loop {
