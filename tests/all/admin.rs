@@ -611,7 +611,7 @@ fn the_admin_api_speaks_tls_when_given_a_certificate() {
         .arg("-out")
         .arg(&cert)
         .output()
-        .expect("openssl (.ci/run installs it)");
+        .expect("openssl (.ci/setup installs it)");
     assert!(
         made.status.success(),
         "{}",

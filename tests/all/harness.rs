@@ -520,7 +520,13 @@ impl NatsServer {
     }
 
     fn run(&mut self) {
-        let child = Command::new("nats-server")
+        // Debian puts it in /usr/sbin, which a user's PATH may not have.
+        let program = if std::path::Path::new("/usr/sbin/nats-server").exists() {
+            "/usr/sbin/nats-server"
+        } else {
+            "nats-server"
+        };
+        let child = Command::new(program)
             .args([
                 "-js",
                 "-a",
@@ -533,7 +539,7 @@ impl NatsServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("nats-server (Debian's nats-server package; .ci/run installs it)");
+            .expect("nats-server (Debian's nats-server package; .ci/setup installs it)");
         self.child = Some(child);
         let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().expect("addr");
         wait_for("nats-server to listen", Duration::from_secs(20), || {
