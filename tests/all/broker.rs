@@ -92,7 +92,7 @@ fn a_full_queue_answers_429_and_loses_nothing_accepted() {
     a_full_store_answers_429(&["--log-capacity", "3", "--concurrency", "1"]);
 }
 
-fn a_full_store_answers_429(flags: &[&str]) {
+pub(crate) fn a_full_store_answers_429(flags: &[&str]) {
     let sub = Capture::start(|_| {
         std::thread::sleep(std::time::Duration::from_millis(200));
         (200, Vec::new(), Vec::new())

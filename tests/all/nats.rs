@@ -33,6 +33,17 @@ fn broker_tests_pass_on_jetstream_too() {
     fresh(crate::broker::retried_outcomes_then_dead_letter_with_error_extensions_on);
     fresh(crate::broker::wasm_functions_subscribe_filter_reply_and_reject_on);
     fresh(crate::broker::http_binding_conformance_cases_reach_the_subscriber_unchanged_on);
+    // A stream at its size limit (--log-max-bytes) answers 429, and loses nothing accepted.
+    let n = NatsServer::start();
+    let url = n.url();
+    crate::broker::a_full_store_answers_429(&[
+        "--store",
+        &url,
+        "--log-max-bytes",
+        "2000",
+        "--concurrency",
+        "1",
+    ]);
 }
 
 /// `replicas` servers of the same files, over `n`, each with its own data directory.

@@ -344,6 +344,17 @@ impl Mesh {
         true
     }
 
+    /// A trigger deleted for good: over JetStream its durable consumer is deleted, so that the
+    /// stream no longer keeps events for it. (The embedded log's garbage collection does the
+    /// same for triggers that are no longer declared.)
+    pub async fn forget_trigger(&self, broker: &BrokerKey, name: &str) {
+        if let Some(nats) = &self.config.nats
+            && let Err(e) = nats.delete_consumer(broker, name).await
+        {
+            tracing::warn!(trigger = name, error = %e, "cannot delete the JetStream consumer");
+        }
+    }
+
     /// Removes a broker and its triggers.
     pub async fn remove_broker(&self, key: &BrokerKey) -> bool {
         let Some(b) = self

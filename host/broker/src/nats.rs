@@ -135,6 +135,11 @@ impl NatsStore {
                 max_bytes: self.config.max_bytes,
                 storage: stream::StorageType::File,
                 num_replicas: self.config.replicas.max(1),
+                // An event leaves the stream once every trigger's consumer acknowledged it
+                // (delivered events are reclaimed), so `max_bytes` bounds what is still owed;
+                // a full stream refuses new events (429) rather than dropping owed ones.
+                retention: stream::RetentionPolicy::Interest,
+                discard: stream::DiscardPolicy::New,
                 ..Default::default()
             })
             .await
@@ -170,12 +175,33 @@ impl NatsStore {
             acks.push(ack);
         }
         for ack in acks {
-            match ack.await {
-                Ok(_) => {}
-                Err(e) => return Err(io(e)),
+            if let Err(e) = ack.await {
+                let text = e.to_string();
+                // JetStream's limits (--log-max-bytes): back off, as the embedded log says.
+                if text.contains("maximum") {
+                    return Err(LogError::Full(format!("NATS JetStream: {text}")));
+                }
+                return Err(io(e));
             }
         }
         Ok(())
+    }
+
+    /// Deletes a trigger's durable consumer (the trigger was deleted).
+    pub async fn delete_consumer(&self, key: &BrokerKey, trigger: &str) -> Result<(), LogError> {
+        let stream = self.stream(key).await?;
+        match stream
+            .delete_consumer(&Self::consumer_name(key, trigger))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    fn consumer_name(key: &BrokerKey, trigger: &str) -> String {
+        format!("wasmesh-{}-{trigger}", key.namespace)
     }
 
     /// The trigger's durable consumer on its broker's stream, created when missing. Ordered
@@ -189,7 +215,7 @@ impl NatsStore {
         ack_wait: Duration,
     ) -> Result<consumer::PullConsumer, LogError> {
         let stream = self.stream(key).await?;
-        let name = format!("wasmesh-{}-{trigger}", key.namespace);
+        let name = Self::consumer_name(key, trigger);
         stream
             .get_or_create_consumer(
                 &name,

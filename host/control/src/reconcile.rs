@@ -252,8 +252,25 @@ impl Controller {
                 overlay.deleted.push(id.clone());
             }
         }
+        let deleted_triggers: Vec<(BrokerKey, String)> = st
+            .desired
+            .iter()
+            .filter(|l| ids.contains(&l.resource.id()))
+            .filter_map(|l| match &l.resource {
+                Resource::Trigger(t) => Some((
+                    BrokerKey::new(t.metadata.namespace(), &t.spec.broker),
+                    t.metadata.name.clone(),
+                )),
+                _ => None,
+            })
+            .collect();
         let changes = self.commit(&mut st, overlay).await?;
         self.mesh.collect_garbage();
+        // Deleted for good: what the store still keeps for them goes too (JetStream keeps an
+        // event until every trigger's consumer has acknowledged it).
+        for (broker, trigger) in deleted_triggers {
+            self.mesh.forget_trigger(&broker, &trigger).await;
+        }
         Ok(only_asked(changes, &ids))
     }
 
@@ -354,10 +371,16 @@ impl Controller {
                     return;
                 }
             };
+            // A change saved between start-up and the watch: look once now.
+            let mut first = true;
             loop {
-                let revision = tokio::select! {
-                    r = crate::shared::next_revision(&mut watch) => r,
-                    _ = stop.changed() => return,
+                let revision = if std::mem::take(&mut first) {
+                    Some(u64::MAX)
+                } else {
+                    tokio::select! {
+                        r = crate::shared::next_revision(&mut watch) => r,
+                        _ = stop.changed() => return,
+                    }
                 };
                 let Some(revision) = revision else { return };
                 let mut st = this.state.lock().await;
@@ -371,6 +394,9 @@ impl Controller {
                         continue;
                     }
                 };
+                if revision <= st.overlay_revision {
+                    continue;
+                }
                 st.overlay = overlay;
                 st.overlay_revision = revision;
                 match merge(&st.files, &st.overlay) {
