@@ -71,9 +71,10 @@ pub(crate) struct ServeArgs {
     /// reported and leaves the running state as it was.
     #[arg(long)]
     watch: bool,
-    /// Where the admin API listens (`off` for none).
-    #[arg(long, default_value = "127.0.0.1:8081")]
-    admin_listen: String,
+    /// Where the admin API listens (`off` for none). Default 127.0.0.1:8081, or a free port
+    /// when that one is taken (another server on this machine); the address is printed.
+    #[arg(long)]
+    admin_listen: Option<String>,
     /// The admin API's bearer token (default: generated into <data-dir>/admin-token, mode 0600).
     #[arg(long, env = "WASMESH_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -87,6 +88,9 @@ pub(crate) struct ServeArgs {
     #[arg(long, default_value_t = 32 << 20)]
     max_module_bytes: usize,
 }
+
+/// Where the admin API listens unless told.
+const DEFAULT_ADMIN: &str = "127.0.0.1:8081";
 
 fn parse_age(s: &str) -> Result<Duration, String> {
     let (num, mult) = match s.chars().last() {
@@ -257,11 +261,12 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     controller.follow_shared(stop_rx.clone());
     let mut tasks = Vec::new();
-    if args.admin_listen != "off" {
-        let admin_addr: SocketAddr = args
-            .admin_listen
+    if args.admin_listen.as_deref() != Some("off") {
+        let given = args.admin_listen.as_deref();
+        let admin_addr: SocketAddr = given
+            .unwrap_or(DEFAULT_ADMIN)
             .parse()
-            .with_context(|| format!("--admin-listen `{}`: not an address", args.admin_listen))?;
+            .with_context(|| format!("--admin-listen `{}`: not an address", given.unwrap_or("")))?;
         let (token, token_file) = admin::admin_token(args.admin_token.clone(), &args.data_dir)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let tls = match (&args.admin_tls_cert, &args.admin_tls_key) {
@@ -271,9 +276,21 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
             _ => None,
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let admin_listener = tokio::net::TcpListener::bind(admin_addr)
-            .await
-            .with_context(|| format!("cannot listen on {admin_addr} (--admin-listen)"))?;
+        let admin_listener = match tokio::net::TcpListener::bind(admin_addr).await {
+            Ok(l) => l,
+            // The default port is taken (another wasmesh here): any free one rather than
+            // refusing to start; the line below says which.
+            Err(e) if given.is_none() => {
+                tracing::warn!(
+                    "the admin API's default {admin_addr} is taken ({e}); using a free port"
+                );
+                tokio::net::TcpListener::bind("127.0.0.1:0").await?
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot listen on {admin_addr} (--admin-listen)"));
+            }
+        };
         let bound = admin_listener.local_addr()?;
         match &token_file {
             Some(f) => eprintln!(
