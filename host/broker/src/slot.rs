@@ -53,15 +53,11 @@ struct Trial {
     decided: AtomicBool,
 }
 
-/// Told when a trial ends: (function, message, rolled back?).
-pub type RolloutListener = Arc<dyn Fn(&str, &str, bool) + Send + Sync>;
-
 /// The live version of a Function, swappable.
 pub struct FunctionSlot {
     name: String,
     live: ArcSwap<Version>,
     note: Mutex<Option<String>>,
-    listener: Mutex<Option<RolloutListener>>,
 }
 
 impl std::fmt::Debug for FunctionSlot {
@@ -80,7 +76,6 @@ impl FunctionSlot {
             name: name.to_string(),
             live: ArcSwap::from_pointee(first),
             note: Mutex::new(None),
-            listener: Mutex::new(None),
         })
     }
 
@@ -92,11 +87,6 @@ impl FunctionSlot {
     /// The live version.
     pub fn live(&self) -> Arc<Version> {
         self.live.load_full()
-    }
-
-    /// Who hears about the end of a trial.
-    pub fn set_listener(&self, listener: RolloutListener) {
-        *self.listener.lock().unwrap_or_else(PoisonError::into_inner) = Some(listener);
     }
 
     /// Makes `next` live; calls that already started finish on the version they took. With a
@@ -198,14 +188,6 @@ impl FunctionSlot {
         } else {
             tracing::info!(function = %self.name, "{message}");
         }
-        *self.note.lock().unwrap_or_else(PoisonError::into_inner) = Some(message.clone());
-        let listener = self
-            .listener
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        if let Some(l) = listener {
-            l(&self.name, &message, failed);
-        }
+        *self.note.lock().unwrap_or_else(PoisonError::into_inner) = Some(message);
     }
 }
