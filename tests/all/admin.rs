@@ -256,7 +256,13 @@ fn twenty_hot_swaps_under_load_lose_and_double_nothing() {
 
 #[test]
 fn a_failing_version_is_rolled_back_by_itself() {
-    let serve = Serve::start(&[("f.yaml", &subscribed("builtin:event-display", ""))], &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("f.yaml"),
+        subscribed("builtin:event-display", ""),
+    )
+    .expect("yaml");
+    let serve = Serve::start_at(dir.path(), &[]);
     let tag = upload(&serve, wasmesh_plugins::FIXTURE_TAG);
     let trap = upload(&serve, wasmesh_plugins::FIXTURE_TRAP);
     let rollout = serde_json::json!({ "rollout": { "window": 10, "maxFailureRate": 0.2 } });
@@ -283,16 +289,38 @@ fn a_failing_version_is_rolled_back_by_itself() {
             "rb-{n} once, by the good version"
         );
     }
-    let f = json(&serve.admin("GET", "/v1/functions/default/sub", b""));
-    let cond = &f["status"]["conditions"][0];
-    assert_eq!(cond["reason"], "RolledBack", "{f}");
-    let message = cond["message"].as_str().unwrap_or_default();
-    assert!(
-        message.contains("revision 3") && message.contains("rolled back to revision 2"),
-        "{message}"
-    );
-    assert_eq!(f["status"]["revision"], 2, "{f}");
     serve.wait_log("rolled back to revision 2");
+    // The rollback becomes the declared state: revision 4 runs the good module again, and the
+    // status keeps saying why.
+    let status = |s: &Serve| json(&s.admin("GET", "/v1/functions/default/sub", b""));
+    wait_for("the rollback recorded", Duration::from_secs(20), || {
+        status(&serve)["status"]["revision"] == 4
+    });
+    let check = |f: &serde_json::Value| {
+        let cond = &f["status"]["conditions"][0];
+        assert_eq!(cond["reason"], "RolledBack", "{f}");
+        let message = cond["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("revision 3") && message.contains("rolled back to revision 2"),
+            "{message}"
+        );
+        assert_eq!(f["status"]["digest"], tag.as_str(), "{f}");
+        assert_eq!(f["spec"]["module"], tag.as_str(), "{f}");
+    };
+    check(&status(&serve));
+    // A restart does not bring the failed version back.
+    serve.stop();
+    let serve = Serve::start_at(dir.path(), &[]);
+    let f = status(&serve);
+    check(&f);
+    assert_eq!(f["status"]["revision"], 4, "{f}");
+    let r = serve.request("POST", "/default/default", &ce_headers("after", "t"), b"{}");
+    assert_eq!(r.status, 202);
+    wait_for(
+        "the good version after the restart",
+        Duration::from_secs(20),
+        || handled(&serve.stdout()).get("after") == Some(&vec!["tag"]),
+    );
 }
 
 #[test]

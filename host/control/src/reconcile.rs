@@ -357,6 +357,60 @@ impl Controller {
         ))
     }
 
+    /// Makes automatic rollbacks stick: a Function whose new version failed its rollout runs
+    /// the version before it, and this turns that into the declared state (an automatic
+    /// `rollout undo`, with the failed revision marked), so that a restart or another replica
+    /// does not bring the failed version back. Looks twice a second until `stop`.
+    pub fn keep_rollbacks(self: &Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stop.changed() => return,
+                }
+                let mut st = this.state.lock().await;
+                let rolled: Vec<(String, String, String)> = st
+                    .functions
+                    .iter()
+                    .filter_map(|(key, run)| {
+                        let note = run.slot.note().filter(|n| n.contains("rolled back"))?;
+                        let id = format!("Function/{key}");
+                        let declared = st.overlay.history.get(&id)?.last()?.digest.clone();
+                        let live = run.slot.live().digest.clone();
+                        (declared != live).then_some((id, live, note))
+                    })
+                    .collect();
+                for (id, live, note) in rolled {
+                    let Some(loc) = st.desired.iter().find(|l| l.resource.id() == id).cloned()
+                    else {
+                        continue;
+                    };
+                    let Resource::Function(mut f) = loc.resource else {
+                        continue;
+                    };
+                    f.spec.module = live;
+                    let mut overlay = st.overlay.clone();
+                    if let Some(last) = overlay.history.get_mut(&id).and_then(|h| h.last_mut()) {
+                        last.rolled_back = Some(note);
+                    }
+                    overlay.deleted.retain(|d| *d != id);
+                    if let Some(json) = Resource::Function(f).to_json() {
+                        overlay.applied.insert(id.clone(), json);
+                    }
+                    match this.commit(&mut st, overlay).await {
+                        Ok(_) => {
+                            tracing::info!(function = %id, "the automatic rollback is now the declared state")
+                        }
+                        Err(e) => {
+                            tracing::error!(function = %id, error = %e, "cannot record the automatic rollback")
+                        }
+                    }
+                }
+            }
+        });
+    }
+
     /// Over NATS: runs what other replicas apply, as they apply it, until `stop`.
     pub fn follow_shared(self: &Arc<Self>, mut stop: watch::Receiver<bool>) {
         let Some(shared) = self.config.shared.clone() else {
@@ -1333,7 +1387,13 @@ fn status_of(st: &State, loc: &Located, result: Result<(), Problem>) -> Status {
         {
             let live = run.slot.live();
             message = format!("revision {} ({}) is live", live.revision, live.digest);
-            if let Some(note) = run.slot.note() {
+            let history = st.overlay.history.get(&loc.resource.id());
+            // The revision live now was made by an automatic rollback of the one before it.
+            let recorded = history.and_then(|h| match h.as_slice() {
+                [.., failed, now] if now.revision == live.revision => failed.rolled_back.clone(),
+                _ => None,
+            });
+            if let Some(note) = run.slot.note().or(recorded) {
                 if note.contains("rolled back") {
                     reason = "RolledBack".into();
                 }

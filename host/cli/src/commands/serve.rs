@@ -260,6 +260,7 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     controller.follow_shared(stop_rx.clone());
+    controller.keep_rollbacks(stop_rx.clone());
     let mut tasks = Vec::new();
     if args.admin_listen.as_deref() != Some("off") {
         let given = args.admin_listen.as_deref();
