@@ -925,7 +925,7 @@ impl Controller {
     ) -> Result<(watch::Sender<bool>, tokio::task::JoinHandle<()>), Problem> {
         let (stop, stop_rx) = watch::channel(false);
         let id = resource.id();
-        let run: SourceRun2 = match resource {
+        let run: StartSource = match resource {
             Resource::PingSource(p) => {
                 let source =
                     PingSource::new(&p.metadata, &p.spec).map_err(|e| ("InvalidSpec", e))?;
@@ -1088,7 +1088,7 @@ fn only_asked(changes: Vec<Change>, asked: &[String]) -> Vec<Change> {
 }
 
 /// Starts a source's work, given what stops it.
-type SourceRun2 = Arc<
+type StartSource = Arc<
     dyn Fn(watch::Receiver<bool>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
         + Send
         + Sync,
@@ -1096,7 +1096,12 @@ type SourceRun2 = Arc<
 
 /// Over NATS: runs a source only while this replica holds its lease, renewing it; another
 /// replica takes over when this one stops renewing (crash) or gives the lease up (shutdown).
-async fn leased(shared: Arc<Shared>, id: String, run: SourceRun2, mut stop: watch::Receiver<bool>) {
+async fn leased(
+    shared: Arc<Shared>,
+    id: String,
+    run: StartSource,
+    mut stop: watch::Receiver<bool>,
+) {
     let period = crate::shared::LEASE_TTL / 3;
     loop {
         if *stop.borrow() {
