@@ -54,6 +54,28 @@ impl std::fmt::Display for Status {
 /// Modules built into the binary, by name (`builtin:<name>`).
 pub type Builtins = BTreeMap<String, &'static [u8]>;
 
+/// Stores keep (resourceVersion, object) pairs by uid; the source speaks `Seen`.
+fn to_seen(m: HashMap<String, shared::SeenObject>) -> HashMap<String, Seen> {
+    m.into_iter()
+        .map(|(uid, (resource_version, object))| {
+            (
+                uid,
+                Seen {
+                    resource_version,
+                    object,
+                },
+            )
+        })
+        .collect()
+}
+
+fn from_seen(changes: Vec<(String, Option<Seen>)>) -> Vec<(String, Option<shared::SeenObject>)> {
+    changes
+        .into_iter()
+        .map(|(uid, s)| (uid, s.map(|s| (s.resource_version, s.object))))
+        .collect()
+}
+
 /// The durable log's memory of what sources saw, for the ApiServerSource.
 struct LogSeen(Arc<wasmesh_broker::log::DurableLog>);
 
@@ -63,29 +85,11 @@ impl SeenStore for LogSeen {
     }
 
     fn load(&self, source: &str) -> Result<Option<HashMap<String, Seen>>, String> {
-        Ok(self.0.seen_load(source)?.map(|m| {
-            m.into_iter()
-                .map(|(uid, (resource_version, object))| {
-                    (
-                        uid,
-                        Seen {
-                            resource_version,
-                            object,
-                        },
-                    )
-                })
-                .collect()
-        }))
+        Ok(self.0.seen_load(source)?.map(to_seen))
     }
 
     fn update(&self, source: &str, changes: Vec<(String, Option<Seen>)>) -> Result<(), String> {
-        self.0.seen_update(
-            source,
-            changes
-                .into_iter()
-                .map(|(uid, s)| (uid, s.map(|s| (s.resource_version, s.object))))
-                .collect(),
-        )
+        self.0.seen_update(source, from_seen(changes))
     }
 }
 
@@ -104,31 +108,11 @@ impl SeenStore for SharedSeen {
     }
 
     fn load(&self, source: &str) -> Result<Option<HashMap<String, Seen>>, String> {
-        Ok(wait_for(self.0.seen_load(source))?.map(|m| {
-            m.into_iter()
-                .map(|(uid, (resource_version, object))| {
-                    (
-                        uid,
-                        Seen {
-                            resource_version,
-                            object,
-                        },
-                    )
-                })
-                .collect()
-        }))
+        Ok(wait_for(self.0.seen_load(source))?.map(to_seen))
     }
 
     fn update(&self, source: &str, changes: Vec<(String, Option<Seen>)>) -> Result<(), String> {
-        wait_for(
-            self.0.seen_update(
-                source,
-                changes
-                    .into_iter()
-                    .map(|(uid, s)| (uid, s.map(|s| (s.resource_version, s.object))))
-                    .collect(),
-            ),
-        )
+        wait_for(self.0.seen_update(source, from_seen(changes)))
     }
 }
 
