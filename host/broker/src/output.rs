@@ -23,62 +23,97 @@ pub struct FunctionOutput {
     pub book: Option<Arc<LogBook>>,
 }
 
-/// Lines a function wrote, as `wasmesh logs function NAME` shows them.
+/// What one call of a function wrote on one stream (one or more lines), as `wasmesh logs
+/// function NAME` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogLine {
-    pub function: String,
+pub struct LogEntry {
+    pub function: Arc<str>,
     /// `stdout`, `stderr`, or the log level of a record.
-    pub stream: String,
-    pub text: String,
+    pub stream: &'static str,
+    pub text: Arc<str>,
 }
 
-/// The recent output of every function (a bounded ring each) and a feed of new lines.
+impl LogEntry {
+    fn lines(&self) -> usize {
+        self.text.lines().count().max(1)
+    }
+}
+
+struct Ring {
+    name: Arc<str>,
+    entries: VecDeque<LogEntry>,
+    lines: usize,
+}
+
+/// The recent output of every function (about the last `per_function` lines each) and a feed
+/// of new entries. One lock and no copy per line on the delivery path; the feed is fed only
+/// while someone follows it.
 pub struct LogBook {
     per_function: usize,
-    lines: Mutex<HashMap<String, VecDeque<LogLine>>>,
-    feed: broadcast::Sender<LogLine>,
+    rings: Mutex<HashMap<String, Ring>>,
+    feed: broadcast::Sender<LogEntry>,
 }
 
 impl LogBook {
-    /// Keeps the last `per_function` lines of each function.
+    /// Keeps about the last `per_function` lines of each function.
     pub fn new(per_function: usize) -> Arc<Self> {
         Arc::new(Self {
             per_function: per_function.max(1),
-            lines: Mutex::new(HashMap::new()),
-            feed: broadcast::channel(4096).0,
+            rings: Mutex::new(HashMap::new()),
+            feed: broadcast::channel(1024).0,
         })
     }
 
-    fn push(&self, function: &str, stream: &str, text: &[u8]) {
-        let text = String::from_utf8_lossy(text);
-        let mut all = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
-        let ring = all.entry(function.to_string()).or_default();
-        for l in text.lines() {
-            let line = LogLine {
-                function: function.to_string(),
-                stream: stream.to_string(),
-                text: l.to_string(),
+    fn push(&self, function: &str, entries: Vec<(&'static str, String)>) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut rings = self.rings.lock().unwrap_or_else(PoisonError::into_inner);
+        if !rings.contains_key(function) {
+            rings.insert(
+                function.to_string(),
+                Ring {
+                    name: Arc::from(function),
+                    entries: VecDeque::new(),
+                    lines: 0,
+                },
+            );
+        }
+        let Some(ring) = rings.get_mut(function) else {
+            return;
+        };
+        let following = self.feed.receiver_count() > 0;
+        for (stream, text) in entries {
+            let entry = LogEntry {
+                function: Arc::clone(&ring.name),
+                stream,
+                text: Arc::from(text),
             };
-            if ring.len() == self.per_function {
-                ring.pop_front();
+            ring.lines += entry.lines();
+            if following {
+                let _ = self.feed.send(entry.clone());
             }
-            ring.push_back(line.clone());
-            let _ = self.feed.send(line);
+            ring.entries.push_back(entry);
+        }
+        while ring.lines > self.per_function && ring.entries.len() > 1 {
+            if let Some(old) = ring.entries.pop_front() {
+                ring.lines -= old.lines();
+            }
         }
     }
 
-    /// The lines kept for `function`, oldest first.
-    pub fn recent(&self, function: &str) -> Vec<LogLine> {
-        self.lines
+    /// The entries kept for `function`, oldest first.
+    pub fn recent(&self, function: &str) -> Vec<LogEntry> {
+        self.rings
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(function)
-            .map(|r| r.iter().cloned().collect())
+            .map(|r| r.entries.iter().cloned().collect())
             .unwrap_or_default()
     }
 
-    /// Every new line from now on (of every function; a slow reader skips lines it missed).
-    pub fn follow(&self) -> broadcast::Receiver<LogLine> {
+    /// Every new entry from now on (of every function; a slow reader skips what it missed).
+    pub fn follow(&self) -> broadcast::Receiver<LogEntry> {
         self.feed.subscribe()
     }
 }
@@ -97,15 +132,23 @@ impl FunctionOutput {
     /// Writes one call's output.
     pub fn write(&self, function: &str, out: &CallOutput) {
         if let Some(book) = &self.book {
-            book.push(function, "stdout", &out.stdout);
-            book.push(function, "stderr", &out.stderr);
-            for r in &out.logs {
-                book.push(
-                    function,
-                    &format!("{:?}", r.level).to_lowercase(),
-                    r.message.as_bytes(),
-                );
+            let mut entries = Vec::new();
+            for (stream, bytes) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+                if !bytes.is_empty() {
+                    entries.push((stream, String::from_utf8_lossy(bytes).into_owned()));
+                }
             }
+            for r in &out.logs {
+                let level = match r.level {
+                    LogLevel::Trace => "trace",
+                    LogLevel::Debug => "debug",
+                    LogLevel::Info => "info",
+                    LogLevel::Warn => "warn",
+                    LogLevel::Error => "error",
+                };
+                entries.push((level, r.message.clone()));
+            }
+            book.push(function, entries);
         }
         if let Some(sink) = &self.sink {
             sink(function, &out.stdout);

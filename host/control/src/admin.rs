@@ -29,7 +29,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tokio_rustls::rustls;
 use tokio_stream::StreamExt as _;
-use wasmesh_broker::output::{LogBook, LogLine};
+use wasmesh_broker::output::{LogBook, LogEntry};
 use wasmesh_core::yaml::{Located, parse_documents};
 
 use crate::reconcile::{ApplyError, Change, Controller};
@@ -438,12 +438,15 @@ async fn respond(c: &Controller, result: Result<Vec<Change>, ApplyError>) -> Res
     }
 }
 
-fn render(line: &LogLine) -> String {
-    if line.stream == "stdout" {
-        format!("{}\n", line.text)
-    } else {
-        format!("[{}] {}\n", line.stream, line.text)
-    }
+fn render(entry: &LogEntry) -> String {
+    entry
+        .text
+        .lines()
+        .map(|l| match entry.stream {
+            "stdout" => format!("{l}\n"),
+            stream => format!("[{stream}] {l}\n"),
+        })
+        .collect()
 }
 
 fn logs(config: &AdminConfig, function: &str, follow: bool) -> Response<Body> {
@@ -458,7 +461,7 @@ fn logs(config: &AdminConfig, function: &str, follow: bool) -> Response<Body> {
     };
     let name = function.to_string();
     let live = tokio_stream::wrappers::BroadcastStream::new(feed).filter_map(move |l| match l {
-        Ok(line) if line.function == name => Some(Ok(Frame::data(Bytes::from(render(&line))))),
+        Ok(entry) if *entry.function == *name => Some(Ok(Frame::data(Bytes::from(render(&entry))))),
         _ => None,
     });
     let first = tokio_stream::once(Ok(Frame::data(Bytes::from(past))));
