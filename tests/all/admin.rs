@@ -162,7 +162,9 @@ fn twenty_hot_swaps_under_load_lose_and_double_nothing() {
     // Per swap: the number of the first event sent after the swap was answered.
     let mut live_from: Vec<(u64, u32)> = vec![(0, 0)];
     let mut swap_ms = Vec::new();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for("load on the first version", Duration::from_secs(20), || {
+        serve.stdout().matches("  id: s-").count() >= 50
+    });
     for k in 1..=20u32 {
         let module = &digests[(k % 2) as usize];
         let body = serde_json::to_vec(&serde_json::json!({
@@ -183,7 +185,13 @@ fn twenty_hot_swaps_under_load_lose_and_double_nothing() {
             r.text()
         );
         live_from.push((next.load(Ordering::SeqCst), k));
-        std::thread::sleep(Duration::from_millis(150));
+        // The next swap once this version has handled some of the load.
+        let mark = format!("tag=v{k} id=");
+        wait_for(
+            &format!("events on version {k}"),
+            Duration::from_secs(20),
+            || serve.stdout().matches(&mark).count() >= 20,
+        );
     }
     stop.store(true, Ordering::Relaxed);
     let acked: Vec<u64> = producers
@@ -932,12 +940,19 @@ spec:
             })
         })
         .collect();
+    // Each change once the load has moved on by some events.
+    let moved_on = || {
+        let before = serve.stdout().matches("  id: r-").count();
+        wait_for("more deliveries", Duration::from_secs(20), || {
+            serve.stdout().matches("  id: r-").count() >= before + 30
+        });
+    };
     for delivery in [
         "  delivery:\n    concurrency: 2\n",
         "  delivery:\n    concurrency: 4\n    ordering: ordered\n",
         "",
     ] {
-        std::thread::sleep(Duration::from_millis(200));
+        moved_on();
         let r = serve.admin("POST", "/v1/apply", trigger(delivery).as_bytes());
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(
@@ -947,7 +962,7 @@ spec:
             r.text()
         );
     }
-    std::thread::sleep(Duration::from_millis(200));
+    moved_on();
     stop.store(true, Ordering::Relaxed);
     let acked: Vec<String> = producers
         .into_iter()
