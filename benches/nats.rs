@@ -19,23 +19,6 @@ use harness::{KeepAlive, NatsServer, Serve};
 const PRODUCERS: usize = 8;
 const RUN: Duration = Duration::from_secs(4);
 
-const YAML: &str = "apiVersion: eventing.knative.dev/v1
-kind: Broker
-metadata: {name: default, namespace: default}
----
-apiVersion: wasmesh.dev/v1alpha1
-kind: Function
-metadata: {name: sub, namespace: default}
-spec: {module: tag.wasm, config: {tag: b}}
----
-apiVersion: eventing.knative.dev/v1
-kind: Trigger
-metadata: {name: all, namespace: default}
-spec:
-  broker: default
-  subscriber: {ref: {apiVersion: wasmesh.dev/v1alpha1, kind: Function, name: sub}}
-";
-
 /// Events/s accepted and the p50/p99 of a POST, over `RUN`.
 fn measure(replicas: &[Serve], label: &str) -> (f64, Duration, Duration) {
     let stop = Arc::new(AtomicBool::new(false));
@@ -80,7 +63,11 @@ fn main() {
     let module = std::fs::read(wasmesh_plugins::FIXTURE_TAG).expect("built");
     let setup = || {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("f.yaml"), YAML).expect("yaml");
+        std::fs::write(
+            dir.path().join("f.yaml"),
+            harness::function_subscriber("tag.wasm", "b"),
+        )
+        .expect("yaml");
         std::fs::write(dir.path().join("tag.wasm"), &module).expect("module");
         dir
     };

@@ -18,26 +18,6 @@ use harness::{KeepAlive, Serve};
 const SWAPS: u32 = 10;
 const PRODUCERS: u64 = 4;
 
-const YAML: &str = "apiVersion: eventing.knative.dev/v1
-kind: Broker
-metadata: {name: default, namespace: default}
----
-apiVersion: wasmesh.dev/v1alpha1
-kind: Function
-metadata: {name: sub, namespace: default}
-spec:
-  module: tag.wasm
-  config: {tag: v0}
----
-apiVersion: eventing.knative.dev/v1
-kind: Trigger
-metadata: {name: all, namespace: default}
-spec:
-  broker: default
-  subscriber:
-    ref: {apiVersion: wasmesh.dev/v1alpha1, kind: Function, name: sub}
-";
-
 /// Producers at `rate` events/s in total, paced, until `stop`.
 fn steady_load(
     addr: SocketAddr,
@@ -125,7 +105,11 @@ impl Watcher {
 
 fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("f.yaml"), YAML).expect("yaml");
+    std::fs::write(
+        dir.path().join("f.yaml"),
+        harness::function_subscriber("tag.wasm", "v0"),
+    )
+    .expect("yaml");
     let tag = std::fs::read(wasmesh_plugins::FIXTURE_TAG).expect("built");
     std::fs::write(dir.path().join("tag.wasm"), &tag).expect("module");
     let serve = Arc::new(Serve::start_at(dir.path(), &[]));

@@ -53,6 +53,17 @@ spec:
     )
 }
 
+/// A directory with `subscribed("builtin:event-display")`, for a server restarted on it.
+fn subscribed_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("f.yaml"),
+        subscribed("builtin:event-display", ""),
+    )
+    .expect("yaml");
+    dir
+}
+
 fn function_json(module: &str, extra: serde_json::Value) -> Vec<u8> {
     let mut spec = serde_json::json!({ "module": module, "config": { "tag": "new" } });
     if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
@@ -264,12 +275,7 @@ fn twenty_hot_swaps_under_load_lose_and_double_nothing() {
 
 #[test]
 fn a_failing_version_is_rolled_back_by_itself() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("f.yaml"),
-        subscribed("builtin:event-display", ""),
-    )
-    .expect("yaml");
+    let dir = subscribed_dir();
     let serve = Serve::start_at(dir.path(), &[]);
     let tag = upload(&serve, wasmesh_plugins::FIXTURE_TAG);
     let trap = upload(&serve, wasmesh_plugins::FIXTURE_TRAP);
@@ -488,23 +494,11 @@ fn concurrent_applies_all_land() {
         let seen = handled(&serve.stdout());
         (0..8).all(|i| seen.get(&format!("c{i}")).map(Vec::len) == Some(2))
     });
-    // Applied objects survive a restart (the data directory keeps them).
-    let trigger_count = |s: &Serve| {
-        json(&s.admin("GET", "/v1/triggers", b""))["items"]
-            .as_array()
-            .map(Vec::len)
-    };
-    assert_eq!(trigger_count(&serve), Some(9));
 }
 
 #[test]
 fn apply_and_delete_survive_a_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("f.yaml"),
-        subscribed("builtin:event-display", ""),
-    )
-    .expect("yaml");
+    let dir = subscribed_dir();
     let serve = Serve::start_at(dir.path(), &[]);
     let tag = upload(&serve, wasmesh_plugins::FIXTURE_TAG);
     let r = serve.admin(

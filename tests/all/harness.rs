@@ -479,6 +479,30 @@ pub(crate) fn broker_with_triggers(triggers: &[(&str, &str, &str)]) -> String {
     yaml
 }
 
+/// A broker `default`, a Function `sub` running `module` with config `tag`, and a trigger `all`
+/// delivering every event to it.
+#[allow(dead_code)] // Not every user of the harness needs it.
+pub(crate) fn function_subscriber(module: &str, tag: &str) -> String {
+    format!(
+        "apiVersion: eventing.knative.dev/v1
+kind: Broker
+metadata: {{name: default, namespace: default}}
+---
+apiVersion: wasmesh.dev/v1alpha1
+kind: Function
+metadata: {{name: sub, namespace: default}}
+spec: {{module: '{module}', config: {{tag: {tag}}}}}
+---
+apiVersion: eventing.knative.dev/v1
+kind: Trigger
+metadata: {{name: all, namespace: default}}
+spec:
+  broker: default
+  subscriber: {{ref: {{apiVersion: wasmesh.dev/v1alpha1, kind: Function, name: sub}}}}
+"
+    )
+}
+
 /// The path of the repository root joined with `rel`.
 pub(crate) fn repo(rel: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

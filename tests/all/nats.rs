@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::harness::{
-    Capture, NatsServer, Serve, broker_with_triggers, ce_headers, try_request, wait_for,
+    Capture, NatsServer, Serve, broker_with_triggers, ce_headers, function_subscriber, try_request,
+    wait_for,
 };
 
 fn store(n: &NatsServer) -> Vec<String> {
@@ -189,23 +190,8 @@ fn nats_restarted_mid_stream_loses_nothing() {
 #[test]
 fn a_swap_through_one_replica_is_live_on_all() {
     let n = NatsServer::start();
-    let yaml = "apiVersion: eventing.knative.dev/v1
-kind: Broker
-metadata: {name: default, namespace: default}
----
-apiVersion: wasmesh.dev/v1alpha1
-kind: Function
-metadata: {name: sub, namespace: default}
-spec: {module: builtin:event-display, config: {tag: new}}
----
-apiVersion: eventing.knative.dev/v1
-kind: Trigger
-metadata: {name: all, namespace: default}
-spec:
-  broker: default
-  subscriber: {ref: {apiVersion: wasmesh.dev/v1alpha1, kind: Function, name: sub}}
-";
-    let files = files_with(yaml);
+    let yaml = function_subscriber("builtin:event-display", "new");
+    let files = files_with(&yaml);
     let rs = replicas(&n, &files, 3);
     let bytes = std::fs::read(wasmesh_plugins::FIXTURE_TAG).expect("built");
     let r = rs[0].admin("POST", "/v1/modules", &bytes);
