@@ -4,9 +4,12 @@
 //! (b) POST -> ingress -> native filter -> the Wasm event-display (output to a sink);
 //! (c) the same with event-display as a native HTTP service on loopback, as a Knative user
 //!     deploys it;
-//! then (b) paced at half the ceiling's rate, for its POST-to-display latency.
+//! then (b) paced at half the ceiling's rate, for its POST-to-display latency; then ingress with
+//! the durable log against in-memory ingress, single events and batches, with 8, 32 and 64
+//! producers.
 //!
 //! `cargo bench -p wasmesh --bench broker`; figures go to docs/BENCHMARKS.md.
+//! `WASMESH_BENCH_ONLY=ingress` runs the durable-against-in-memory part alone.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -361,6 +364,10 @@ fn main() {
             "event-display",
             wasmesh_broker::Version::new(Arc::new(display), 1, digest),
         );
+        if std::env::var("WASMESH_BENCH_ONLY").as_deref() == Ok("ingress") {
+            print_ingress(&ingress_runs(&display).await);
+            return;
+        }
 
         let ceiling_addr = bare_server().await;
         let mut a = load(ceiling_addr, "/", None, None).await;
@@ -404,31 +411,61 @@ fn main() {
         println!("(b) ingress -> filter -> Wasm e-d:  {b_rate:>9.0} ev/s    POST p50 {:>7.0?} p99 {:>7.0?}  (429s: {})", pct(&mut b.post_latencies, 0.5), pct(&mut b.post_latencies, 0.99), b.throttled);
         println!("(c) ingress -> filter -> HTTP e-d:  {c_rate:>9.0} ev/s    POST p50 {:>7.0?} p99 {:>7.0?}  (429s: {})", pct(&mut c.post_latencies, 0.5), pct(&mut c.post_latencies, 0.99), c.throttled);
         println!("(b) paced at {:.0} ev/s (half the ceiling): achieved {p_rate:.0} ev/s, POST-to-display p50 {:?} p99 {:?}", ceiling / 2.0, pct(&mut e2e, 0.5), pct(&mut e2e, 0.99));
-        // Durable ingress (fsync, group commit) against in-memory ingress, singles and batches.
-        let mut ingress = Vec::new();
-        for (batch, conns) in [(1usize, CONNECTIONS), (10, CONNECTIONS), (1, 32)] {
-            for durable in [false, true] {
-                let dir = tempfile::tempdir().expect("tempdir");
-                let log = durable.then(|| {
-                    wasmesh_broker::log::DurableLog::open(dir.path(), Default::default()).expect("log")
-                });
-                let rec = Arc::new(Recorder::default());
-                let (addr, _mesh) = broker_with(Sink::Function(Arc::clone(&display)), Arc::clone(&rec), log).await;
-                let mut l = load_batches(addr, "/default/default", None, None, batch, conns).await;
-                let rate = l.accepted as f64 / l.elapsed.as_secs_f64();
-                ingress.push((batch, conns, durable, rate, pct(&mut l.post_latencies, 0.5), pct(&mut l.post_latencies, 0.99)));
-                let _ = drain(&rec, l.accepted, Instant::now()).await;
-            }
-        }
-
+        let ingress = ingress_runs(&display).await;
         println!("delivery only (in-process publish, {n} events): Wasm e-d {b_dispatch:.0} ev/s, HTTP e-d {c_dispatch:.0} ev/s");
         println!("ratios: (b)/(a) = {:.2}   (b)/(c) = {:.2}   delivery only Wasm/HTTP = {:.2}", b_rate / ceiling, b_rate / c_rate, b_dispatch / c_dispatch);
-        for (batch, conns, durable, rate, p50, p99) in &ingress {
-            let store = if *durable { "durable (fsync)" } else { "in memory      " };
-            println!("ingress {store}, {batch:>2} event(s) a request, {conns:>2} connections: {rate:>9.0} ev/s accepted   POST p50 {p50:>7.0?} p99 {p99:>7.0?}");
-        }
-        for pair in ingress.chunks(2) {
-            println!("durable/in-memory ingress, {} a request, {} connections: {:.2}", pair[0].0, pair[0].1, pair[1].3 / pair[0].3);
-        }
+        print_ingress(&ingress);
     });
+}
+
+type IngressRun = (usize, usize, bool, f64, Duration, Duration);
+
+/// Durable ingress (fsync, group commit) against in-memory ingress, singles and batches.
+async fn ingress_runs(display: &Arc<wasmesh_broker::FunctionSlot>) -> Vec<IngressRun> {
+    let mut ingress = Vec::new();
+    for (batch, conns) in [(1usize, CONNECTIONS), (10, CONNECTIONS), (1, 32), (1, 64)] {
+        for durable in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let log = durable.then(|| {
+                wasmesh_broker::log::DurableLog::open(dir.path(), Default::default()).expect("log")
+            });
+            let rec = Arc::new(Recorder::default());
+            let (addr, _mesh) =
+                broker_with(Sink::Function(Arc::clone(display)), Arc::clone(&rec), log).await;
+            let mut l = load_batches(addr, "/default/default", None, None, batch, conns).await;
+            let rate = l.accepted as f64 / l.elapsed.as_secs_f64();
+            ingress.push((
+                batch,
+                conns,
+                durable,
+                rate,
+                pct(&mut l.post_latencies, 0.5),
+                pct(&mut l.post_latencies, 0.99),
+            ));
+            let _ = drain(&rec, l.accepted, Instant::now()).await;
+        }
+    }
+
+    ingress
+}
+
+fn print_ingress(ingress: &[IngressRun]) {
+    for (batch, conns, durable, rate, p50, p99) in ingress {
+        let store = if *durable {
+            "durable (fsync)"
+        } else {
+            "in memory      "
+        };
+        println!(
+            "ingress {store}, {batch:>2} event(s) a request, {conns:>2} connections: {rate:>9.0} ev/s accepted   POST p50 {p50:>7.0?} p99 {p99:>7.0?}"
+        );
+    }
+    for pair in ingress.chunks(2) {
+        println!(
+            "durable/in-memory ingress, {} a request, {} connections: {:.2}",
+            pair[0].0,
+            pair[0].1,
+            pair[1].3 / pair[0].3
+        );
+    }
 }

@@ -74,16 +74,17 @@ pub struct Append {
 /// A delivery the log says is owed.
 pub struct Owed {
     pub seq: u64,
-    pub event: Event,
+    pub event: Arc<Event>,
     pub ttl: i32,
     pub attempts: u32,
 }
 
+/// An event to append: its record, the triggers that owe it, and the event itself with its
+/// TTL for the cache.
+type Entry = (Vec<u8>, Vec<u64>, Arc<Event>, i32);
+
 enum Op {
-    Append(
-        Vec<(Vec<u8>, Vec<u64>)>,
-        oneshot::Sender<Result<(), LogError>>,
-    ),
+    Append(Vec<Entry>, oneshot::Sender<Result<(), LogError>>),
     Ack(u64, u64),
     Attempt(u64, u64, u32, Option<oneshot::Sender<()>>),
     Barrier(oneshot::Sender<()>),
@@ -99,6 +100,43 @@ pub struct DurableLog {
     events: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
     notify: Arc<Mutex<HashMap<u64, Arc<Notify>>>>,
+    cache: Arc<EventCache>,
+}
+
+/// The events appended by this process and not yet delivered everywhere, as they came in:
+/// deliveries take them from here instead of reading and decoding their records again.
+/// Bounded; what it no longer holds is read from redb.
+#[derive(Default)]
+struct EventCache {
+    map: Mutex<std::collections::BTreeMap<u64, (Arc<Event>, i32)>>,
+}
+
+/// How many events the cache holds at most (the oldest go first).
+const CACHE_EVENTS: usize = 4096;
+
+impl EventCache {
+    fn insert(&self, seq: u64, event: Arc<Event>, ttl: i32) {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        map.insert(seq, (event, ttl));
+        while map.len() > CACHE_EVENTS {
+            map.pop_first();
+        }
+    }
+
+    fn remove(&self, seq: u64) {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&seq);
+    }
+
+    fn get(&self, seq: u64) -> Option<(Arc<Event>, i32)> {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&seq)
+            .cloned()
+    }
 }
 
 fn io<E: std::fmt::Display>(e: E) -> LogError {
@@ -143,6 +181,7 @@ impl DurableLog {
             Durability::None,
             (&scratch.0, &scratch.1),
             true,
+            None,
         )?;
         let (count, bytes, next_seq) = {
             let r = db.begin_read().map_err(io)?;
@@ -170,12 +209,14 @@ impl DurableLog {
             events: Arc::new(AtomicU64::new(count)),
             bytes: Arc::new(AtomicU64::new(bytes)),
             notify: Arc::new(Mutex::new(HashMap::new())),
+            cache: Arc::default(),
         });
         let mut writer = Writer {
             db,
             events: Arc::clone(&log.events),
             bytes: Arc::clone(&log.bytes),
             notify: Arc::clone(&log.notify),
+            cache: Arc::clone(&log.cache),
             wal,
             last_checkpoint: Instant::now(),
             next_seq,
@@ -247,10 +288,10 @@ impl DurableLog {
         Ok(())
     }
 
-    fn encode(entries: Vec<Append>) -> Vec<(Vec<u8>, Vec<u64>)> {
+    fn encode(entries: Vec<Append>) -> Vec<Entry> {
         entries
             .into_iter()
-            .map(|a| (encode_record(&a.event, a.ttl), a.triggers))
+            .map(|a| (encode_record(&a.event, a.ttl), a.triggers, a.event, a.ttl))
             .collect()
     }
 
@@ -259,7 +300,7 @@ impl DurableLog {
         entries: Vec<Append>,
     ) -> Result<oneshot::Receiver<Result<(), LogError>>, LogError> {
         let encoded = Self::encode(entries);
-        let size: u64 = encoded.iter().map(|(b, _)| b.len() as u64).sum();
+        let size: u64 = encoded.iter().map(|(b, ..)| b.len() as u64).sum();
         self.check_capacity(encoded.len() as u64, size)?;
         let (reply, rx) = oneshot::channel();
         self.send(Op::Append(encoded, reply))
@@ -327,13 +368,25 @@ impl DurableLog {
         {
             let (k, v) = item.map_err(io)?;
             let (_, seq) = k.value();
+            if let Some((event, ttl)) = self.cache.get(seq) {
+                out.push(Owed {
+                    seq,
+                    event,
+                    ttl,
+                    attempts: v.value(),
+                });
+                if out.len() >= limit {
+                    break;
+                }
+                continue;
+            }
             let Some(bytes) = events.get(seq).map_err(io)? else {
                 continue;
             };
             match decode_record(bytes.value()) {
                 Ok((event, ttl)) => out.push(Owed {
                     seq,
-                    event,
+                    event: Arc::new(event),
                     ttl,
                     attempts: v.value(),
                 }),
@@ -578,6 +631,7 @@ fn release(
     seq: u64,
     count: &AtomicU64,
     bytes: &AtomicU64,
+    cache: Option<&EventCache>,
 ) -> Result<(), LogError> {
     let left = refs.get(seq).map_err(io)?.map(|v| v.value());
     match left {
@@ -586,6 +640,9 @@ fn release(
         }
         _ => {
             refs.remove(seq).map_err(io)?;
+            if let Some(cache) = cache {
+                cache.remove(seq);
+            }
             if let Some(v) = events.remove(seq).map_err(io)? {
                 count.fetch_sub(1, Ordering::Relaxed);
                 bytes.fetch_sub(v.value().len() as u64, Ordering::Relaxed);
@@ -600,6 +657,7 @@ struct Writer {
     events: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
     notify: Arc<Mutex<HashMap<u64, Arc<Notify>>>>,
+    cache: Arc<EventCache>,
     wal: Wal,
     last_checkpoint: Instant,
     /// The next event sequence number; kept here so that a failed redb write never hands out
@@ -692,10 +750,11 @@ impl Writer {
         for op in &ops {
             match op {
                 Op::Append(entries, _) => {
-                    for (bytes, triggers) in entries {
+                    for (bytes, triggers, event, ttl) in entries {
                         if triggers.is_empty() {
                             continue;
                         }
+                        self.cache.insert(seq, Arc::clone(event), *ttl);
                         for t in triggers {
                             if !touched.contains(t) {
                                 touched.push(*t);
@@ -736,6 +795,7 @@ impl Writer {
                 Durability::None,
                 (&self.events, &self.bytes),
                 false,
+                Some(&self.cache),
             );
         }
         if let Err(e) = &result {
@@ -786,6 +846,7 @@ fn apply_records(
     durability: Durability,
     counters: (&AtomicU64, &AtomicU64),
     count_appends: bool,
+    cache: Option<&EventCache>,
 ) -> Result<(), LogError> {
     let (count, total) = counters;
     if records.is_empty() {
@@ -822,7 +883,7 @@ fn apply_records(
                 }
                 Record::Ack { trigger, seq } => {
                     if pending.remove((*trigger, *seq)).map_err(io)?.is_some() {
-                        release(&mut refs, &mut events, *seq, count, total)?;
+                        release(&mut refs, &mut events, *seq, count, total, cache)?;
                     }
                 }
                 Record::Attempt {
@@ -896,7 +957,7 @@ mod tests {
         let owed = log.owed(b, 0, 10).expect("owed");
         assert_eq!(owed.len(), 1);
         assert_eq!(owed[0].attempts, 3);
-        assert_eq!(wasmesh_core::AttributesReader::id(&owed[0].event), "2");
+        assert_eq!(wasmesh_core::AttributesReader::id(&*owed[0].event), "2");
         assert_eq!(
             wasmesh_core::event::data_bytes(&owed[0].event).as_deref(),
             Some(&br#"{"x":1}"#[..])
@@ -905,6 +966,45 @@ mod tests {
         // A trigger that is gone no longer holds events.
         assert_eq!(log.collect_garbage(&[]).await.expect("gc"), 1);
         assert!(log.is_empty());
+    }
+
+    #[tokio::test]
+    async fn deliveries_take_appended_events_from_the_cache_until_it_lets_them_go() {
+        let dir = tempfile::tempdir().expect("dir");
+        let log = DurableLog::open(dir.path(), LogConfig::default()).expect("open");
+        let t = log.trigger_id("t").expect("id");
+        let events: Vec<Arc<Event>> = (0..=CACHE_EVENTS).map(|i| event(&i.to_string())).collect();
+        log.append(
+            events
+                .iter()
+                .map(|e| Append {
+                    event: Arc::clone(e),
+                    ttl: 3,
+                    triggers: vec![t],
+                })
+                .collect(),
+        )
+        .await
+        .expect("append");
+        log.flush().await;
+        let owed = log.owed(t, 0, CACHE_EVENTS + 1).expect("owed");
+        assert_eq!(owed.len(), CACHE_EVENTS + 1);
+        // The oldest went out of the cache: read back from the database, equal but not shared.
+        assert!(!Arc::ptr_eq(&owed[0].event, &events[0]));
+        assert_eq!(*owed[0].event, *events[0]);
+        assert_eq!(owed[0].ttl, 3);
+        // The others are the very events appended, not decoded again.
+        assert!(
+            owed[1..]
+                .iter()
+                .zip(&events[1..])
+                .all(|(o, e)| Arc::ptr_eq(&o.event, e))
+        );
+        // Delivered everywhere: gone from the cache too.
+        log.ack(t, owed[1].seq);
+        log.flush().await;
+        assert!(log.cache.get(owed[1].seq).is_none());
+        assert!(log.cache.get(owed[2].seq).is_some());
     }
 
     #[tokio::test]

@@ -1188,7 +1188,7 @@ async fn feed(
         for owed in batch {
             after = owed.seq;
             let env = Envelope {
-                event: Arc::new(owed.event),
+                event: owed.event,
                 ttl: owed.ttl,
                 seq: Some((trigger, owed.seq)),
                 attempts: owed.attempts,
