@@ -119,6 +119,27 @@ fn settled(sub: &Capture, from: usize, n: usize) -> Vec<(String, String)> {
     v
 }
 
+/// A directory with `yaml` as its declarations and a kubeconfig for `fake`.
+struct Setup {
+    dir: tempfile::TempDir,
+    kubeconfig: String,
+}
+
+impl Setup {
+    fn new(fake: &FakeApiServer, yaml: &str) -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("b.yaml"), yaml).expect("yaml");
+        let kubeconfig = fake.kubeconfig(dir.path());
+        let kubeconfig = kubeconfig.to_str().expect("utf-8").to_string();
+        Setup { dir, kubeconfig }
+    }
+
+    /// `wasmesh serve` of the directory against the fake API server (again after a stop).
+    fn serve(&self) -> Serve {
+        Serve::start_at(self.dir.path(), &["--kubeconfig", &self.kubeconfig])
+    }
+}
+
 #[test]
 fn restarts_relists_and_dropped_watches_lose_and_repeat_nothing() {
     let sub = Capture::ok();
@@ -126,13 +147,10 @@ fn restarts_relists_and_dropped_watches_lose_and_repeat_nothing() {
     fake.add("pods", pod("p1", "demo"), false);
     fake.add("pods", pod("p2", "demo"), false);
     fake.add("pods", pod("p3", "other"), false);
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("b.yaml"), pods_yaml(&sub)).expect("yaml");
-    let kubeconfig = fake.kubeconfig(dir.path());
-    let flags = ["--kubeconfig", kubeconfig.to_str().expect("utf-8")];
+    let setup = Setup::new(&fake, &pods_yaml(&sub));
 
     // A brand-new source emits nothing for what exists, then follows changes.
-    let serve = Serve::start_at(dir.path(), &flags);
+    let serve = setup.serve();
     wait_for("the watch", WAIT, || fake.watchers() >= 1);
     sentinel(&fake, &sub, "s1");
     assert_eq!(
@@ -164,7 +182,7 @@ fn restarts_relists_and_dropped_watches_lose_and_repeat_nothing() {
     fake.modify("pods", "p3", |p| {
         p["spec"]["containers"][0]["image"] = json!("x")
     });
-    let serve = Serve::start_at(dir.path(), &flags);
+    let serve = setup.serve();
     sentinel(&fake, &sub, "s2");
     assert_eq!(
         settled(&sub, 1, 4),
@@ -234,17 +252,49 @@ fn restarts_relists_and_dropped_watches_lose_and_repeat_nothing() {
 }
 
 #[test]
+fn a_burst_of_changes_is_batched_and_each_emitted_once() {
+    let sub = Capture::ok();
+    let fake = FakeApiServer::start(1);
+    let setup = Setup::new(&fake, &pods_yaml(&sub));
+    let serve = setup.serve();
+    wait_for("the watch", WAIT, || fake.watchers() >= 1);
+    sentinel(&fake, &sub, "s0");
+    // More changes at once than one batch takes (256), adds, updates and deletes mixed.
+    let names: Vec<String> = (0..700).map(|i| format!("b{i:03}")).collect();
+    for n in &names {
+        fake.add("pods", pod(n, "demo"), false);
+    }
+    for n in &names[..300] {
+        fake.modify("pods", n, |p| {
+            p["spec"]["containers"][0]["image"] = json!("busybox:2")
+        });
+    }
+    for n in &names[600..] {
+        fake.delete("pods", n);
+    }
+    let mut want: Vec<(String, String)> = Vec::new();
+    for (ty, range) in [("add", 0..700), ("update", 0..300), ("delete", 600..700)] {
+        for n in &names[range] {
+            want.push((format!("dev.knative.apiserver.ref.{ty}"), n.clone()));
+        }
+    }
+    want.sort();
+    assert_eq!(settled(&sub, 1, want.len()), want, "each change once");
+    // A restart repeats none of them.
+    serve.stop();
+    let serve = setup.serve();
+    sentinel(&fake, &sub, "s1");
+    assert_eq!(seen(&sub).len(), 1 + want.len() + 1);
+    drop(serve);
+}
+
+#[test]
 fn a_403_is_reported_retried_and_survived() {
     let sub = Capture::ok();
     let fake = FakeApiServer::start(1);
     fake.forbid(true);
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("b.yaml"), pods_yaml(&sub)).expect("yaml");
-    let kubeconfig = fake.kubeconfig(dir.path());
-    let serve = Serve::start_at(
-        dir.path(),
-        &["--kubeconfig", kubeconfig.to_str().expect("utf-8")],
-    );
+    let setup = Setup::new(&fake, &pods_yaml(&sub));
+    let serve = setup.serve();
     serve.wait_log("403 Forbidden: RBAC refused `list` on pods");
     // The host keeps serving meanwhile.
     let r = crate::harness::request(
@@ -319,17 +369,12 @@ fn a_namespace_selector_follows_namespace_labels() {
         p["metadata"]["namespace"] = json!(namespace);
         p
     };
-    let dir = tempfile::tempdir().expect("tempdir");
     let yaml = pods_yaml(&sub).replace(
         "  mode: Reference\n",
         "  mode: Reference\n  namespaceSelector:\n    matchLabels: {team: a}\n",
     );
-    std::fs::write(dir.path().join("b.yaml"), yaml).expect("yaml");
-    let kubeconfig = fake.kubeconfig(dir.path());
-    let serve = Serve::start_at(
-        dir.path(),
-        &["--kubeconfig", kubeconfig.to_str().expect("utf-8")],
-    );
+    let setup = Setup::new(&fake, &yaml);
+    let serve = setup.serve();
     wait_for("the pod watch", WAIT, || fake.watchers_of("pods") >= 1);
     fake.add("pods", in_ns("b1", "team-b"), false);
     fake.add("pods", in_ns("a1", "team-a"), false);
@@ -359,17 +404,12 @@ fn a_namespace_selector_follows_namespace_labels() {
 fn the_owner_filter_and_ce_overrides() {
     let sub = Capture::ok();
     let fake = FakeApiServer::start(1);
-    let dir = tempfile::tempdir().expect("tempdir");
     let yaml = pods_yaml(&sub).replace(
         "  mode: Reference\n",
         "  mode: Reference\n  owner: {apiVersion: apps/v1, kind: ReplicaSet}\n  ceOverrides:\n    extensions: {team: blue}\n",
     );
-    std::fs::write(dir.path().join("b.yaml"), yaml).expect("yaml");
-    let kubeconfig = fake.kubeconfig(dir.path());
-    let serve = Serve::start_at(
-        dir.path(),
-        &["--kubeconfig", kubeconfig.to_str().expect("utf-8")],
-    );
+    let setup = Setup::new(&fake, &yaml);
+    let serve = setup.serve();
     wait_for("the watch", WAIT, || fake.watchers() >= 1);
     let owned_by = |name: &str, kind: &str, controller: bool| {
         let mut p = pod(name, "demo");

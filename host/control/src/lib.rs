@@ -129,4 +129,24 @@ impl Emit for SinkEmit {
         event::validate(&ev).map_err(|e| e.to_string())?;
         self.mesh.send_to(&self.sink, &self.namespace, ev).await
     }
+
+    async fn emit_all(&self, events: Vec<Event>) -> Result<(), String> {
+        for ev in &events {
+            event::validate(ev).map_err(|e| e.to_string())?;
+        }
+        match &self.sink {
+            // One append, one group commit, for the whole batch.
+            Sink::Broker(key) => self
+                .mesh
+                .publish(key, events)
+                .await
+                .map_err(|e| e.to_string()),
+            _ => {
+                for ev in events {
+                    self.mesh.send_to(&self.sink, &self.namespace, ev).await?;
+                }
+                Ok(())
+            }
+        }
+    }
 }

@@ -140,6 +140,21 @@ fn sorted(v: serde_json::Value) -> serde_json::Value {
     }
 }
 
+/// Most watch events taken together into one batch.
+const WATCH_BATCH: usize = 256;
+/// A batch takes the watch events that come less than this apart...
+const BATCH_GAP: Duration = Duration::from_millis(1);
+/// ...for at most this long after its first one.
+const BATCH_WINDOW: Duration = Duration::from_millis(10);
+
+/// Changes seen in the watch events taken together: their events, and what to record as seen
+/// once those are accepted.
+#[derive(Default)]
+struct Batch {
+    events: Vec<Event>,
+    seen: Vec<(String, Option<Seen>)>,
+}
+
 impl ApiServerSource {
     /// A source from its declaration.
     pub fn new(meta: &ObjectMeta, spec: &ApiServerSourceSpec) -> Self {
@@ -280,112 +295,157 @@ impl ApiServerSource {
         let mut pending: Vec<(String, Option<Seen>)> = Vec::new();
         let stream = watcher::watcher(api, config).default_backoff();
         futures::pin_mut!(stream);
-        // A stop is only taken between two watch events: an event being handled is emitted and
+        let mut batch = Batch::default();
+        let mut ended = false;
+        // A stop is only taken between two batches: what is being handled is emitted and
         // recorded as seen before the source stops, so a graceful stop repeats nothing.
-        loop {
-            let ev = tokio::select! {
+        while !ended {
+            let first = tokio::select! {
                 ev = stream.next() => ev,
                 _ = stop.changed() => return Ok(()),
             };
-            let Some(ev) = ev else { break };
-            let ev = match ev {
-                Ok(ev) => ev,
-                Err(e) => {
-                    tracing::warn!(source = %self.id(), error = %describe_watch(&e, &ar), "watch error; kube-rs retries with backoff");
-                    continue;
-                }
-            };
-            match ev {
-                WatchEvent::Init => listed = Some(HashSet::new()),
-                WatchEvent::InitApply(o) => {
-                    // Handled one object at a time, so a listing of many objects never sits
-                    // in memory: only the uids listed are kept, to find deletes at the end.
-                    if !in_scope(&o) {
-                        continue;
+            let Some(first) = first else { break };
+            // The watch events that follow closely are taken together: their changes are
+            // emitted as one batch (one append to a broker) and then recorded as seen in one
+            // update, instead of a durable write each.
+            let mut chunk = vec![first];
+            let until = tokio::time::Instant::now() + BATCH_WINDOW;
+            while chunk.len() < WATCH_BATCH {
+                let next = tokio::time::Instant::now() + BATCH_GAP;
+                match tokio::time::timeout_at(next.min(until), stream.next()).await {
+                    Ok(Some(ev)) => chunk.push(ev),
+                    Ok(None) => {
+                        ended = true;
+                        break;
                     }
-                    let uid = o.uid().unwrap_or_default();
-                    let rv = o.resource_version().unwrap_or_default();
-                    if let Some(l) = listed.as_mut() {
-                        l.insert(uid.clone());
-                    }
-                    match &mut seen {
-                        // A brand-new source: remember what exists, emit nothing (Knative).
-                        None => {
-                            fresh.insert(uid.clone(), rv);
-                            pending.push((uid, Some(seen_of(&o))));
-                        }
-                        Some(known) => {
-                            let change = match known.get(&uid) {
-                                None => Some(Change::Add),
-                                Some(known_rv) if *known_rv != rv => Some(Change::Update),
-                                Some(_) => None,
-                            };
-                            if let Some(c) = change {
-                                self.send(emit, &ar, source, c, &o).await?;
-                                known.insert(uid.clone(), rv);
-                                pending.push((uid, Some(seen_of(&o))));
-                            }
-                        }
-                    }
-                    if pending.len() >= 512 {
-                        store.update(key, std::mem::take(&mut pending))?;
-                    }
-                }
-                WatchEvent::InitDone => {
-                    let listed = listed.take().unwrap_or_default();
-                    match &mut seen {
-                        None => seen = Some(std::mem::take(&mut fresh)),
-                        Some(known) => {
-                            let gone: Vec<String> = known
-                                .keys()
-                                .filter(|u| !listed.contains(*u))
-                                .cloned()
-                                .collect();
-                            for uid in gone {
-                                if let Some(bytes) = store.object(key, &uid)?
-                                    && let Ok(o) = serde_json::from_slice::<DynamicObject>(&bytes)
-                                {
-                                    self.send(emit, &ar, source, Change::Delete, &o).await?;
-                                }
-                                known.remove(&uid);
-                                pending.push((uid, None));
-                            }
-                        }
-                    }
-                    // Also marks the source as having listed once, even when nothing changed.
-                    store.update(key, std::mem::take(&mut pending))?;
-                }
-                WatchEvent::Apply(o) => {
-                    if !in_scope(&o) {
-                        continue;
-                    }
-                    let known = seen.get_or_insert_with(HashMap::new);
-                    let uid = o.uid().unwrap_or_default();
-                    let rv = o.resource_version().unwrap_or_default();
-                    let change = match known.get(&uid) {
-                        None => Change::Add,
-                        Some(known_rv) if *known_rv != rv => Change::Update,
-                        Some(_) => continue,
-                    };
-                    self.send(emit, &ar, source, change, &o).await?;
-                    let s = seen_of(&o);
-                    known.insert(uid.clone(), s.resource_version.clone());
-                    store.update(key, vec![(uid, Some(s))])?;
-                }
-                WatchEvent::Delete(o) => {
-                    if !in_scope(&o) {
-                        continue;
-                    }
-                    let uid = o.uid().unwrap_or_default();
-                    self.send(emit, &ar, source, Change::Delete, &o).await?;
-                    if let Some(known) = seen.as_mut() {
-                        known.remove(&uid);
-                    }
-                    store.update(key, vec![(uid, None)])?;
+                    Err(_) => break,
                 }
             }
+            for ev in chunk {
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        tracing::warn!(source = %self.id(), error = %describe_watch(&e, &ar), "watch error; kube-rs retries with backoff");
+                        continue;
+                    }
+                };
+                if !matches!(ev, WatchEvent::Apply(_) | WatchEvent::Delete(_)) {
+                    self.flush(emit, store, key, &mut batch).await?;
+                }
+                match ev {
+                    WatchEvent::Init => listed = Some(HashSet::new()),
+                    WatchEvent::InitApply(o) => {
+                        // Handled one object at a time, so a listing of many objects never sits
+                        // in memory: only the uids listed are kept, to find deletes at the end.
+                        if !in_scope(&o) {
+                            continue;
+                        }
+                        let uid = o.uid().unwrap_or_default();
+                        let rv = o.resource_version().unwrap_or_default();
+                        if let Some(l) = listed.as_mut() {
+                            l.insert(uid.clone());
+                        }
+                        match &mut seen {
+                            // A brand-new source: remember what exists, emit nothing (Knative).
+                            None => {
+                                fresh.insert(uid.clone(), rv);
+                                pending.push((uid, Some(seen_of(&o))));
+                            }
+                            Some(known) => {
+                                let change = match known.get(&uid) {
+                                    None => Some(Change::Add),
+                                    Some(known_rv) if *known_rv != rv => Some(Change::Update),
+                                    Some(_) => None,
+                                };
+                                if let Some(c) = change {
+                                    self.send(emit, &ar, source, c, &o).await?;
+                                    known.insert(uid.clone(), rv);
+                                    pending.push((uid, Some(seen_of(&o))));
+                                }
+                            }
+                        }
+                        if pending.len() >= 512 {
+                            store.update(key, std::mem::take(&mut pending))?;
+                        }
+                    }
+                    WatchEvent::InitDone => {
+                        let listed = listed.take().unwrap_or_default();
+                        match &mut seen {
+                            None => seen = Some(std::mem::take(&mut fresh)),
+                            Some(known) => {
+                                let gone: Vec<String> = known
+                                    .keys()
+                                    .filter(|u| !listed.contains(*u))
+                                    .cloned()
+                                    .collect();
+                                for uid in gone {
+                                    if let Some(bytes) = store.object(key, &uid)?
+                                        && let Ok(o) =
+                                            serde_json::from_slice::<DynamicObject>(&bytes)
+                                    {
+                                        self.send(emit, &ar, source, Change::Delete, &o).await?;
+                                    }
+                                    known.remove(&uid);
+                                    pending.push((uid, None));
+                                }
+                            }
+                        }
+                        // Also marks the source as having listed once, even when nothing changed.
+                        store.update(key, std::mem::take(&mut pending))?;
+                    }
+                    WatchEvent::Apply(o) => {
+                        if !in_scope(&o) {
+                            continue;
+                        }
+                        let known = seen.get_or_insert_with(HashMap::new);
+                        let uid = o.uid().unwrap_or_default();
+                        let rv = o.resource_version().unwrap_or_default();
+                        let change = match known.get(&uid) {
+                            None => Change::Add,
+                            Some(known_rv) if *known_rv != rv => Change::Update,
+                            Some(_) => continue,
+                        };
+                        batch.events.push(self.event(&ar, source, change, &o)?);
+                        let s = seen_of(&o);
+                        known.insert(uid.clone(), s.resource_version.clone());
+                        batch.seen.push((uid, Some(s)));
+                    }
+                    WatchEvent::Delete(o) => {
+                        if !in_scope(&o) {
+                            continue;
+                        }
+                        let uid = o.uid().unwrap_or_default();
+                        batch
+                            .events
+                            .push(self.event(&ar, source, Change::Delete, &o)?);
+                        if let Some(known) = seen.as_mut() {
+                            known.remove(&uid);
+                        }
+                        batch.seen.push((uid, None));
+                    }
+                }
+            }
+            self.flush(emit, store, key, &mut batch).await?;
         }
         Err("the watch stream ended".into())
+    }
+
+    /// Emits the batched changes (retrying until the sink takes them), then records them as
+    /// seen: a crash in between repeats them at the next start, never loses them.
+    async fn flush(
+        &self,
+        emit: &Arc<dyn Emit>,
+        store: &Arc<dyn SeenStore>,
+        key: &str,
+        batch: &mut Batch,
+    ) -> Result<(), String> {
+        if !batch.events.is_empty() {
+            self.deliver(emit, std::mem::take(&mut batch.events)).await;
+        }
+        if !batch.seen.is_empty() {
+            store.update(key, std::mem::take(&mut batch.seen))?;
+        }
+        Ok(())
     }
 
     /// The `owner` filter: only objects whose controller ownerReference matches.
@@ -412,12 +472,17 @@ impl ApiServerSource {
         o: &DynamicObject,
     ) -> Result<(), String> {
         let event = self.event(ar, source, change, o)?;
-        // The sink's own retries come first; a refusal here is retried until it goes through,
-        // so that nothing is lost (the watch waits meanwhile).
+        self.deliver(emit, vec![event]).await;
+        Ok(())
+    }
+
+    /// Hands events to the sink. The sink's own retries come first; a refusal here is retried
+    /// until it goes through, so that nothing is lost (the watch waits meanwhile).
+    async fn deliver(&self, emit: &Arc<dyn Emit>, events: Vec<Event>) {
         let mut wait = Duration::from_millis(50);
         loop {
-            match emit.emit(event.clone()).await {
-                Ok(()) => return Ok(()),
+            match emit.emit_all(events.clone()).await {
+                Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(source = %self.id(), error = %e, "event refused by the sink; retrying");
                     tokio::time::sleep(wait).await;

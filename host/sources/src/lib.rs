@@ -11,4 +11,14 @@ use wasmesh_core::Event;
 pub trait Emit: Send + Sync {
     /// Sends one event; an error says why it was not accepted.
     async fn emit(&self, event: Event) -> Result<(), String>;
+
+    /// Sends events in order, together where the sink can take them together (a broker:
+    /// one append). On an error some may have been accepted; the caller sends them all again
+    /// (at least once).
+    async fn emit_all(&self, events: Vec<Event>) -> Result<(), String> {
+        for e in events {
+            self.emit(e).await?;
+        }
+        Ok(())
+    }
 }
