@@ -625,10 +625,12 @@ fn watch_applies_file_edits_and_keeps_running_through_a_broken_one() {
     });
 }
 
-#[test]
-fn the_admin_api_speaks_tls_when_given_a_certificate() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+/// A self-signed certificate for localhost and 127.0.0.1: `<name>.pem` and `<name>-key.pem`.
+fn self_signed(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
     let made = std::process::Command::new("openssl")
         .args([
             "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
@@ -647,6 +649,13 @@ fn the_admin_api_speaks_tls_when_given_a_certificate() {
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
+    (cert, key)
+}
+
+#[test]
+fn the_admin_api_speaks_tls_when_given_a_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = self_signed(dir.path(), "cert");
     let serve = Serve::start(
         &[("f.yaml", &subscribed("builtin:event-display", ""))],
         &[
@@ -662,19 +671,43 @@ fn the_admin_api_speaks_tls_when_given_a_certificate() {
         serve.stderr()
     );
     let admin = serve.admin.expect("admin");
-    let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_wasmesh"))
-            .args(args)
+    let cli = |args: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_wasmesh"));
+        c.args(args)
             .arg("--server")
             .arg(format!("https://127.0.0.1:{}", admin.port()))
             .arg("--token")
             .arg(serve.admin_token())
+            .env("HOME", dir.path());
+        c
+    };
+    let run = |args: &[&str]| {
+        cli(args)
             .arg("--certificate-authority")
             .arg(&cert)
-            .env("HOME", dir.path())
             .output()
             .expect("wasmesh")
     };
+    // Without --certificate-authority the system's CAs decide: here the certificate is one
+    // of them (SSL_CERT_FILE), then it is not.
+    let trusted = cli(&["get", "functions"])
+        .env("SSL_CERT_FILE", &cert)
+        .output()
+        .expect("wasmesh");
+    assert!(
+        trusted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trusted.stderr)
+    );
+    // Another certificate for the same names, not the server's.
+    let (other, _) = self_signed(dir.path(), "other");
+    let untrusted = cli(&["get", "functions"])
+        .env("SSL_CERT_FILE", &other)
+        .output()
+        .expect("wasmesh");
+    let err = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(!untrusted.status.success());
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
     let out = run(&["get", "functions", "-o", "wide"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

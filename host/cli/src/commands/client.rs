@@ -25,7 +25,8 @@ pub(crate) struct ServerArgs {
     /// The admin API's bearer token (default: ~/.wasmesh/config, else ./.wasmesh/admin-token).
     #[arg(long, env = "WASMESH_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
-    /// A PEM CA certificate to trust for an https server.
+    /// A PEM CA certificate to trust for an https server (default: the system's CAs, or
+    /// SSL_CERT_FILE).
     #[arg(long, value_name = "FILE", global = true)]
     certificate_authority: Option<PathBuf>,
 }
@@ -101,13 +102,8 @@ impl Client {
                 let ca = args
                     .certificate_authority
                     .clone()
-                    .or(config.certificate_authority)
-                    .ok_or_else(|| {
-                        anyhow!(
-                            "an https server needs --certificate-authority FILE (its CA in PEM)"
-                        )
-                    })?;
-                Some(tls_connector(&ca)?)
+                    .or(config.certificate_authority);
+                Some(tls_connector(ca.as_deref())?)
             }
             _ => bail!("--server `{server}`: use an http:// or https:// URL"),
         };
@@ -246,16 +242,36 @@ impl Client {
     }
 }
 
-fn tls_connector(ca: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
+/// Trusts `ca` alone when given (`--certificate-authority`), else the system's CA
+/// certificates (including `SSL_CERT_FILE` / `SSL_CERT_DIR` when set).
+fn tls_connector(ca: Option<&Path>) -> anyhow::Result<tokio_rustls::TlsConnector> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca)
-        .with_context(|| format!("--certificate-authority {}", ca.display()))?
-    {
-        roots
-            .add(cert.with_context(|| format!("--certificate-authority {}", ca.display()))?)
-            .context("a CA certificate is not usable")?;
+    match ca {
+        Some(ca) => {
+            for cert in CertificateDer::pem_file_iter(ca)
+                .with_context(|| format!("--certificate-authority {}", ca.display()))?
+            {
+                roots
+                    .add(cert.with_context(|| format!("--certificate-authority {}", ca.display()))?)
+                    .context("a CA certificate is not usable")?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why = found
+                    .errors
+                    .first()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default();
+                bail!(
+                    "no system CA certificates to check the server with{why}: pass --certificate-authority FILE (its CA in PEM)"
+                );
+            }
+        }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
