@@ -54,15 +54,14 @@ pub fn decode(headers: &HeaderMap, body: Bytes) -> Result<Vec<Event>, DecodeErro
     match mode(headers) {
         Mode::Structured => Ok(vec![wasmesh_core::event::parse_json(&body)?]),
         Mode::Batch => {
-            let items: Vec<serde_json::Value> =
+            // Each item is kept as its own JSON text and parsed once, as an event.
+            let items: Vec<&serde_json::value::RawValue> =
                 serde_json::from_slice(&body).map_err(|e| DecodeError::Batch(e.to_string()))?;
             items
                 .into_iter()
                 .enumerate()
-                .map(|(i, v)| {
-                    let bytes =
-                        serde_json::to_vec(&v).map_err(|e| DecodeError::Batch(e.to_string()))?;
-                    wasmesh_core::event::parse_json(&bytes)
+                .map(|(i, raw)| {
+                    wasmesh_core::event::parse_json(raw.get().as_bytes())
                         .map_err(|e| DecodeError::Batch(format!("event {i}: {e}")))
                 })
                 .collect()
