@@ -12,9 +12,6 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::Frame;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -57,34 +54,16 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 
 impl FakeApiServer {
     pub(crate) fn start(first_rv: u64) -> FakeApiServer {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let state = Arc::new(Mutex::new(State {
             rv: first_rv,
             ..Default::default()
         }));
         let s = Arc::clone(&state);
-        runtime.spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let s = Arc::clone(&s);
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let s = Arc::clone(&s);
-                        async move { Ok::<_, Infallible>(handle(&s, req)) }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let (runtime, addr) =
+            crate::harness::loopback_server(move |req: hyper::Request<hyper::body::Incoming>| {
+                let answer = handle(&s, req);
+                async move { answer }
+            });
         FakeApiServer {
             addr,
             state,

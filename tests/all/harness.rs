@@ -367,6 +367,43 @@ pub(crate) struct Capture {
     _runtime: tokio::runtime::Runtime,
 }
 
+/// A one-thread runtime serving HTTP/1.1 on a free loopback port, each request answered by
+/// `handle`; the server lives as long as the runtime.
+pub(crate) fn loopback_server<H, Fut, B>(handle: H) -> (tokio::runtime::Runtime, SocketAddr)
+where
+    H: Fn(hyper::Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let handle = Arc::new(handle);
+    runtime.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let handle = Arc::clone(&handle);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let answer = handle(req);
+                    async move { Ok::<_, std::convert::Infallible>(answer.await) }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (runtime, addr)
+}
+
 impl Capture {
     /// Answers 200 with no body to everything.
     pub(crate) fn ok() -> Capture {
@@ -374,62 +411,40 @@ impl Capture {
     }
 
     pub(crate) fn start(respond: impl Fn(&Captured) -> Reply + Send + Sync + 'static) -> Capture {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let respond: Arc<Responder> = Arc::new(respond);
         let s = Arc::clone(&seen);
-        runtime.spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let s = Arc::clone(&s);
-                let respond = Arc::clone(&respond);
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: hyper::Request<Incoming>| {
-                        let s = Arc::clone(&s);
-                        let respond = Arc::clone(&respond);
-                        async move {
-                            let (parts, body) = req.into_parts();
-                            let body = body
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            let captured = Captured {
-                                path: parts.uri.path().to_string(),
-                                headers: parts
-                                    .headers
-                                    .iter()
-                                    .map(|(k, v)| {
-                                        (
-                                            k.as_str().to_string(),
-                                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                                        )
-                                    })
-                                    .collect(),
-                                body: body.to_vec(),
-                            };
-                            let (status, headers, body) = respond(&captured);
-                            s.lock().expect("lock").push(captured);
-                            let mut resp = hyper::Response::builder().status(status);
-                            for (k, v) in headers {
-                                resp = resp.header(k, v);
-                            }
-                            Ok::<_, std::convert::Infallible>(
-                                resp.body(Full::new(Bytes::from(body))).expect("response"),
+        let (runtime, addr) = loopback_server(move |req: hyper::Request<Incoming>| {
+            let s = Arc::clone(&s);
+            let respond = Arc::clone(&respond);
+            async move {
+                let (parts, body) = req.into_parts();
+                let body = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let captured = Captured {
+                    path: parts.uri.path().to_string(),
+                    headers: parts
+                        .headers
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                k.as_str().to_string(),
+                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
                             )
-                        }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+                        })
+                        .collect(),
+                    body: body.to_vec(),
+                };
+                let (status, headers, body) = respond(&captured);
+                s.lock().expect("lock").push(captured);
+                let mut resp = hyper::Response::builder().status(status);
+                for (k, v) in headers {
+                    resp = resp.header(k, v);
+                }
+                resp.body(Full::new(Bytes::from(body))).expect("response")
             }
         });
         Capture {
