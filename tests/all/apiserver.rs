@@ -289,6 +289,40 @@ fn a_burst_of_changes_is_batched_and_each_emitted_once() {
 }
 
 #[test]
+fn a_batch_larger_than_a_trigger_queue_still_gets_through() {
+    // In memory, each trigger queues at most 50 events: a batch of 256 never fits whole, and is
+    // sent in smaller pieces instead of being refused forever.
+    let sub = Capture::ok();
+    let fake = FakeApiServer::start(1);
+    let setup = Setup::new(&fake, &pods_yaml(&sub));
+    let serve = Serve::start_at(
+        setup.dir.path(),
+        &[
+            "--kubeconfig",
+            &setup.kubeconfig,
+            "--store",
+            "memory",
+            "--queue",
+            "50",
+        ],
+    );
+    wait_for("the watch", WAIT, || fake.watchers() >= 1);
+    sentinel(&fake, &sub, "s0");
+    let mut want: Vec<(String, String)> = (0..300)
+        .map(|i| {
+            let name = format!("q{i:03}");
+            fake.add("pods", pod(&name, "demo"), false);
+            ("dev.knative.apiserver.ref.add".to_string(), name)
+        })
+        .collect();
+    want.sort();
+    assert_eq!(settled(&sub, 1, want.len()), want);
+    sentinel(&fake, &sub, "s1");
+    assert_eq!(seen(&sub).len(), 1 + want.len() + 1, "each once");
+    drop(serve);
+}
+
+#[test]
 fn a_403_is_reported_retried_and_survived() {
     let sub = Capture::ok();
     let fake = FakeApiServer::start(1);

@@ -476,17 +476,26 @@ impl ApiServerSource {
         Ok(())
     }
 
-    /// Hands events to the sink. The sink's own retries come first; a refusal here is retried
-    /// until it goes through, so that nothing is lost (the watch waits meanwhile).
+    /// Hands events to the sink, in order. The sink's own retries come first; a refusal here is
+    /// retried until it goes through, so that nothing is lost (the watch waits meanwhile). Each
+    /// refusal also halves how many events go at once, so that a batch larger than the room a
+    /// sink can ever have (a trigger queue smaller than the batch) still gets through.
     async fn deliver(&self, emit: &Arc<dyn Emit>, events: Vec<Event>) {
         let mut wait = Duration::from_millis(50);
-        loop {
-            match emit.emit_all(events.clone()).await {
-                Ok(()) => return,
+        let mut size = events.len().max(1);
+        let mut at = 0;
+        while at < events.len() {
+            let end = (at + size).min(events.len());
+            match emit.emit_all(events[at..end].to_vec()).await {
+                Ok(()) => {
+                    at = end;
+                    wait = Duration::from_millis(50);
+                }
                 Err(e) => {
-                    tracing::warn!(source = %self.id(), error = %e, "event refused by the sink; retrying");
+                    tracing::warn!(source = %self.id(), error = %e, events = end - at, "events refused by the sink; retrying");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
+                    size = (size / 2).max(1);
                 }
             }
         }
