@@ -80,7 +80,7 @@ pub struct Owed {
 }
 
 /// An event to append: its record, the triggers that owe it, and the event itself with its
-/// TTL for the cache.
+/// TTL (kept in memory until it is delivered or spilled).
 type Entry = (Vec<u8>, Vec<u64>, Arc<Event>, i32);
 
 enum Op {
@@ -100,42 +100,52 @@ pub struct DurableLog {
     events: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
     notify: Arc<Mutex<HashMap<u64, Arc<Notify>>>>,
-    cache: Arc<EventCache>,
+    hot: Arc<Mutex<Hot>>,
 }
 
-/// The events appended by this process and not yet delivered everywhere, as they came in:
-/// deliveries take them from here instead of reading and decoding their records again.
-/// Bounded; what it no longer holds is read from redb.
+/// The events appended by this process since the last checkpoint that are not delivered
+/// everywhere yet, with the deliveries they still owe: they are in the write-ahead log (that is
+/// what makes them safe) but not in redb. Deliveries take them from here as ingress built them,
+/// and an event delivered everywhere before the next checkpoint never costs redb anything. A
+/// checkpoint, or more than `HOT_EVENTS` of them, moves them to redb ("spills" them), so memory
+/// stays bounded whatever the subscribers do.
 #[derive(Default)]
-struct EventCache {
-    map: Mutex<std::collections::BTreeMap<u64, (Arc<Event>, i32)>>,
+struct Hot {
+    map: std::collections::BTreeMap<u64, HotEvent>,
 }
 
-/// How many events the cache holds at most (the oldest go first).
-const CACHE_EVENTS: usize = 4096;
+struct HotEvent {
+    payload: Vec<u8>,
+    event: Arc<Event>,
+    ttl: i32,
+    /// (trigger, attempts made) for each delivery still owed.
+    owed: Vec<(u64, u32)>,
+}
 
-impl EventCache {
-    fn insert(&self, seq: u64, event: Arc<Event>, ttl: i32) {
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        map.insert(seq, (event, ttl));
-        while map.len() > CACHE_EVENTS {
-            map.pop_first();
+/// Most events kept in memory only (the oldest are spilled to redb first).
+const HOT_EVENTS: usize = 8192;
+
+impl Hot {
+    /// Records that put `entries` into redb as they are now.
+    fn spill_records(entries: &[(u64, HotEvent)]) -> Vec<Record> {
+        let mut out = Vec::new();
+        for (seq, h) in entries {
+            out.push(Record::Append {
+                seq: *seq,
+                triggers: h.owed.iter().map(|(t, _)| *t).collect(),
+                payload: h.payload.clone(),
+            });
+            for (trigger, attempts) in &h.owed {
+                if *attempts > 0 {
+                    out.push(Record::Attempt {
+                        trigger: *trigger,
+                        seq: *seq,
+                        attempts: *attempts,
+                    });
+                }
+            }
         }
-    }
-
-    fn remove(&self, seq: u64) {
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&seq);
-    }
-
-    fn get(&self, seq: u64) -> Option<(Arc<Event>, i32)> {
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&seq)
-            .cloned()
+        out
     }
 }
 
@@ -181,7 +191,6 @@ impl DurableLog {
             Durability::None,
             (&scratch.0, &scratch.1),
             true,
-            None,
         )?;
         let (count, bytes, next_seq) = {
             let r = db.begin_read().map_err(io)?;
@@ -209,14 +218,14 @@ impl DurableLog {
             events: Arc::new(AtomicU64::new(count)),
             bytes: Arc::new(AtomicU64::new(bytes)),
             notify: Arc::new(Mutex::new(HashMap::new())),
-            cache: Arc::default(),
+            hot: Arc::default(),
         });
         let mut writer = Writer {
             db,
             events: Arc::clone(&log.events),
             bytes: Arc::clone(&log.bytes),
             notify: Arc::clone(&log.notify),
-            cache: Arc::clone(&log.cache),
+            hot: Arc::clone(&log.hot),
             wal,
             last_checkpoint: Instant::now(),
             next_seq,
@@ -356,8 +365,11 @@ impl DurableLog {
         }
     }
 
-    /// Up to `limit` deliveries owed by `trigger` after sequence `after`, oldest first.
+    /// Up to `limit` deliveries owed by `trigger` after sequence `after`, oldest first: from
+    /// redb, and from the events not spilled to it yet.
     pub fn owed(&self, trigger: u64, after: u64, limit: usize) -> Result<Vec<Owed>, LogError> {
+        // Held while redb is read too, so that no event moves from memory to redb unseen.
+        let hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
         let r = self.db.begin_read().map_err(io)?;
         let pending = r.open_table(PENDING).map_err(io)?;
         let events = r.open_table(EVENTS).map_err(io)?;
@@ -368,18 +380,6 @@ impl DurableLog {
         {
             let (k, v) = item.map_err(io)?;
             let (_, seq) = k.value();
-            if let Some((event, ttl)) = self.cache.get(seq) {
-                out.push(Owed {
-                    seq,
-                    event,
-                    ttl,
-                    attempts: v.value(),
-                });
-                if out.len() >= limit {
-                    break;
-                }
-                continue;
-            }
             let Some(bytes) = events.get(seq).map_err(io)? else {
                 continue;
             };
@@ -398,6 +398,23 @@ impl DurableLog {
                 break;
             }
         }
+        let mut from_memory = 0;
+        for (seq, h) in hot.map.range(after + 1..) {
+            if from_memory >= limit {
+                break;
+            }
+            if let Some((_, attempts)) = h.owed.iter().find(|(t, _)| *t == trigger) {
+                out.push(Owed {
+                    seq: *seq,
+                    event: Arc::clone(&h.event),
+                    ttl: h.ttl,
+                    attempts: *attempts,
+                });
+                from_memory += 1;
+            }
+        }
+        out.sort_by_key(|o| o.seq);
+        out.truncate(limit);
         Ok(out)
     }
 
@@ -440,6 +457,19 @@ impl DurableLog {
                 let (t, seq) = k.value();
                 if !live_triggers.contains(&t) || old.contains(&seq) {
                     drop_list.push((t, seq));
+                }
+            }
+            let hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+            for (seq, h) in &hot.map {
+                let too_old = h
+                    .event
+                    .extension("knativearrivaltime")
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t.to_string()).ok())
+                    .is_some_and(|t| now.signed_duration_since(t) > max_age);
+                for (t, _) in &h.owed {
+                    if too_old || !live_triggers.contains(t) {
+                        drop_list.push((*t, *seq));
+                    }
                 }
             }
         }
@@ -631,7 +661,6 @@ fn release(
     seq: u64,
     count: &AtomicU64,
     bytes: &AtomicU64,
-    cache: Option<&EventCache>,
 ) -> Result<(), LogError> {
     let left = refs.get(seq).map_err(io)?.map(|v| v.value());
     match left {
@@ -640,9 +669,6 @@ fn release(
         }
         _ => {
             refs.remove(seq).map_err(io)?;
-            if let Some(cache) = cache {
-                cache.remove(seq);
-            }
             if let Some(v) = events.remove(seq).map_err(io)? {
                 count.fetch_sub(1, Ordering::Relaxed);
                 bytes.fetch_sub(v.value().len() as u64, Ordering::Relaxed);
@@ -657,7 +683,7 @@ struct Writer {
     events: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
     notify: Arc<Mutex<HashMap<u64, Arc<Notify>>>>,
-    cache: Arc<EventCache>,
+    hot: Arc<Mutex<Hot>>,
     wal: Wal,
     last_checkpoint: Instant,
     /// The next event sequence number; kept here so that a failed redb write never hands out
@@ -727,15 +753,31 @@ impl Writer {
     /// Makes redb durable up to the last record written, then drops the older segments.
     fn checkpoint(&mut self) -> Result<(), LogError> {
         let lsn = self.wal.last_lsn();
-        // Everything written is applied to redb: make redb durable, then older segments go.
+        // Everything written is in redb or in memory: spill what is in memory and make redb
+        // durable in one commit, then older segments go.
         self.wal.sync().map_err(io)?;
-        let mut w = self.db.begin_write().map_err(io)?;
-        w.set_durability(Durability::Immediate).map_err(io)?;
-        w.open_table(META)
-            .map_err(io)?
-            .insert("checkpoint_lsn", lsn)
-            .map_err(io)?;
-        w.commit().map_err(io)?;
+        let mut hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+        let entries: Vec<(u64, HotEvent)> = std::mem::take(&mut hot.map).into_iter().collect();
+        let spill = Hot::spill_records(&entries);
+        let committed = (|| {
+            let mut w = self.db.begin_write().map_err(io)?;
+            w.set_durability(Durability::Immediate).map_err(io)?;
+            apply_in(&w, &spill, (&self.events, &self.bytes), false)?;
+            {
+                let mut meta = w.open_table(META).map_err(io)?;
+                meta.insert("checkpoint_lsn", lsn).map_err(io)?;
+                let next = meta.get("next_seq").map_err(io)?.map_or(1, |v| v.value());
+                meta.insert("next_seq", next.max(self.next_seq))
+                    .map_err(io)?;
+            }
+            w.commit().map_err(io)
+        })();
+        if let Err(e) = committed {
+            // The events stay in memory (and in the write-ahead log); tried again next time.
+            hot.map.extend(entries);
+            return Err(e);
+        }
+        drop(hot);
         self.wal.remove_old().map_err(io)?;
         self.last_checkpoint = Instant::now();
         Ok(())
@@ -745,6 +787,7 @@ impl Writer {
     /// without a sync. Returns whether it all succeeded.
     fn apply(&mut self, ops: Vec<Op>, sync: bool) -> bool {
         let mut records = Vec::new();
+        let mut fresh = Vec::new();
         let mut touched: Vec<u64> = Vec::new();
         let mut seq = self.next_seq;
         for op in &ops {
@@ -754,7 +797,7 @@ impl Writer {
                         if triggers.is_empty() {
                             continue;
                         }
-                        self.cache.insert(seq, Arc::clone(event), *ttl);
+                        fresh.push((Arc::clone(event), *ttl));
                         for t in triggers {
                             if !touched.contains(t) {
                                 touched.push(*t);
@@ -789,21 +832,6 @@ impl Writer {
             result = self.wal.sync().map_err(io);
         }
         if result.is_ok() {
-            result = apply_records(
-                &self.db,
-                &records,
-                Durability::None,
-                (&self.events, &self.bytes),
-                false,
-                Some(&self.cache),
-            );
-        }
-        if let Err(e) = &result {
-            // Producers get 503. Records already in the write-ahead log are applied again at the
-            // next start (replay is idempotent), so a refused event may still be delivered:
-            // at least once, never lost.
-            tracing::error!(error = %e, "the event log could not commit; producers get 503");
-        } else {
             for r in &records {
                 if let Record::Append { payload, .. } = r {
                     self.events.fetch_add(1, Ordering::Relaxed);
@@ -811,6 +839,13 @@ impl Writer {
                         .fetch_add(payload.len() as u64, Ordering::Relaxed);
                 }
             }
+            result = self.apply_hot(records, fresh);
+        }
+        if let Err(e) = &result {
+            // Producers get 503. Records already in the write-ahead log are applied again at the
+            // next start (replay is idempotent), so a refused event may still be delivered:
+            // at least once, never lost.
+            tracing::error!(error = %e, "the event log could not commit; producers get 503");
         }
         let mut done = Vec::new();
         for op in ops {
@@ -835,6 +870,90 @@ impl Writer {
         }
         result.is_ok()
     }
+
+    /// Applies written records: new events go to memory, acknowledgements and attempts to the
+    /// event in memory when it is there, to redb otherwise; past `HOT_EVENTS` the oldest events
+    /// in memory move to redb in the same transaction.
+    fn apply_hot(
+        &mut self,
+        records: Vec<Record>,
+        fresh: Vec<(Arc<Event>, i32)>,
+    ) -> Result<(), LogError> {
+        let mut hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut fresh = fresh.into_iter();
+        let mut cold = Vec::new();
+        for r in records {
+            match r {
+                Record::Append {
+                    seq,
+                    triggers,
+                    payload,
+                } => {
+                    let Some((event, ttl)) = fresh.next() else {
+                        continue;
+                    };
+                    let owed = triggers.into_iter().map(|t| (t, 0)).collect();
+                    hot.map.insert(
+                        seq,
+                        HotEvent {
+                            payload,
+                            event,
+                            ttl,
+                            owed,
+                        },
+                    );
+                }
+                Record::Ack { trigger, seq } => match hot.map.get_mut(&seq) {
+                    Some(h) => {
+                        h.owed.retain(|(t, _)| *t != trigger);
+                        if h.owed.is_empty()
+                            && let Some(h) = hot.map.remove(&seq)
+                        {
+                            self.events.fetch_sub(1, Ordering::Relaxed);
+                            self.bytes
+                                .fetch_sub(h.payload.len() as u64, Ordering::Relaxed);
+                        }
+                    }
+                    None => cold.push(Record::Ack { trigger, seq }),
+                },
+                Record::Attempt {
+                    trigger,
+                    seq,
+                    attempts,
+                } => match hot.map.get_mut(&seq) {
+                    Some(h) => {
+                        if let Some(o) = h.owed.iter_mut().find(|(t, _)| *t == trigger) {
+                            o.1 = attempts;
+                        }
+                    }
+                    None => cold.push(Record::Attempt {
+                        trigger,
+                        seq,
+                        attempts,
+                    }),
+                },
+            }
+        }
+        let mut spilled = Vec::new();
+        while hot.map.len() > HOT_EVENTS {
+            if let Some(e) = hot.map.pop_first() {
+                spilled.push(e);
+            }
+        }
+        cold.extend(Hot::spill_records(&spilled));
+        let applied = apply_records(
+            &self.db,
+            &cold,
+            Durability::None,
+            (&self.events, &self.bytes),
+            false,
+        );
+        if applied.is_err() {
+            // Kept in memory; a checkpoint tries again.
+            hot.map.extend(spilled);
+        }
+        applied
+    }
 }
 
 /// Applies records to redb in one transaction. Replays are idempotent: an append whose event is
@@ -846,14 +965,24 @@ fn apply_records(
     durability: Durability,
     counters: (&AtomicU64, &AtomicU64),
     count_appends: bool,
-    cache: Option<&EventCache>,
 ) -> Result<(), LogError> {
-    let (count, total) = counters;
     if records.is_empty() {
         return Ok(());
     }
     let mut w = db.begin_write().map_err(io)?;
     w.set_durability(durability).map_err(io)?;
+    apply_in(&w, records, counters, count_appends)?;
+    w.commit().map_err(io)
+}
+
+/// [`apply_records`] inside a transaction of the caller's.
+fn apply_in(
+    w: &redb::WriteTransaction,
+    records: &[Record],
+    counters: (&AtomicU64, &AtomicU64),
+    count_appends: bool,
+) -> Result<(), LogError> {
+    let (count, total) = counters;
     {
         let mut meta = w.open_table(META).map_err(io)?;
         let mut events = w.open_table(EVENTS).map_err(io)?;
@@ -883,7 +1012,7 @@ fn apply_records(
                 }
                 Record::Ack { trigger, seq } => {
                     if pending.remove((*trigger, *seq)).map_err(io)?.is_some() {
-                        release(&mut refs, &mut events, *seq, count, total, cache)?;
+                        release(&mut refs, &mut events, *seq, count, total)?;
                     }
                 }
                 Record::Attempt {
@@ -899,7 +1028,7 @@ fn apply_records(
         }
         meta.insert("next_seq", next).map_err(io)?;
     }
-    w.commit().map_err(io)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -969,42 +1098,62 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn deliveries_take_appended_events_from_the_cache_until_it_lets_them_go() {
+    async fn events_stay_in_memory_until_delivered_or_spilled() {
         let dir = tempfile::tempdir().expect("dir");
         let log = DurableLog::open(dir.path(), LogConfig::default()).expect("open");
-        let t = log.trigger_id("t").expect("id");
-        let events: Vec<Arc<Event>> = (0..=CACHE_EVENTS).map(|i| event(&i.to_string())).collect();
+        let (a, b) = (
+            log.trigger_id("a").expect("id"),
+            log.trigger_id("b").expect("id"),
+        );
+        let events: Vec<Arc<Event>> = (0..=HOT_EVENTS).map(|i| event(&i.to_string())).collect();
         log.append(
             events
                 .iter()
                 .map(|e| Append {
                     event: Arc::clone(e),
                     ttl: 3,
-                    triggers: vec![t],
+                    triggers: vec![a, b],
                 })
                 .collect(),
         )
         .await
         .expect("append");
-        log.flush().await;
-        let owed = log.owed(t, 0, CACHE_EVENTS + 1).expect("owed");
-        assert_eq!(owed.len(), CACHE_EVENTS + 1);
-        // The oldest went out of the cache: read back from the database, equal but not shared.
+        let owed = log.owed(a, 0, HOT_EVENTS + 1).expect("owed");
+        assert_eq!(owed.len(), HOT_EVENTS + 1);
+        // One over the limit: the oldest went to redb, and comes back decoded, equal.
         assert!(!Arc::ptr_eq(&owed[0].event, &events[0]));
         assert_eq!(*owed[0].event, *events[0]);
         assert_eq!(owed[0].ttl, 3);
-        // The others are the very events appended, not decoded again.
+        // The others are the very events appended.
         assert!(
             owed[1..]
                 .iter()
                 .zip(&events[1..])
                 .all(|(o, e)| Arc::ptr_eq(&o.event, e))
         );
-        // Delivered everywhere: gone from the cache too.
-        log.ack(t, owed[1].seq);
+        // Acknowledged by one trigger and tried by the other: still owed, attempts counted.
+        log.ack(a, owed[1].seq);
+        log.attempted(b, owed[1].seq, 2).await;
+        assert!(log.owed(a, owed[0].seq, 1).expect("owed")[0].seq == owed[2].seq);
+        assert_eq!(log.owed(b, owed[0].seq, 1).expect("owed")[0].attempts, 2);
+        // Delivered everywhere: gone, redb never involved.
+        log.ack(b, owed[1].seq);
         log.flush().await;
-        assert!(log.cache.get(owed[1].seq).is_none());
-        assert!(log.cache.get(owed[2].seq).is_some());
+        assert_eq!(log.len(), HOT_EVENTS as u64);
+        assert!(!log.hot.lock().expect("lock").map.contains_key(&owed[1].seq));
+        // A checkpoint spills the rest, attempts included; a restart finds them all.
+        log.attempted(b, owed[2].seq, 5).await;
+        log.checkpoint().await;
+        assert!(log.hot.lock().expect("lock").map.is_empty());
+        drop(log);
+        let log = DurableLog::open(dir.path(), LogConfig::default()).expect("reopen");
+        assert_eq!(log.len(), HOT_EVENTS as u64);
+        let b_owed = log.owed(b, 0, 3).expect("owed");
+        assert_eq!(
+            b_owed.iter().map(|o| o.seq).collect::<Vec<_>>(),
+            [owed[0].seq, owed[2].seq, owed[3].seq]
+        );
+        assert_eq!(b_owed[1].attempts, 5);
     }
 
     #[tokio::test]
