@@ -366,51 +366,60 @@ impl DurableLog {
     }
 
     /// Up to `limit` deliveries owed by `trigger` after sequence `after`, oldest first: from
-    /// redb, and from the events not spilled to it yet.
+    /// the events in memory and from redb.
     pub fn owed(&self, trigger: u64, after: u64, limit: usize) -> Result<Vec<Owed>, LogError> {
-        // Held while redb is read too, so that no event moves from memory to redb unseen.
-        let hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+        // Memory first, then redb: an event only ever moves from memory to redb, so one that
+        // moves in between is found twice (and kept once), never missed.
+        let mut out = Vec::new();
+        {
+            let hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+            for (seq, h) in hot.map.range(after + 1..) {
+                if out.len() >= limit {
+                    break;
+                }
+                if let Some((_, attempts)) = h.owed.iter().find(|(t, _)| *t == trigger) {
+                    out.push(Owed {
+                        seq: *seq,
+                        event: Arc::clone(&h.event),
+                        ttl: h.ttl,
+                        attempts: *attempts,
+                    });
+                }
+            }
+        }
+        let in_memory: std::collections::HashSet<u64> = out.iter().map(|o| o.seq).collect();
         let r = self.db.begin_read().map_err(io)?;
         let pending = r.open_table(PENDING).map_err(io)?;
         let events = r.open_table(EVENTS).map_err(io)?;
-        let mut out = Vec::new();
+        let mut from_redb = 0;
         for item in pending
             .range((trigger, after + 1)..=(trigger, u64::MAX))
             .map_err(io)?
         {
+            if from_redb >= limit {
+                break;
+            }
             let (k, v) = item.map_err(io)?;
             let (_, seq) = k.value();
+            if in_memory.contains(&seq) {
+                continue;
+            }
             let Some(bytes) = events.get(seq).map_err(io)? else {
                 continue;
             };
             match decode_record(bytes.value()) {
-                Ok((event, ttl)) => out.push(Owed {
-                    seq,
-                    event: Arc::new(event),
-                    ttl,
-                    attempts: v.value(),
-                }),
+                Ok((event, ttl)) => {
+                    out.push(Owed {
+                        seq,
+                        event: Arc::new(event),
+                        ttl,
+                        attempts: v.value(),
+                    });
+                    from_redb += 1;
+                }
                 Err(e) => {
                     tracing::error!(seq, error = %e, "an event in the log cannot be read; skipped")
                 }
-            }
-            if out.len() >= limit {
-                break;
-            }
-        }
-        let mut from_memory = 0;
-        for (seq, h) in hot.map.range(after + 1..) {
-            if from_memory >= limit {
-                break;
-            }
-            if let Some((_, attempts)) = h.owed.iter().find(|(t, _)| *t == trigger) {
-                out.push(Owed {
-                    seq: *seq,
-                    event: Arc::clone(&h.event),
-                    ttl: h.ttl,
-                    attempts: *attempts,
-                });
-                from_memory += 1;
             }
         }
         out.sort_by_key(|o| o.seq);
