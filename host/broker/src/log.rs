@@ -1,11 +1,14 @@
 //! The embedded durable log: events, and for each event the triggers that still owe a
-//! delivery, in one redb database (`<data-dir>/broker.redb`).
+//! delivery. Group commit is ours: one writer thread takes every request waiting, writes it to
+//! the write-ahead log (`wal.rs`) and syncs once, so concurrent producers share one fsync; that
+//! sync is what makes an event safe. New events then stay in memory (`Hot`) until delivered
+//! everywhere; what is still owed at a checkpoint goes to one redb database
+//! (`<data-dir>/broker.redb`).
 //!
 //! Why redb: an ACID B-tree store in pure Rust whose commit is atomic and crash-safe (a torn
 //! write at the tail is never served: recovery falls back to the last complete commit), so the
-//! log, the per-trigger delivery state and the reclaiming of delivered events change together in
-//! one transaction. Group commit is ours: one writer thread takes every request waiting, applies
-//! them in one transaction and syncs once, so concurrent producers share one fsync.
+//! events, the per-trigger delivery state and the reclaiming of delivered events change together
+//! in one transaction.
 //!
 //! Tables: `events` seq -> (ttl, structured JSON); `refs` seq -> deliveries still owed;
 //! `pending` (trigger, seq) -> attempts made; `triggers` name -> id; `meta` counters.

@@ -1,8 +1,8 @@
 //! The write-ahead segment file in front of the redb log: every change is appended here first,
 //! and one `fdatasync` of this file is what makes a group of appended events safe (a redb
-//! commit costs about three fsyncs' worth of page writes). redb is then updated without a sync
-//! and checkpointed now and then; after a crash the records past the last checkpoint are
-//! replayed.
+//! commit costs about three fsyncs' worth of page writes). The log keeps new events in memory
+//! and writes redb without a sync, making it durable at each checkpoint; after a crash the
+//! records past the last checkpoint are replayed.
 //!
 //! A record is `[len u32][crc32 u32][lsn u64][kind u8][fields]`, little-endian. Reading stops
 //! at the first record whose length or checksum is wrong: a write torn by a crash is detected
