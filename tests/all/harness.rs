@@ -176,6 +176,35 @@ impl Serve {
         )
     }
 
+    /// Uploads a module through the admin API and applies it as Function `default/sub` with
+    /// `config`; returns the module's digest.
+    #[allow(dead_code)]
+    pub(crate) fn swap_sub(&self, module: &[u8], config: serde_json::Value) -> String {
+        let r = self.admin("POST", "/v1/modules", module);
+        assert_eq!(r.status, 201, "{}", r.text());
+        let digest = serde_json::from_slice::<serde_json::Value>(&r.body).expect("json")["digest"]
+            .as_str()
+            .expect("digest")
+            .to_string();
+        let body = serde_json::json!({
+            "apiVersion": "wasmesh.dev/v1alpha1", "kind": "Function",
+            "metadata": {"name": "sub", "namespace": "default"},
+            "spec": {"module": digest, "config": config},
+        });
+        let r = self.admin("POST", "/v1/apply", body.to_string().as_bytes());
+        assert_eq!(r.status, 200, "{}", r.text());
+        digest
+    }
+
+    /// True once Function `default/sub` runs the module `digest`.
+    #[allow(dead_code)]
+    pub(crate) fn sub_runs(&self, digest: &str) -> bool {
+        let f: serde_json::Value =
+            serde_json::from_slice(&self.admin("GET", "/v1/functions/default/sub", b"").body)
+                .unwrap_or_default();
+        f["status"]["digest"] == digest
+    }
+
     /// What the server printed from byte `offset` on (benches poll with it).
     #[allow(dead_code)]
     pub(crate) fn stdout_from(&self, offset: usize) -> String {
