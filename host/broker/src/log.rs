@@ -104,6 +104,23 @@ pub struct DurableLog {
     bytes: Arc<AtomicU64>,
     notify: Arc<Mutex<HashMap<u64, Arc<Notify>>>>,
     hot: Arc<Mutex<Hot>>,
+    syncs: Arc<SyncCounters>,
+}
+
+/// What group commit did since the log opened: how many groups of appended events were synced,
+/// how many events they held, and the time spent in `fdatasync` for them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SyncStats {
+    pub groups: u64,
+    pub events: u64,
+    pub syncing: Duration,
+}
+
+#[derive(Default)]
+struct SyncCounters {
+    groups: AtomicU64,
+    events: AtomicU64,
+    nanos: AtomicU64,
 }
 
 /// The events appended by this process since the last checkpoint that are not delivered
@@ -222,6 +239,7 @@ impl DurableLog {
             bytes: Arc::new(AtomicU64::new(bytes)),
             notify: Arc::new(Mutex::new(HashMap::new())),
             hot: Arc::default(),
+            syncs: Arc::default(),
         });
         let mut writer = Writer {
             db,
@@ -229,6 +247,7 @@ impl DurableLog {
             bytes: Arc::clone(&log.bytes),
             notify: Arc::clone(&log.notify),
             hot: Arc::clone(&log.hot),
+            syncs: Arc::clone(&log.syncs),
             wal,
             last_checkpoint: Instant::now(),
             next_seq,
@@ -243,6 +262,15 @@ impl DurableLog {
             .map_err(io)?;
         *log.writer.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
         Ok(log)
+    }
+
+    /// Group commit so far (the benchmarks print it).
+    pub fn sync_stats(&self) -> SyncStats {
+        SyncStats {
+            groups: self.syncs.groups.load(Ordering::Relaxed),
+            events: self.syncs.events.load(Ordering::Relaxed),
+            syncing: Duration::from_nanos(self.syncs.nanos.load(Ordering::Relaxed)),
+        }
     }
 
     fn send(&self, op: Op) -> Result<(), ()> {
@@ -696,6 +724,7 @@ struct Writer {
     bytes: Arc<AtomicU64>,
     notify: Arc<Mutex<HashMap<u64, Arc<Notify>>>>,
     hot: Arc<Mutex<Hot>>,
+    syncs: Arc<SyncCounters>,
     wal: Wal,
     last_checkpoint: Instant,
     /// The next event sequence number; kept here so that a failed redb write never hands out
@@ -841,7 +870,15 @@ impl Writer {
             result = self.wal.append(&records).map(|_| ()).map_err(io);
         }
         if result.is_ok() && sync {
+            let started = Instant::now();
             result = self.wal.sync().map_err(io);
+            if !fresh.is_empty() {
+                let c = &self.syncs;
+                c.groups.fetch_add(1, Ordering::Relaxed);
+                c.events.fetch_add(fresh.len() as u64, Ordering::Relaxed);
+                c.nanos
+                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
         }
         if result.is_ok() {
             for r in &records {
@@ -1080,6 +1117,13 @@ mod tests {
             .await
             .expect("append");
             assert_eq!(log.len(), 2);
+            let synced = log.sync_stats();
+            assert_eq!(
+                (synced.groups, synced.events),
+                (1, 2),
+                "one group, one sync"
+            );
+            assert!(synced.syncing > Duration::ZERO);
             let owed_b = log.owed(b, 0, 10).expect("owed");
             assert_eq!(owed_b.len(), 2);
             assert_eq!(owed_b[1].ttl, 7);
@@ -1091,6 +1135,7 @@ mod tests {
             log.ack(a, owed_a[0].seq);
             log.flush().await;
             assert_eq!(log.len(), 1, "event 1 reclaimed once delivered everywhere");
+            assert_eq!(log.sync_stats().groups, 1, "no appended event since");
         }
         // A restart finds what is still owed, with its attempts.
         let log = DurableLog::open(dir.path(), LogConfig::default()).expect("reopen");
