@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::SecondsFormat;
 use cloudevents::event::ExtensionValue;
@@ -22,7 +23,16 @@ pub enum FilterSpec {
     All(Vec<FilterSpec>),
     Any(Vec<FilterSpec>),
     Not(Box<FilterSpec>),
-    Cesql(String),
+    /// Parsed when the spec is read (a bad expression refuses the trigger with its position);
+    /// written back as its text.
+    Cesql(#[serde(serialize_with = "cesql_text")] Arc<crate::cesql::Expression>),
+}
+
+fn cesql_text<S: serde::Serializer>(
+    e: &Arc<crate::cesql::Expression>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(e.source())
 }
 
 #[derive(Deserialize)]
@@ -61,10 +71,9 @@ impl TryFrom<RawFilterSpec> for FilterSpec {
             set.push(FilterSpec::Not(f));
         }
         if let Some(expr) = r.cesql {
-            // Parsed and checked here, so that a bad expression refuses the trigger with its
-            // position; compiled again (cheaply) by `Filter::compile`.
-            crate::cesql::Expression::parse_filter(&expr)?;
-            set.push(FilterSpec::Cesql(expr));
+            set.push(FilterSpec::Cesql(Arc::new(
+                crate::cesql::Expression::parse_filter(&expr)?,
+            )));
         }
         match set.len() {
             1 => Ok(set.remove(0)),
@@ -159,7 +168,7 @@ pub enum Filter {
     Any(Vec<Filter>),
     Not(Box<Filter>),
     /// A CESQL expression: passes when it evaluates to `true` without an error.
-    Cesql(std::sync::Arc<crate::cesql::Expression>),
+    Cesql(Arc<crate::cesql::Expression>),
 }
 
 impl Filter {
@@ -186,12 +195,7 @@ impl Filter {
             FilterSpec::All(v) => Filter::All(v.iter().map(Filter::compile).collect()),
             FilterSpec::Any(v) => Filter::Any(v.iter().map(Filter::compile).collect()),
             FilterSpec::Not(f) => Filter::Not(Box::new(Filter::compile(f))),
-            FilterSpec::Cesql(text) => match crate::cesql::Expression::parse_filter(text) {
-                Ok(e) => Filter::Cesql(std::sync::Arc::new(e)),
-                // Unreachable for a spec that was deserialized (checked there); a filter that
-                // cannot be compiled lets nothing through.
-                Err(_) => Filter::Not(Box::new(Filter::True)),
-            },
+            FilterSpec::Cesql(e) => Filter::Cesql(Arc::clone(e)),
         }
     }
 
@@ -331,7 +335,12 @@ mod tests {
                 .expect_err("cesql")
                 .contains("CESQL: column 7: expected an expression")
         );
-        assert!(spec("cesql: \"type = 'x'\"").is_ok());
+        let cesql = spec("cesql: \"type = 'x'\"").expect("valid");
+        assert_eq!(
+            serde_json::to_string(&cesql).expect("json"),
+            r#"{"cesql":"type = 'x'"}"#,
+            "written back as its text"
+        );
         assert!(
             spec("exakt: {a: b}")
                 .expect_err("unknown")
