@@ -23,7 +23,7 @@ use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
 };
 use tokio::sync::{Notify, oneshot};
-use wasmesh_core::{AttributesWriter, Data, Event};
+use wasmesh_core::{AttributesReader, AttributesWriter, Data, Event};
 
 use crate::wal::{Record, Wal};
 
@@ -524,29 +524,67 @@ impl DurableLog {
 /// A record: TTL, the attributes as JSON, then content type, schema and the data bytes exactly
 /// as they came (JSON would re-encode them).
 pub(crate) fn encode_record(event: &Event, ttl: i32) -> Vec<u8> {
-    let mut e = event.clone();
-    let (ct, schema, data) = e.take_data();
-    // Serializing attributes to JSON cannot fail: every value is representable.
-    let attrs = serde_json::to_vec(&e).unwrap_or_default();
-    let (kind, bytes): (u8, Vec<u8>) = match data {
-        None => (0, Vec::new()),
+    let json;
+    let (kind, bytes): (u8, &[u8]) = match event.data() {
+        None => (0, &[]),
         Some(Data::Binary(b)) => (1, b),
-        Some(Data::String(s)) => (2, s.into_bytes()),
-        Some(Data::Json(v)) => (3, serde_json::to_vec(&v).unwrap_or_default()),
+        Some(Data::String(s)) => (2, s.as_bytes()),
+        Some(Data::Json(v)) => {
+            json = serde_json::to_vec(v).unwrap_or_default();
+            (3, &json)
+        }
     };
-    let mut out = Vec::with_capacity(16 + attrs.len() + bytes.len());
+    let ct = event.datacontenttype().unwrap_or("");
+    let schema = event.dataschema().map_or("", |u| u.as_str());
+    let mut out = Vec::with_capacity(256 + ct.len() + schema.len() + bytes.len());
     out.extend(ttl.to_le_bytes());
-    for part in [
-        attrs.as_slice(),
-        ct.as_deref().unwrap_or("").as_bytes(),
-        schema.as_ref().map_or("", |u| u.as_str()).as_bytes(),
-    ] {
+    // The attributes' JSON goes in place, its length written in front once known.
+    out.extend(0u32.to_le_bytes());
+    let start = out.len();
+    if event.specversion() == wasmesh_core::SpecVersion::V10 {
+        // Serializing attributes to JSON cannot fail: every value is representable.
+        let _ = serde_json::to_writer(&mut out, &AttributesOnly(event));
+    } else {
+        let mut e = event.clone();
+        e.take_data();
+        let _ = serde_json::to_writer(&mut out, &e);
+    }
+    let attrs_len = (out.len() - start) as u32;
+    out[start - 4..start].copy_from_slice(&attrs_len.to_le_bytes());
+    for part in [ct.as_bytes(), schema.as_bytes()] {
         out.extend((part.len() as u32).to_le_bytes());
         out.extend(part);
     }
     out.push(kind);
     out.extend(bytes);
     out
+}
+
+/// A 1.0 event's context attributes but data, content type and schema (the record keeps those
+/// apart), serialized as cloudevents-sdk serializes an event, so that `decode_record` reads them
+/// back as an `Event`, without copying the event first.
+struct AttributesOnly<'a>(&'a Event);
+
+impl serde::Serialize for AttributesOnly<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let e = self.0;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("specversion", "1.0")?;
+        map.serialize_entry("id", e.id())?;
+        map.serialize_entry("type", e.ty())?;
+        map.serialize_entry("source", e.source())?;
+        if let Some(subject) = e.subject() {
+            map.serialize_entry("subject", subject)?;
+        }
+        if let Some(time) = e.time() {
+            map.serialize_entry("time", time)?;
+        }
+        for (name, value) in e.iter_extensions() {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
 }
 
 pub(crate) fn decode_record(bytes: &[u8]) -> Result<(Event, i32), String> {
@@ -826,28 +864,29 @@ impl Writer {
 
     /// Writes `ops` to the write-ahead log (synced if `sync`), then applies them to redb
     /// without a sync. Returns whether it all succeeded.
-    fn apply(&mut self, ops: Vec<Op>, sync: bool) -> bool {
+    fn apply(&mut self, mut ops: Vec<Op>, sync: bool) -> bool {
         let mut records = Vec::new();
         let mut fresh = Vec::new();
         let mut touched: Vec<u64> = Vec::new();
         let mut seq = self.next_seq;
-        for op in &ops {
+        for op in &mut ops {
             match op {
                 Op::Append(entries, _) => {
-                    for (bytes, triggers, event, ttl) in entries {
+                    for (bytes, triggers, event, ttl) in entries.iter_mut() {
                         if triggers.is_empty() {
                             continue;
                         }
                         fresh.push((Arc::clone(event), *ttl));
-                        for t in triggers {
+                        for t in triggers.iter() {
                             if !touched.contains(t) {
                                 touched.push(*t);
                             }
                         }
+                        // The op keeps only its reply from here on: its record moves.
                         records.push(Record::Append {
                             seq,
-                            triggers: triggers.clone(),
-                            payload: bytes.clone(),
+                            triggers: std::mem::take(triggers),
+                            payload: std::mem::take(bytes),
                         });
                         seq += 1;
                     }
@@ -1272,5 +1311,31 @@ mod record_tests {
             decode_record(&encode_record(&e, 1)[..10]).is_err(),
             "a cut record is refused"
         );
+    }
+
+    /// The attributes are written from the borrowed event exactly as cloudevents-sdk writes a
+    /// copy of it whose data was taken (as records were written before), and read back whole.
+    #[test]
+    fn attributes_are_written_as_the_sdk_writes_them() {
+        let full = wasmesh_core::event::parse_json(
+            br#"{"specversion":"1.0","id":"a-1","source":"/apis/v1/namespaces/default","type":"dev.knative.apiserver.resource.add","subject":"pods/busybox","time":"2026-11-27T10:11:12.345Z","datacontenttype":"application/json","dataschema":"https://example.com/s.json","knativearrivaltime":"2026-11-27T10:11:12.4Z","count":7,"flag":true,"data":{"kind":"Pod","name":"busybox"}}"#,
+        )
+        .expect("valid");
+        let bare = wasmesh_core::event::parse_json(
+            br#"{"specversion":"1.0","id":"2","source":"/s","type":"t"}"#,
+        )
+        .expect("valid");
+        for e in [full, bare] {
+            let record = encode_record(&e, 3);
+            let len = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes")) as usize;
+            let mut copy = e.clone();
+            copy.take_data();
+            assert_eq!(
+                std::str::from_utf8(&record[8..8 + len]).expect("utf-8"),
+                serde_json::to_string(&copy).expect("serializes"),
+            );
+            let (back, ttl) = decode_record(&record).expect("decodes");
+            assert_eq!((back, ttl), (e, 3));
+        }
     }
 }

@@ -34,7 +34,10 @@ pub(crate) enum Record {
 
 impl Record {
     fn encode(&self, lsn: u64, out: &mut Vec<u8>) {
-        let mut body = Vec::with_capacity(32);
+        // The body goes in place; its length and checksum are filled in in front of it after.
+        let header = out.len();
+        out.extend([0u8; 8]);
+        let body = out;
         body.extend(lsn.to_le_bytes());
         match self {
             Record::Append {
@@ -66,9 +69,11 @@ impl Record {
                 body.extend(attempts.to_le_bytes());
             }
         }
-        out.extend((body.len() as u32).to_le_bytes());
-        out.extend(crc32fast::hash(&body).to_le_bytes());
-        out.extend(body);
+        let start = header + 8;
+        let len = (body.len() - start) as u32;
+        let crc = crc32fast::hash(&body[start..]);
+        body[header..header + 4].copy_from_slice(&len.to_le_bytes());
+        body[header + 4..start].copy_from_slice(&crc.to_le_bytes());
     }
 
     fn decode(body: &[u8]) -> Option<(u64, Record)> {
