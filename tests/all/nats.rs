@@ -6,12 +6,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::harness::{
-    Capture, NatsServer, Serve, broker_with_triggers, ce_headers, function_subscriber, try_request,
-    wait_for,
+    Capture, NatsServer, Serve, broker_with_triggers, ce_headers, function_subscriber,
+    loopback_server, try_request, wait_for,
 };
 
 fn store(n: &NatsServer) -> Vec<String> {
@@ -35,11 +35,14 @@ fn broker_tests_pass_on_jetstream_too() {
     fresh(crate::broker::wasm_functions_subscribe_filter_reply_and_reject_on);
     fresh(crate::broker::http_binding_conformance_cases_reach_the_subscriber_unchanged_on);
     // A stream at its size limit (--log-max-bytes) answers 429, and loses nothing accepted.
-    let n = NatsServer::start();
-    let url = n.url();
+    full_store_answers_429(&NatsServer::start().url());
+}
+
+/// A broker's stream at its size limit (2,000 bytes) answers 429 and loses nothing accepted.
+fn full_store_answers_429(url: &str) {
     crate::broker::a_full_store_answers_429(&[
         "--store",
-        &url,
+        url,
         "--log-max-bytes",
         "2000",
         "--concurrency",
@@ -355,4 +358,113 @@ fn the_apiserver_source_fails_over_without_losing_or_repeating_a_change() {
     assert_eq!(count("dev.knative.apiserver.ref.add", "b"), 1);
     assert_eq!(count("dev.knative.apiserver.ref.update", "a"), 1);
     println!("apiserver failover: {:?}", seen(&sub));
+}
+
+/// An HTTP subscriber on loopback that holds each delivery `hold` and counts: deliveries done,
+/// and the most in flight at once since the last reset.
+struct SlowSubscriber {
+    addr: SocketAddr,
+    done: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl SlowSubscriber {
+    fn start(hold: Duration) -> SlowSubscriber {
+        let (done, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (d, m) = (Arc::clone(&done), Arc::clone(&most));
+        let (runtime, addr) =
+            loopback_server(move |_req: hyper::Request<hyper::body::Incoming>| {
+                let (d, m, f) = (Arc::clone(&d), Arc::clone(&m), Arc::clone(&in_flight));
+                async move {
+                    m.fetch_max(f.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                    tokio::time::sleep(hold).await;
+                    f.fetch_sub(1, Ordering::SeqCst);
+                    d.fetch_add(1, Ordering::SeqCst);
+                    hyper::Response::builder()
+                        .status(202)
+                        .body(http_body_util::Empty::<bytes::Bytes>::new())
+                        .expect("response")
+                }
+            });
+        SlowSubscriber {
+            addr,
+            done,
+            most,
+            _runtime: runtime,
+        }
+    }
+
+    /// Sends `n` events with distinct subjects, waits until all were delivered; returns the
+    /// most deliveries in flight at once meanwhile.
+    fn most_in_flight(&self, serve: &Serve, phase: &str, n: usize) -> usize {
+        self.most.store(0, Ordering::SeqCst);
+        let before = self.done.load(Ordering::SeqCst);
+        for i in 0..n {
+            let id = format!("{phase}-{i}");
+            let subject = format!("key-{i}");
+            let mut h = ce_headers(&id, "t");
+            h.push(("ce-subject", &subject));
+            assert_eq!(
+                serve.request("POST", "/default/default", &h, b"{}").status,
+                202
+            );
+        }
+        wait_for(phase, Duration::from_secs(30), || {
+            self.done.load(Ordering::SeqCst) >= before + n
+        });
+        self.most.load(Ordering::SeqCst)
+    }
+}
+
+/// JetStream keeps the settings a durable consumer was created with: a trigger changed from
+/// unordered to ordered must still get one delivery in flight across replicas, and back.
+#[test]
+fn a_trigger_changed_to_ordered_and_back_updates_its_consumer() {
+    let n = NatsServer::start();
+    let sub = SlowSubscriber::start(Duration::from_millis(150));
+    let trigger = |delivery: &str| {
+        format!(
+            "apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: all, namespace: default}}\n\
+             spec:\n  broker: default\n  subscriber: {{uri: 'http://{}/'}}\n{delivery}",
+            sub.addr
+        )
+    };
+    let files = files_with(&format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata: {{name: default, namespace: default}}\n---\n{}",
+        trigger("")
+    ));
+    let url = n.url();
+    let serve = Serve::start_at(files.path(), &["--store", &url]);
+    let apply = |delivery: &str| {
+        let r = serve.admin("POST", "/v1/apply", trigger(delivery).as_bytes());
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    assert!(
+        sub.most_in_flight(&serve, "unordered", 6) >= 2,
+        "unordered deliveries overlap"
+    );
+    apply("  delivery:\n    ordering: ordered\n    partitionKey: subject\n    concurrency: 4\n");
+    assert_eq!(
+        sub.most_in_flight(&serve, "ordered", 6),
+        1,
+        "ordered: one message in flight"
+    );
+    apply("");
+    assert!(
+        sub.most_in_flight(&serve, "unordered-again", 6) >= 2,
+        "unordered again: deliveries overlap"
+    );
+}
+
+/// JetStream keeps the limits a stream was created with: a restart with `--log-max-bytes`
+/// gives the broker's existing stream that limit (and so 429s when it is full).
+#[test]
+fn a_restart_with_new_log_limits_applies_them_to_the_stream() {
+    let n = NatsServer::start();
+    let url = n.url();
+    let yaml = broker_with_triggers(&[("slow", "", "http://127.0.0.1:9/")]);
+    Serve::start(&[("b.yaml", &yaml)], &["--store", &url]).stop();
+    full_store_answers_429(&url);
 }

@@ -125,25 +125,49 @@ impl NatsStore {
         format!("WASMESH-{}-{}", key.namespace, key.name)
     }
 
-    /// The broker's stream, created when it is missing.
+    /// The broker's stream, created when it is missing, and given this replica's limits
+    /// (`--log-max-age`, `--log-max-bytes`) when they changed since it was created.
     pub async fn stream(&self, key: &BrokerKey) -> Result<stream::Stream, LogError> {
-        self.js
-            .get_or_create_stream(stream::Config {
-                name: Self::stream_name(key),
-                subjects: vec![Self::subject(key)],
-                max_age: self.config.max_age,
-                max_bytes: self.config.max_bytes,
-                storage: stream::StorageType::File,
-                num_replicas: self.config.replicas.max(1),
-                // An event leaves the stream once every trigger's consumer acknowledged it
-                // (delivered events are reclaimed), so `max_bytes` bounds what is still owed;
-                // a full stream refuses new events (429) rather than dropping owed ones.
-                retention: stream::RetentionPolicy::Interest,
-                discard: stream::DiscardPolicy::New,
-                ..Default::default()
-            })
+        let config = stream::Config {
+            name: Self::stream_name(key),
+            subjects: vec![Self::subject(key)],
+            max_age: self.config.max_age,
+            max_bytes: self.config.max_bytes,
+            storage: stream::StorageType::File,
+            num_replicas: self.config.replicas.max(1),
+            // An event leaves the stream once every trigger's consumer acknowledged it
+            // (delivered events are reclaimed), so `max_bytes` bounds what is still owed;
+            // a full stream refuses new events (429) rather than dropping owed ones.
+            retention: stream::RetentionPolicy::Interest,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        };
+        let mut stream = self
+            .js
+            .get_or_create_stream(config.clone())
             .await
-            .map_err(io)
+            .map_err(io)?;
+        let now = &stream.cached_info().config;
+        if now.max_age != config.max_age || now.max_bytes != config.max_bytes {
+            tracing::info!(
+                stream = %config.name,
+                max_bytes = config.max_bytes,
+                max_age_s = config.max_age.as_secs(),
+                "updating the stream's limits"
+            );
+            let updated = stream::Config {
+                // What JetStream does not let change stays as it is.
+                num_replicas: now.num_replicas,
+                ..config
+            };
+            self.js.update_stream(updated).await.map_err(io)?;
+            stream = self
+                .js
+                .get_stream(Self::stream_name(key))
+                .await
+                .map_err(io)?;
+        }
+        Ok(stream)
     }
 
     /// Appends events to a broker's stream; resolves once JetStream acknowledged every one.
@@ -204,8 +228,10 @@ impl NatsStore {
         format!("wasmesh-{}-{trigger}", key.namespace)
     }
 
-    /// The trigger's durable consumer on its broker's stream, created when missing. Ordered
-    /// triggers keep one message in flight across all replicas.
+    /// The trigger's durable consumer on its broker's stream, created when missing, and
+    /// updated when the trigger's ordering or timeout no longer match it (JetStream keeps the
+    /// settings a consumer was created with). Ordered triggers keep one message in flight
+    /// across all replicas.
     pub async fn consumer(
         &self,
         key: &BrokerKey,
@@ -216,26 +242,36 @@ impl NatsStore {
     ) -> Result<consumer::PullConsumer, LogError> {
         let stream = self.stream(key).await?;
         let name = Self::consumer_name(key, trigger);
-        stream
-            .get_or_create_consumer(
-                &name,
-                consumer::pull::Config {
-                    durable_name: Some(name.clone()),
-                    deliver_policy: consumer::DeliverPolicy::New,
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait,
-                    max_deliver: -1,
-                    filter_subject: Self::subject(key),
-                    max_ack_pending: if ordered {
-                        1
-                    } else {
-                        i64::try_from(max_pending).unwrap_or(1024)
-                    },
-                    ..Default::default()
-                },
-            )
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            deliver_policy: consumer::DeliverPolicy::New,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait,
+            max_deliver: -1,
+            filter_subject: Self::subject(key),
+            max_ack_pending: if ordered {
+                1
+            } else {
+                i64::try_from(max_pending).unwrap_or(1024)
+            },
+            ..Default::default()
+        };
+        let existing = stream
+            .get_or_create_consumer(&name, config.clone())
             .await
-            .map_err(io)
+            .map_err(io)?;
+        let now = &existing.cached_info().config;
+        if now.max_ack_pending == config.max_ack_pending && now.ack_wait == config.ack_wait {
+            return Ok(existing);
+        }
+        tracing::info!(
+            consumer = %name,
+            max_ack_pending = config.max_ack_pending,
+            ack_wait_ms = config.ack_wait.as_millis() as u64,
+            "the trigger changed: updating its JetStream consumer"
+        );
+        // Create-or-update: the consumer keeps its position and what it has in flight.
+        stream.create_consumer(config).await.map_err(io)
     }
 }
 
