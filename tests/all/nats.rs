@@ -1,12 +1,14 @@
 //! Past one machine: the broker over NATS JetStream (a real `nats-server`, started here on a
 //! free loopback port with a temporary store), several `wasmesh serve` replicas sharing the
 //! work: the broker tests again on this backend, a replica killed under load, NATS restarted
-//! mid-stream, a hot swap through one replica reaching all, a ping source failing over.
+//! mid-stream, a hot swap through one replica reaching all, a ping source failing over, ordered
+//! triggers (keys in parallel, each in order, across a failover), and consumers and streams
+//! following changed triggers and limits.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::harness::{
@@ -360,101 +362,232 @@ fn the_apiserver_source_fails_over_without_losing_or_repeating_a_change() {
     println!("apiserver failover: {:?}", seen(&sub));
 }
 
-/// An HTTP subscriber on loopback that holds each delivery `hold` and counts: deliveries done,
-/// and the most in flight at once since the last reset.
+/// An HTTP subscriber on loopback that holds each delivery `hold` and records: the (subject,
+/// id) of each delivery as it arrives, and the most deliveries in flight at once, in all and
+/// of one subject, since the last reset.
 struct SlowSubscriber {
     addr: SocketAddr,
+    arrived: Arc<Mutex<Vec<(String, String)>>>,
     done: Arc<AtomicUsize>,
     most: Arc<AtomicUsize>,
+    most_of_a_key: Arc<AtomicUsize>,
     _runtime: tokio::runtime::Runtime,
 }
 
 impl SlowSubscriber {
     fn start(hold: Duration) -> SlowSubscriber {
-        let (done, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let (d, m) = (Arc::clone(&done), Arc::clone(&most));
-        let (runtime, addr) =
-            loopback_server(move |_req: hyper::Request<hyper::body::Incoming>| {
-                let (d, m, f) = (Arc::clone(&d), Arc::clone(&m), Arc::clone(&in_flight));
-                async move {
-                    m.fetch_max(f.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
-                    tokio::time::sleep(hold).await;
-                    f.fetch_sub(1, Ordering::SeqCst);
-                    d.fetch_add(1, Ordering::SeqCst);
-                    hyper::Response::builder()
-                        .status(202)
-                        .body(http_body_util::Empty::<bytes::Bytes>::new())
-                        .expect("response")
+        let arrived = Arc::new(Mutex::new(Vec::new()));
+        let (done, most, most_of_a_key): (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<AtomicUsize>) =
+            Default::default();
+        let in_flight = Arc::new(Mutex::new((0usize, HashMap::<String, usize>::new())));
+        let state = (
+            Arc::clone(&arrived),
+            Arc::clone(&done),
+            Arc::clone(&most),
+            Arc::clone(&most_of_a_key),
+        );
+        let (runtime, addr) = loopback_server(move |req: hyper::Request<hyper::body::Incoming>| {
+            let (arrived, done, most, most_of_a_key) = state.clone();
+            let in_flight = Arc::clone(&in_flight);
+            let header = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .unwrap_or_default()
+            };
+            let (subject, id) = (header("ce-subject"), header("ce-id"));
+            async move {
+                arrived.lock().expect("lock").push((subject.clone(), id));
+                {
+                    let mut f = in_flight.lock().expect("lock");
+                    f.0 += 1;
+                    most.fetch_max(f.0, Ordering::SeqCst);
+                    let of_key = f.1.entry(subject.clone()).or_default();
+                    *of_key += 1;
+                    most_of_a_key.fetch_max(*of_key, Ordering::SeqCst);
                 }
-            });
+                tokio::time::sleep(hold).await;
+                {
+                    let mut f = in_flight.lock().expect("lock");
+                    f.0 -= 1;
+                    *f.1.entry(subject).or_default() -= 1;
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+                hyper::Response::builder()
+                    .status(202)
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .expect("response")
+            }
+        });
         SlowSubscriber {
             addr,
+            arrived,
             done,
             most,
+            most_of_a_key,
             _runtime: runtime,
         }
     }
 
-    /// Sends `n` events with distinct subjects, waits until all were delivered; returns the
-    /// most deliveries in flight at once meanwhile.
-    fn most_in_flight(&self, serve: &Serve, phase: &str, n: usize) -> usize {
-        self.most.store(0, Ordering::SeqCst);
-        let before = self.done.load(Ordering::SeqCst);
-        for i in 0..n {
-            let id = format!("{phase}-{i}");
-            let subject = format!("key-{i}");
-            let mut h = ce_headers(&id, "t");
-            h.push(("ce-subject", &subject));
-            assert_eq!(
-                serve.request("POST", "/default/default", &h, b"{}").status,
-                202
-            );
-        }
-        wait_for(phase, Duration::from_secs(30), || {
-            self.done.load(Ordering::SeqCst) >= before + n
-        });
-        self.most.load(Ordering::SeqCst)
+    /// The numbers `n` of the ids `<phase>-<key>-<n>` that arrived for `key`, in order.
+    fn sequence(&self, phase: &str, key: &str) -> Vec<usize> {
+        let prefix = format!("{phase}-{key}-");
+        self.arrived
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter_map(|(_, id)| id.strip_prefix(&prefix)?.parse().ok())
+            .collect()
     }
 }
 
-/// JetStream keeps the settings a durable consumer was created with: a trigger changed from
-/// unordered to ordered must still get one delivery in flight across replicas, and back.
+/// Sends `rounds` events for each of `keys` (subject `key`, id `<phase>-<key>-<n>`), round-robin
+/// over `serves`; every one must be accepted.
+fn send_keyed(serves: &[&Serve], phase: &str, keys: &[&str], rounds: usize) {
+    let mut i = 0;
+    for n in 0..rounds {
+        for key in keys {
+            let id = format!("{phase}-{key}-{n}");
+            let mut h = ce_headers(&id, "t");
+            h.push(("ce-subject", key));
+            let r = serves[i % serves.len()].request("POST", "/default/default", &h, b"{}");
+            assert_eq!(r.status, 202, "{}", r.text());
+            i += 1;
+        }
+    }
+}
+
+fn slow_trigger(sub: &SlowSubscriber, delivery: &str) -> String {
+    format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata: {{name: default, namespace: default}}\n---\n\
+         apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: all, namespace: default}}\n\
+         spec:\n  broker: default\n  subscriber: {{uri: 'http://{}/'}}\n{delivery}",
+        sub.addr
+    )
+}
+
+const ORDERED: &str = "  delivery:\n    ordering: ordered\n    partitionKey: subject\n    concurrency: 4\n    timeout: PT1S\n";
+
+/// An ordered trigger over JetStream, with two replicas taking events: one replica at a time
+/// delivers it, several keys at once, each key's events one at a time and in order.
 #[test]
-fn a_trigger_changed_to_ordered_and_back_updates_its_consumer() {
+fn ordered_triggers_deliver_keys_in_parallel_and_each_in_order_across_replicas() {
     let n = NatsServer::start();
-    let sub = SlowSubscriber::start(Duration::from_millis(150));
-    let trigger = |delivery: &str| {
-        format!(
-            "apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: all, namespace: default}}\n\
-             spec:\n  broker: default\n  subscriber: {{uri: 'http://{}/'}}\n{delivery}",
-            sub.addr
-        )
-    };
-    let files = files_with(&format!(
-        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata: {{name: default, namespace: default}}\n---\n{}",
-        trigger("")
-    ));
+    let sub = SlowSubscriber::start(Duration::from_millis(100));
+    let files = files_with(&slow_trigger(&sub, ORDERED));
+    let replicas = replicas(&n, &files, 2);
+    let keys = ["k0", "k1", "k2", "k3"];
+    send_keyed(&[&replicas[0], &replicas[1]], "o", &keys, 5);
+    wait_for("20 deliveries", Duration::from_secs(30), || {
+        sub.done.load(Ordering::SeqCst) >= 20
+    });
+    for key in keys {
+        assert_eq!(
+            sub.sequence("o", key),
+            vec![0, 1, 2, 3, 4],
+            "{key} in order"
+        );
+    }
+    assert_eq!(
+        sub.most_of_a_key.load(Ordering::SeqCst),
+        1,
+        "one event of a key at a time"
+    );
+    assert!(
+        sub.most.load(Ordering::SeqCst) >= 2,
+        "keys in parallel: at most {} in flight",
+        sub.most.load(Ordering::SeqCst)
+    );
+    let holders = replicas
+        .iter()
+        .filter(|r| r.stderr().contains("holds the lease: this ordered trigger"))
+        .count();
+    assert_eq!(holders, 1, "one replica delivers the ordered trigger");
+}
+
+/// The replica delivering an ordered trigger is killed under load: the other takes over after
+/// the lease expires, the events the dead one held come again first, and every key stays in
+/// order (an event may come twice, never after a later one of its key); nothing accepted is lost.
+#[test]
+fn an_ordered_trigger_fails_over_in_order_and_loses_nothing() {
+    let n = NatsServer::start();
+    let sub = SlowSubscriber::start(Duration::from_millis(20));
+    // A 5 s timeout: JetStream delivers what the dead replica held again only after 10 s, later
+    // than the lease (6 s) passes to the other replica, which must wait for those first.
+    let files = files_with(&slow_trigger(&sub, &ORDERED.replace("PT1S", "PT5S")));
+    let mut replicas = replicas(&n, &files, 2);
+    let keys = ["k0", "k1", "k2", "k3", "k4", "k5"];
+    send_keyed(&[&replicas[0], &replicas[1]], "f", &keys, 10);
+    wait_for("deliveries under way", Duration::from_secs(30), || {
+        sub.done.load(Ordering::SeqCst) >= 10
+    });
+    let holder = replicas
+        .iter()
+        .position(|r| r.stderr().contains("holds the lease: this ordered trigger"))
+        .expect("a replica holds the lease");
+    replicas.remove(holder).kill();
+    let survivor = &replicas[0];
+    send_keyed(&[survivor], "g", &keys, 10);
+    wait_for(
+        "every accepted event delivered",
+        Duration::from_secs(60),
+        || {
+            keys.iter().all(|k| {
+                (0..10)
+                    .all(|i| sub.sequence("f", k).contains(&i) && sub.sequence("g", k).contains(&i))
+            })
+        },
+    );
+    for phase in ["f", "g"] {
+        for key in keys {
+            let seen = sub.sequence(phase, key);
+            assert!(
+                seen.windows(2).all(|w| w[0] <= w[1]),
+                "{phase}-{key} never goes back: {seen:?}"
+            );
+        }
+    }
+    // All of a key's first phase before its second.
+    let arrived = sub.arrived.lock().expect("lock").clone();
+    for key in keys {
+        let last_f = arrived
+            .iter()
+            .rposition(|(k, id)| k == key && id.starts_with("f-"));
+        let first_g = arrived
+            .iter()
+            .position(|(k, id)| k == key && id.starts_with("g-"));
+        assert!(last_f < first_g, "{key}: every f before any g");
+    }
+    assert!(
+        survivor
+            .stderr()
+            .contains("holds the lease: this ordered trigger")
+    );
+}
+
+/// JetStream keeps the settings a durable consumer was created with: a trigger whose delivery
+/// timeout grew must get the longer acknowledgement wait, or a long delivery is sent twice.
+#[test]
+fn a_trigger_whose_timeout_changed_updates_its_consumer() {
+    let n = NatsServer::start();
+    let sub = SlowSubscriber::start(Duration::from_millis(3000));
+    // Timeout 1 s: JetStream would deliver again after 2 s without an acknowledgement.
+    let files = files_with(&slow_trigger(&sub, "  delivery:\n    timeout: PT1S\n"));
     let url = n.url();
     let serve = Serve::start_at(files.path(), &["--store", &url]);
-    let apply = |delivery: &str| {
-        let r = serve.admin("POST", "/v1/apply", trigger(delivery).as_bytes());
-        assert_eq!(r.status, 200, "{}", r.text());
-    };
-    assert!(
-        sub.most_in_flight(&serve, "unordered", 6) >= 2,
-        "unordered deliveries overlap"
-    );
-    apply("  delivery:\n    ordering: ordered\n    partitionKey: subject\n    concurrency: 4\n");
+    let yaml = slow_trigger(&sub, "  delivery:\n    timeout: PT5S\n");
+    let trigger = yaml.split("---\n").nth(1).expect("trigger");
+    let r = serve.admin("POST", "/v1/apply", trigger.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    send_keyed(&[&serve], "t", &["k"], 1);
+    wait_for("the delivery done", Duration::from_secs(20), || {
+        sub.done.load(Ordering::SeqCst) >= 1
+    });
+    std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        sub.most_in_flight(&serve, "ordered", 6),
-        1,
-        "ordered: one message in flight"
-    );
-    apply("");
-    assert!(
-        sub.most_in_flight(&serve, "unordered-again", 6) >= 2,
-        "unordered again: deliveries overlap"
+        sub.sequence("t", "k"),
+        vec![0],
+        "delivered once, not again after 2 s"
     );
 }
 

@@ -288,7 +288,6 @@ impl Mesh {
             nats.consumer(
                 &key,
                 &spec.name,
-                spec.policy.ordered_by.is_some(),
                 self.config.queue_capacity,
                 crate::nats::ack_wait(spec.policy.timeout),
             )
@@ -553,7 +552,7 @@ impl Mesh {
             let ack_wait = crate::nats::ack_wait(spec.policy.timeout);
             let consumer = loop {
                 match nats
-                    .consumer(&spec.broker, &spec.name, ordered, capacity, ack_wait)
+                    .consumer(&spec.broker, &spec.name, capacity, ack_wait)
                     .await
                 {
                     Ok(c) => break c,
@@ -569,7 +568,7 @@ impl Mesh {
                     }
                 }
             };
-            crate::nats::pull(consumer, stopping, retire, move |p: crate::nats::Pulled| {
+            let take = move |p: crate::nats::Pulled| {
                 let passes = cell.load().filter.matches(&p.event);
                 let queue = lanes.for_event(&p.event).clone();
                 async move {
@@ -586,8 +585,15 @@ impl Mesh {
                     };
                     queue.send(env).await.is_ok()
                 }
-            })
-            .await;
+            };
+            if ordered {
+                // One replica at a time, its lanes keeping the order of each key.
+                let id = format!("trigger/{}/{}", spec.namespace, spec.name);
+                crate::nats::pull_exclusive(&nats, &id, consumer, ack_wait, stopping, retire, take)
+                    .await;
+            } else {
+                crate::nats::pull(consumer, stopping, retire, take).await;
+            }
         });
         *trigger
             .feeder

@@ -3,14 +3,16 @@
 //! trigger shared by every replica, so that each event is delivered by one of them. Ingress
 //! answers 202 once JetStream acknowledged the publish; a delivery is acknowledged only after
 //! the subscriber acknowledged it; a failed attempt is NAKed with the trigger's backoff and
-//! redelivered (to any replica), and past the retry limit goes to the dead-letter sink. Ordered
-//! triggers keep one message in flight, so that order holds across replicas.
+//! redelivered (to any replica), and past the retry limit goes to the dead-letter sink. An
+//! ordered trigger is delivered by one replica at a time, the holder of its lease (a key in the
+//! `wasmesh-leases` bucket), through lanes that keep the order of each partition key: several
+//! keys in flight at once, one event of a key at a time.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, consumer, kv, stream};
 use futures_util::StreamExt as _;
 use wasmesh_core::Event;
 
@@ -66,6 +68,83 @@ pub struct NatsStore {
     js: jetstream::Context,
     client: async_nats::Client,
     config: NatsConfig,
+    /// The lease bucket, opened on first use.
+    leases: tokio::sync::OnceCell<kv::Store>,
+    /// How this process names itself in the leases it holds.
+    holder: String,
+}
+
+/// How long a lease lives without renewal; the holder renews it three times as often.
+pub const LEASE_TTL: Duration = Duration::from_secs(6);
+
+/// A key/value bucket, created when missing. Its stream is created here with the key/value
+/// conventions, rather than through `create_key_value`, whose account query does not parse the
+/// answer of nats-server 2.9 (Debian's).
+pub async fn key_value_bucket(
+    js: &jetstream::Context,
+    name: &str,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<kv::Store, String> {
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        storage: stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| format!("key/value bucket {name}: {e}"))?;
+    js.get_key_value(name)
+        .await
+        .map_err(|e| format!("key/value bucket {name}: {e}"))
+}
+
+/// Leases in a bucket whose keys live `LEASE_TTL`: at most one holder per key; whoever stops
+/// renewing loses it when the key expires.
+pub mod lease {
+    use super::kv;
+    use bytes::Bytes;
+
+    /// The bucket key of a lease on `id` (any text).
+    pub fn key(id: &str) -> String {
+        id.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '.'
+                }
+            })
+            .collect()
+    }
+
+    /// Takes the lease of `id` for `holder` if nobody holds it; the revision to renew it with.
+    pub async fn acquire(leases: &kv::Store, id: &str, holder: &str) -> Option<u64> {
+        leases
+            .create(key(id), Bytes::from(holder.to_string()))
+            .await
+            .ok()
+    }
+
+    /// Renews a lease; `None` when it was lost meanwhile.
+    pub async fn renew(leases: &kv::Store, id: &str, holder: &str, revision: u64) -> Option<u64> {
+        leases
+            .update(key(id), Bytes::from(holder.to_string()), revision)
+            .await
+            .ok()
+    }
+
+    /// Gives a lease up, so that another holder takes it at once.
+    pub async fn release(leases: &kv::Store, id: &str, revision: u64) {
+        let _ = leases.delete_expect_revision(key(id), Some(revision)).await;
+    }
 }
 
 /// The TTL travels in this header beside the event.
@@ -104,7 +183,29 @@ impl NatsStore {
             .await
             .map_err(|e| format!("cannot connect to {}: {e}", config.url))?;
         let js = jetstream::new(client.clone());
-        Ok(Arc::new(Self { js, client, config }))
+        let holder = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        Ok(Arc::new(Self {
+            js,
+            client,
+            config,
+            leases: tokio::sync::OnceCell::new(),
+            holder,
+        }))
+    }
+
+    /// The bucket of leases (shared with the control path's source leases).
+    pub async fn leases(&self) -> Result<&kv::Store, String> {
+        self.leases
+            .get_or_try_init(|| {
+                key_value_bucket(&self.js, "wasmesh-leases", LEASE_TTL, self.config.replicas)
+            })
+            .await
     }
 
     /// The JetStream context (the control path keeps its key/value and object buckets there).
@@ -229,14 +330,12 @@ impl NatsStore {
     }
 
     /// The trigger's durable consumer on its broker's stream, created when missing, and
-    /// updated when the trigger's ordering or timeout no longer match it (JetStream keeps the
-    /// settings a consumer was created with). Ordered triggers keep one message in flight
-    /// across all replicas.
+    /// updated when its limits no longer match the trigger's (JetStream keeps the settings a
+    /// consumer was created with).
     pub async fn consumer(
         &self,
         key: &BrokerKey,
         trigger: &str,
-        ordered: bool,
         max_pending: usize,
         ack_wait: Duration,
     ) -> Result<consumer::PullConsumer, LogError> {
@@ -249,11 +348,7 @@ impl NatsStore {
             ack_wait,
             max_deliver: -1,
             filter_subject: Self::subject(key),
-            max_ack_pending: if ordered {
-                1
-            } else {
-                i64::try_from(max_pending).unwrap_or(1024)
-            },
+            max_ack_pending: i64::try_from(max_pending).unwrap_or(1024),
             ..Default::default()
         };
         let existing = stream
@@ -341,5 +436,101 @@ pub(crate) async fn pull<Fut>(
                 }
             }
         }
+    }
+}
+
+/// [`pull`] on one replica at a time: only while this process holds the lease `id`, renewed
+/// every third of its life. A replica that takes the lease over while messages are still
+/// unacknowledged (its holder died or stopped) first waits `ack_wait`, so that JetStream
+/// delivers those again, oldest first, before anything newer: the order of each key holds
+/// across the failover (an event may come twice, never after a later one of its key).
+pub(crate) async fn pull_exclusive<Fut>(
+    nats: &NatsStore,
+    id: &str,
+    consumer: consumer::PullConsumer,
+    ack_wait: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+    mut retire: tokio::sync::watch::Receiver<bool>,
+    mut take: impl FnMut(Pulled) -> Fut,
+) where
+    Fut: std::future::Future<Output = bool>,
+{
+    let period = LEASE_TTL / 3;
+    let mut stopped = stop.clone();
+    loop {
+        let leases = match nats.leases().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(trigger = id, error = %e, "no lease bucket yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => continue,
+                    _ = stopped.changed() => return,
+                    _ = retire.changed() => return,
+                }
+            }
+        };
+        let Some(mut revision) = lease::acquire(leases, id, &nats.holder).await else {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => continue,
+                _ = stopped.changed() => return,
+                _ = retire.changed() => return,
+            }
+        };
+        let mut consumer = consumer.clone();
+        let unacknowledged = consumer.info().await.map_or(1, |i| i.num_ack_pending);
+        tracing::info!(
+            trigger = id,
+            unacknowledged,
+            "holds the lease: this ordered trigger is delivered here"
+        );
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        if unacknowledged > 0 {
+            let settle = tokio::time::sleep(ack_wait);
+            tokio::pin!(settle);
+            let lost = loop {
+                tokio::select! {
+                    _ = &mut settle => break None,
+                    _ = renew.tick() => match lease::renew(leases, id, &nats.holder, revision).await {
+                        Some(r) => revision = r,
+                        None => break Some(true),
+                    },
+                    _ = stopped.changed() => break Some(false),
+                    _ = retire.changed() => break Some(false),
+                }
+            };
+            match lost {
+                None => {}
+                Some(true) => continue,
+                Some(false) => {
+                    lease::release(leases, id, revision).await;
+                    return;
+                }
+            }
+        }
+        let (lose, lost_rx) = tokio::sync::watch::channel(false);
+        let pulling = pull(consumer, stop.clone(), lost_rx, &mut take);
+        tokio::pin!(pulling);
+        let (lost, ended) = loop {
+            tokio::select! {
+                () = &mut pulling => break (false, true),
+                _ = renew.tick() => match lease::renew(leases, id, &nats.holder, revision).await {
+                    Some(r) => revision = r,
+                    None => break (true, false),
+                },
+                _ = retire.changed() => break (false, false),
+            }
+        };
+        if !ended {
+            let _ = lose.send(true);
+            pulling.await;
+        }
+        if !lost {
+            lease::release(leases, id, revision).await;
+            return;
+        }
+        tracing::warn!(
+            trigger = id,
+            "lost the lease: this ordered trigger is no longer delivered here"
+        );
     }
 }

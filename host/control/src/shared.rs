@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{kv, object_store, stream};
+use async_nats::jetstream::{kv, object_store};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use tokio::io::AsyncReadExt as _;
@@ -17,8 +17,8 @@ use crate::store::Overlay;
 
 const OVERLAY_KEY: &str = "overlay";
 
-/// How long a lease lives without renewal; the holder renews it three times as often.
-pub const LEASE_TTL: Duration = Duration::from_secs(6);
+pub use wasmesh_broker::nats::LEASE_TTL;
+use wasmesh_broker::nats::{key_value_bucket as bucket, lease};
 
 /// The replicas' shared buckets.
 pub struct Shared {
@@ -33,35 +33,6 @@ pub struct Shared {
 /// Another replica changed the state first.
 #[derive(Debug)]
 pub struct Conflict;
-
-async fn bucket(
-    js: &async_nats::jetstream::Context,
-    name: &str,
-    max_age: Duration,
-    replicas: usize,
-) -> Result<kv::Store, String> {
-    // The bucket's stream is created here with the key/value conventions, rather than through
-    // `create_key_value`, whose account query does not parse the answer of nats-server 2.9
-    // (Debian's).
-    js.get_or_create_stream(stream::Config {
-        name: format!("KV_{name}"),
-        subjects: vec![format!("$KV.{name}.>")],
-        max_messages_per_subject: 1,
-        max_age,
-        storage: stream::StorageType::File,
-        num_replicas: replicas.max(1),
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: stream::DiscardPolicy::New,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| format!("key/value bucket {name}: {e}"))?;
-    js.get_key_value(name)
-        .await
-        .map_err(|e| format!("key/value bucket {name}: {e}"))
-}
 
 impl Shared {
     /// Opens (creating when missing) the buckets.
@@ -166,39 +137,22 @@ impl Shared {
     }
 
     fn key(id: &str) -> String {
-        id.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '.'
-                }
-            })
-            .collect()
+        lease::key(id)
     }
 
     /// Tries to take the lease of `id`; the revision to renew it with.
     pub async fn acquire(&self, id: &str) -> Option<u64> {
-        self.leases
-            .create(Self::key(id), Bytes::from(self.replica.clone()))
-            .await
-            .ok()
+        lease::acquire(&self.leases, id, &self.replica).await
     }
 
     /// Renews a lease this replica holds; `None` when it lost it.
     pub async fn renew(&self, id: &str, revision: u64) -> Option<u64> {
-        self.leases
-            .update(Self::key(id), Bytes::from(self.replica.clone()), revision)
-            .await
-            .ok()
+        lease::renew(&self.leases, id, &self.replica, revision).await
     }
 
     /// Gives a lease up (on shutdown), so that another replica takes over at once.
     pub async fn release(&self, id: &str, revision: u64) {
-        let _ = self
-            .leases
-            .delete_expect_revision(Self::key(id), Some(revision))
-            .await;
+        lease::release(&self.leases, id, revision).await;
     }
 
     /// What a source last recorded under `what`.
