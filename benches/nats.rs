@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use harness::{KeepAlive, NatsServer, Serve};
+use harness::{HoldingSubscriber, KeepAlive, NatsServer, Serve};
 
 const PRODUCERS: usize = 8;
 const RUN: Duration = Duration::from_secs(4);
@@ -114,6 +114,62 @@ fn main() {
         "JetStream with 1 replica / embedded: {:.2} (bar: at least 0.40)",
         results[1] / results[0]
     );
+    ordered_delivery();
+}
+
+/// Deliveries/s of an ordered trigger over JetStream (8 keys, concurrency 8) against an
+/// unordered one, to an HTTP subscriber that takes `HOLD` for each event.
+fn ordered_delivery() {
+    const HOLD: Duration = Duration::from_millis(5);
+    const KEYS: usize = 8;
+    const EVENTS: usize = 800;
+    for delivery in [
+        "  delivery:\n    ordering: ordered\n    partitionKey: subject\n    concurrency: 8\n",
+        "  delivery:\n    concurrency: 8\n",
+    ] {
+        let nats = NatsServer::start();
+        let sub = HoldingSubscriber::start(HOLD);
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            harness::broker_with_triggers(&[("all", delivery, &format!("http://{}/", sub.addr))]),
+        )
+        .expect("yaml");
+        let serve = Serve::start_at(dir.path(), &["--store", &nats.url()]);
+        let mut producer = KeepAlive::new(serve.addr);
+        let started = Instant::now();
+        for i in 0..EVENTS {
+            assert!(
+                producer.post_subject(&format!("e-{i}"), &format!("key-{}", i % KEYS)),
+                "event refused"
+            );
+        }
+        while sub.done.load(Ordering::SeqCst) < EVENTS {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "deliveries stalled"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let rate = EVENTS as f64 / started.elapsed().as_secs_f64();
+        println!(
+            "{} trigger over JetStream, {KEYS} keys, subscriber taking {HOLD:?}: {rate:.0} deliveries/s, at most {} in flight{}",
+            if delivery.contains("ordered") {
+                "ordered  "
+            } else {
+                "unordered"
+            },
+            sub.most.load(Ordering::SeqCst),
+            if delivery.contains("ordered") {
+                format!(
+                    " (one in flight would allow at most {:.0}/s)",
+                    1.0 / HOLD.as_secs_f64()
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
 }
 
 /// A new module uploaded and applied through replica 0: the time from the upload until each

@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -639,6 +640,87 @@ impl Drop for NatsServer {
     }
 }
 
+/// An HTTP subscriber on loopback that holds each delivery `hold` and records: the (subject,
+/// id) of each delivery as it arrives, and the most deliveries in flight at once, in all and
+/// of one subject, since the last reset.
+#[allow(dead_code)]
+pub(crate) struct HoldingSubscriber {
+    pub(crate) addr: SocketAddr,
+    pub(crate) arrived: Arc<Mutex<Vec<(String, String)>>>,
+    pub(crate) done: Arc<AtomicUsize>,
+    pub(crate) most: Arc<AtomicUsize>,
+    pub(crate) most_of_a_key: Arc<AtomicUsize>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+#[allow(dead_code)]
+impl HoldingSubscriber {
+    pub(crate) fn start(hold: Duration) -> HoldingSubscriber {
+        let arrived = Arc::new(Mutex::new(Vec::new()));
+        let (done, most, most_of_a_key): (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<AtomicUsize>) =
+            Default::default();
+        let in_flight = Arc::new(Mutex::new((0usize, HashMap::<String, usize>::new())));
+        let state = (
+            Arc::clone(&arrived),
+            Arc::clone(&done),
+            Arc::clone(&most),
+            Arc::clone(&most_of_a_key),
+        );
+        let (runtime, addr) = loopback_server(move |req: hyper::Request<hyper::body::Incoming>| {
+            let (arrived, done, most, most_of_a_key) = state.clone();
+            let in_flight = Arc::clone(&in_flight);
+            let header = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .unwrap_or_default()
+            };
+            let (subject, id) = (header("ce-subject"), header("ce-id"));
+            async move {
+                arrived.lock().expect("lock").push((subject.clone(), id));
+                {
+                    let mut f = in_flight.lock().expect("lock");
+                    f.0 += 1;
+                    most.fetch_max(f.0, Ordering::SeqCst);
+                    let of_key = f.1.entry(subject.clone()).or_default();
+                    *of_key += 1;
+                    most_of_a_key.fetch_max(*of_key, Ordering::SeqCst);
+                }
+                tokio::time::sleep(hold).await;
+                {
+                    let mut f = in_flight.lock().expect("lock");
+                    f.0 -= 1;
+                    *f.1.entry(subject).or_default() -= 1;
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+                hyper::Response::builder()
+                    .status(202)
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .expect("response")
+            }
+        });
+        HoldingSubscriber {
+            addr,
+            arrived,
+            done,
+            most,
+            most_of_a_key,
+            _runtime: runtime,
+        }
+    }
+
+    /// The numbers `n` of the ids `<phase>-<key>-<n>` that arrived for `key`, in order.
+    pub(crate) fn sequence(&self, phase: &str, key: &str) -> Vec<usize> {
+        let prefix = format!("{phase}-{key}-");
+        self.arrived
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter_map(|(_, id)| id.strip_prefix(&prefix)?.parse().ok())
+            .collect()
+    }
+}
+
 /// One keep-alive HTTP/1.1 connection posting binary-mode events.
 #[allow(dead_code)] // The benchmarks use it.
 pub(crate) struct KeepAlive {
@@ -659,8 +741,18 @@ impl KeepAlive {
 
     /// Posts one event; true on 202.
     pub(crate) fn post(&mut self, id: &str) -> bool {
+        self.post_with(id, "")
+    }
+
+    /// Posts one event with the subject `subject`; true on 202.
+    pub(crate) fn post_subject(&mut self, id: &str, subject: &str) -> bool {
+        self.post_with(id, &format!("ce-subject: {subject}\r\n"))
+    }
+
+    /// Posts one event with `headers` (complete lines) added; true on 202.
+    fn post_with(&mut self, id: &str, headers: &str) -> bool {
         let req = format!(
-            "POST /default/default HTTP/1.1\r\nHost: x\r\nce-specversion: 1.0\r\nce-id: {id}\r\nce-source: /bench\r\nce-type: t\r\ncontent-type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+            "POST /default/default HTTP/1.1\r\nHost: x\r\nce-specversion: 1.0\r\nce-id: {id}\r\nce-source: /bench\r\nce-type: t\r\n{headers}content-type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
         );
         if self.stream.write_all(req.as_bytes()).is_err() {
             return false;

@@ -7,13 +7,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::harness::{
-    Capture, NatsServer, Serve, broker_with_triggers, ce_headers, function_subscriber,
-    loopback_server, try_request, wait_for,
+    Capture, HoldingSubscriber, NatsServer, Serve, broker_with_triggers, ce_headers,
+    function_subscriber, try_request, wait_for,
 };
 
 fn store(n: &NatsServer) -> Vec<String> {
@@ -362,85 +362,6 @@ fn the_apiserver_source_fails_over_without_losing_or_repeating_a_change() {
     println!("apiserver failover: {:?}", seen(&sub));
 }
 
-/// An HTTP subscriber on loopback that holds each delivery `hold` and records: the (subject,
-/// id) of each delivery as it arrives, and the most deliveries in flight at once, in all and
-/// of one subject, since the last reset.
-struct SlowSubscriber {
-    addr: SocketAddr,
-    arrived: Arc<Mutex<Vec<(String, String)>>>,
-    done: Arc<AtomicUsize>,
-    most: Arc<AtomicUsize>,
-    most_of_a_key: Arc<AtomicUsize>,
-    _runtime: tokio::runtime::Runtime,
-}
-
-impl SlowSubscriber {
-    fn start(hold: Duration) -> SlowSubscriber {
-        let arrived = Arc::new(Mutex::new(Vec::new()));
-        let (done, most, most_of_a_key): (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<AtomicUsize>) =
-            Default::default();
-        let in_flight = Arc::new(Mutex::new((0usize, HashMap::<String, usize>::new())));
-        let state = (
-            Arc::clone(&arrived),
-            Arc::clone(&done),
-            Arc::clone(&most),
-            Arc::clone(&most_of_a_key),
-        );
-        let (runtime, addr) = loopback_server(move |req: hyper::Request<hyper::body::Incoming>| {
-            let (arrived, done, most, most_of_a_key) = state.clone();
-            let in_flight = Arc::clone(&in_flight);
-            let header = |name: &str| {
-                req.headers()
-                    .get(name)
-                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                    .unwrap_or_default()
-            };
-            let (subject, id) = (header("ce-subject"), header("ce-id"));
-            async move {
-                arrived.lock().expect("lock").push((subject.clone(), id));
-                {
-                    let mut f = in_flight.lock().expect("lock");
-                    f.0 += 1;
-                    most.fetch_max(f.0, Ordering::SeqCst);
-                    let of_key = f.1.entry(subject.clone()).or_default();
-                    *of_key += 1;
-                    most_of_a_key.fetch_max(*of_key, Ordering::SeqCst);
-                }
-                tokio::time::sleep(hold).await;
-                {
-                    let mut f = in_flight.lock().expect("lock");
-                    f.0 -= 1;
-                    *f.1.entry(subject).or_default() -= 1;
-                }
-                done.fetch_add(1, Ordering::SeqCst);
-                hyper::Response::builder()
-                    .status(202)
-                    .body(http_body_util::Empty::<bytes::Bytes>::new())
-                    .expect("response")
-            }
-        });
-        SlowSubscriber {
-            addr,
-            arrived,
-            done,
-            most,
-            most_of_a_key,
-            _runtime: runtime,
-        }
-    }
-
-    /// The numbers `n` of the ids `<phase>-<key>-<n>` that arrived for `key`, in order.
-    fn sequence(&self, phase: &str, key: &str) -> Vec<usize> {
-        let prefix = format!("{phase}-{key}-");
-        self.arrived
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter_map(|(_, id)| id.strip_prefix(&prefix)?.parse().ok())
-            .collect()
-    }
-}
-
 /// Sends `rounds` events for each of `keys` (subject `key`, id `<phase>-<key>-<n>`), round-robin
 /// over `serves`; every one must be accepted.
 fn send_keyed(serves: &[&Serve], phase: &str, keys: &[&str], rounds: usize) {
@@ -457,7 +378,7 @@ fn send_keyed(serves: &[&Serve], phase: &str, keys: &[&str], rounds: usize) {
     }
 }
 
-fn slow_trigger(sub: &SlowSubscriber, delivery: &str) -> String {
+fn slow_trigger(sub: &HoldingSubscriber, delivery: &str) -> String {
     format!(
         "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata: {{name: default, namespace: default}}\n---\n\
          apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: all, namespace: default}}\n\
@@ -473,7 +394,7 @@ const ORDERED: &str = "  delivery:\n    ordering: ordered\n    partitionKey: sub
 #[test]
 fn ordered_triggers_deliver_keys_in_parallel_and_each_in_order_across_replicas() {
     let n = NatsServer::start();
-    let sub = SlowSubscriber::start(Duration::from_millis(100));
+    let sub = HoldingSubscriber::start(Duration::from_millis(100));
     let files = files_with(&slow_trigger(&sub, ORDERED));
     let replicas = replicas(&n, &files, 2);
     let keys = ["k0", "k1", "k2", "k3"];
@@ -511,7 +432,7 @@ fn ordered_triggers_deliver_keys_in_parallel_and_each_in_order_across_replicas()
 #[test]
 fn an_ordered_trigger_fails_over_in_order_and_loses_nothing() {
     let n = NatsServer::start();
-    let sub = SlowSubscriber::start(Duration::from_millis(20));
+    let sub = HoldingSubscriber::start(Duration::from_millis(20));
     // A 5 s timeout: JetStream delivers what the dead replica held again only after 10 s, later
     // than the lease (6 s) passes to the other replica, which must wait for those first.
     let files = files_with(&slow_trigger(&sub, &ORDERED.replace("PT1S", "PT5S")));
@@ -570,7 +491,7 @@ fn an_ordered_trigger_fails_over_in_order_and_loses_nothing() {
 #[test]
 fn a_trigger_whose_timeout_changed_updates_its_consumer() {
     let n = NatsServer::start();
-    let sub = SlowSubscriber::start(Duration::from_millis(3000));
+    let sub = HoldingSubscriber::start(Duration::from_millis(3000));
     // Timeout 1 s: JetStream would deliver again after 2 s without an acknowledgement.
     let files = files_with(&slow_trigger(&sub, "  delivery:\n    timeout: PT1S\n"));
     let url = n.url();
