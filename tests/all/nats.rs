@@ -426,6 +426,72 @@ fn ordered_triggers_deliver_keys_in_parallel_and_each_in_order_across_replicas()
     assert_eq!(holders, 1, "one replica delivers the ordered trigger");
 }
 
+/// Waits until every event of phases `f` and `g` (`rounds` per key) arrived; then checks that
+/// no key ever goes back (an event may come twice, never after a later one of its key) and that
+/// each key's `f` events all came before its first `g` event.
+fn in_order_and_complete(sub: &HoldingSubscriber, keys: &[&str], rounds: usize) {
+    wait_for(
+        "every accepted event delivered",
+        Duration::from_secs(60),
+        || {
+            keys.iter().all(|k| {
+                (0..rounds)
+                    .all(|i| sub.sequence("f", k).contains(&i) && sub.sequence("g", k).contains(&i))
+            })
+        },
+    );
+    for phase in ["f", "g"] {
+        for key in keys {
+            let seen = sub.sequence(phase, key);
+            assert!(
+                seen.windows(2).all(|w| w[0] <= w[1]),
+                "{phase}-{key} never goes back: {seen:?}"
+            );
+        }
+    }
+    let arrived = sub.arrived.lock().expect("lock").clone();
+    for key in keys {
+        let last_f = arrived
+            .iter()
+            .rposition(|(k, id)| k == key && id.starts_with("f-"));
+        let first_g = arrived
+            .iter()
+            .position(|(k, id)| k == key && id.starts_with("g-"));
+        assert!(last_f < first_g, "{key}: every f before any g");
+    }
+}
+
+/// An ordered trigger rebuilt under load (its concurrency changed): the old workers leave what
+/// they had not started to JetStream, and the new ones take it up first, in order, each event
+/// once. (Six keys in four lanes: one lane holds two keys' events, 3.6 s of work, longer than
+/// the 2 s after which JetStream gives what was not acknowledged to the new workers.)
+#[test]
+fn an_ordered_trigger_rebuilt_under_load_keeps_order_and_repeats_nothing() {
+    let n = NatsServer::start();
+    let sub = HoldingSubscriber::start(Duration::from_millis(300));
+    let files = files_with(&slow_trigger(&sub, ORDERED));
+    let url = n.url();
+    let serve = Serve::start_at(files.path(), &["--store", &url]);
+    let keys = ["k0", "k1", "k2", "k3", "k4", "k5"];
+    send_keyed(&[&serve], "f", &keys, 6);
+    wait_for("deliveries under way", Duration::from_secs(30), || {
+        !sub.arrived.lock().expect("lock").is_empty()
+    });
+    let yaml = slow_trigger(&sub, &ORDERED.replace("concurrency: 4", "concurrency: 8"));
+    let trigger = yaml.split("---\n").nth(1).expect("trigger");
+    let r = serve.admin("POST", "/v1/apply", trigger.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    send_keyed(&[&serve], "g", &keys, 6);
+    in_order_and_complete(&sub, &keys, 6);
+    let arrived = sub.arrived.lock().expect("lock").clone();
+    let distinct: std::collections::HashSet<&String> = arrived.iter().map(|(_, id)| id).collect();
+    assert_eq!(
+        distinct.len(),
+        arrived.len(),
+        "each event once: {arrived:?}"
+    );
+}
+
 /// The replica delivering an ordered trigger is killed under load: the other takes over after
 /// the lease expires, the events the dead one held come again first, and every key stays in
 /// order (an event may come twice, never after a later one of its key); nothing accepted is lost.
@@ -449,40 +515,35 @@ fn an_ordered_trigger_fails_over_in_order_and_loses_nothing() {
     replicas.remove(holder).kill();
     let survivor = &replicas[0];
     send_keyed(&[survivor], "g", &keys, 10);
-    wait_for(
-        "every accepted event delivered",
-        Duration::from_secs(60),
-        || {
-            keys.iter().all(|k| {
-                (0..10)
-                    .all(|i| sub.sequence("f", k).contains(&i) && sub.sequence("g", k).contains(&i))
-            })
-        },
-    );
-    for phase in ["f", "g"] {
-        for key in keys {
-            let seen = sub.sequence(phase, key);
-            assert!(
-                seen.windows(2).all(|w| w[0] <= w[1]),
-                "{phase}-{key} never goes back: {seen:?}"
-            );
-        }
-    }
-    // All of a key's first phase before its second.
-    let arrived = sub.arrived.lock().expect("lock").clone();
-    for key in keys {
-        let last_f = arrived
-            .iter()
-            .rposition(|(k, id)| k == key && id.starts_with("f-"));
-        let first_g = arrived
-            .iter()
-            .position(|(k, id)| k == key && id.starts_with("g-"));
-        assert!(last_f < first_g, "{key}: every f before any g");
-    }
+    in_order_and_complete(&sub, &keys, 10);
     assert!(
         survivor
             .stderr()
             .contains("holds the lease: this ordered trigger")
+    );
+}
+
+/// Events waiting in a trigger's queue longer than the ack wait (one worker, 12 events of
+/// 300 ms each, 2 s ack wait) are kept in progress, not delivered a second time by JetStream.
+#[test]
+fn events_waiting_longer_than_the_ack_wait_are_delivered_once() {
+    let n = NatsServer::start();
+    let sub = HoldingSubscriber::start(Duration::from_millis(300));
+    let files = files_with(&slow_trigger(
+        &sub,
+        "  delivery:\n    concurrency: 1\n    timeout: PT1S\n",
+    ));
+    let url = n.url();
+    let serve = Serve::start_at(files.path(), &["--store", &url]);
+    send_keyed(&[&serve], "w", &["k"], 12);
+    wait_for("12 deliveries", Duration::from_secs(30), || {
+        sub.done.load(Ordering::SeqCst) >= 12
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        sub.sequence("w", "k"),
+        (0..12).collect::<Vec<_>>(),
+        "each once"
     );
 }
 

@@ -65,6 +65,21 @@ pub struct Envelope {
     pub acker: Option<Arc<crate::nats::AckHandle>>,
 }
 
+impl Envelope {
+    /// Pulled for an ordered trigger under a lease this replica has lost since: not started
+    /// here, and left unacknowledged, so that the next holder delivers it in its turn.
+    fn abandoned(&self) -> bool {
+        self.acker.as_ref().is_some_and(|a| !a.lease_held())
+    }
+
+    /// Its delivery starts (JetStream: no longer kept waiting by the feeder).
+    fn start(&self) {
+        if let Some(a) = &self.acker {
+            a.start();
+        }
+    }
+}
+
 /// Settings of the data plane.
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
@@ -592,7 +607,7 @@ impl Mesh {
                 crate::nats::pull_exclusive(&nats, &id, consumer, ack_wait, stopping, retire, take)
                     .await;
             } else {
-                crate::nats::pull(consumer, stopping, retire, take).await;
+                crate::nats::pull(consumer, ack_wait, stopping, retire, None, take).await;
             }
         });
         *trigger
@@ -844,6 +859,10 @@ impl Mesh {
         env: Envelope,
         runtime: &tokio::runtime::Handle,
     ) {
+        if env.abandoned() {
+            return;
+        }
+        env.start();
         if let Some(wf) = &t.wasm_filter {
             match wf.matches(&env.event).1 {
                 Ok(called) => {
@@ -919,6 +938,10 @@ impl Mesh {
     /// One event to one trigger: the Wasm filter, then the subscriber with retries, then the
     /// reply or the dead letter.
     async fn deliver(&self, t: &TriggerSpecRuntime, env: Envelope) {
+        if env.abandoned() {
+            return;
+        }
+        env.start();
         if let Some(wf) = &t.wasm_filter {
             let f = Arc::clone(wf);
             let ev = Arc::clone(&env.event);
@@ -967,8 +990,9 @@ impl Mesh {
                 if let Some((log, (id, seq))) = log {
                     log.attempted(id, seq, attempts).await;
                 }
-                // JetStream, ordered: the message stays in flight while its retries run here.
-                if let Some(a) = acker {
+                // JetStream, ordered: the message stays in flight while its retries run here
+                // (as long as this replica holds the trigger's lease).
+                if let Some(a) = acker.filter(|a| a.lease_held()) {
                     let _ = a.ack_with(async_nats::jetstream::AckKind::Progress).await;
                 }
             }

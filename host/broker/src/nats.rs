@@ -9,7 +9,8 @@
 //! keys in flight at once, one event of a key at a time.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, stream};
@@ -36,8 +37,29 @@ pub struct NatsConfig {
     pub replicas: usize,
 }
 
-/// What acknowledges, NAKs or extends one JetStream message.
-pub struct AckHandle(pub jetstream::message::Acker);
+/// What acknowledges, NAKs or extends one JetStream message; whether its delivery started; for
+/// an ordered trigger, whether this replica still holds the lease it was pulled under.
+pub struct AckHandle {
+    acker: jetstream::message::Acker,
+    lease: Option<Arc<AtomicBool>>,
+    started: AtomicBool,
+}
+
+impl AckHandle {
+    /// False once the lease this message was pulled under is lost: another replica may deliver
+    /// it (and the events after it) by now, so this one must not start it.
+    pub fn lease_held(&self) -> bool {
+        self.lease
+            .as_ref()
+            .is_none_or(|held| held.load(Ordering::Acquire))
+    }
+
+    /// Its delivery starts: from here on the delivery itself answers for it in time (an
+    /// attempt lasts at most the trigger's timeout, half the ack wait).
+    pub fn start(&self) {
+        self.started.store(true, Ordering::Release);
+    }
+}
 
 impl std::fmt::Debug for AckHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -49,7 +71,7 @@ impl std::ops::Deref for AckHandle {
     type Target = jetstream::message::Acker;
 
     fn deref(&self) -> &Self::Target {
-        &self.0
+        &self.acker
     }
 }
 
@@ -383,12 +405,15 @@ pub(crate) struct Pulled {
 /// after errors. `take` returning false stops the reading.
 pub(crate) async fn pull<Fut>(
     consumer: consumer::PullConsumer,
+    ack_wait: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
     mut retire: tokio::sync::watch::Receiver<bool>,
+    lease: Option<Arc<AtomicBool>>,
     mut take: impl FnMut(Pulled) -> Fut,
 ) where
     Fut: std::future::Future<Output = bool>,
 {
+    let waiting = KeepWaiting::start(ack_wait);
     loop {
         let mut messages = match consumer.messages().await {
             Ok(m) => m,
@@ -417,7 +442,12 @@ pub(crate) async fn pull<Fut>(
             };
             let delivered = msg.info().map_or(1, |i| i.delivered.max(1));
             let (msg, acker) = msg.split();
-            let acker = Arc::new(AckHandle(acker));
+            let acker = Arc::new(AckHandle {
+                acker,
+                lease: lease.clone(),
+                started: AtomicBool::new(false),
+            });
+            waiting.add(&acker);
             match log::decode_record(&msg.payload) {
                 Ok((event, ttl)) => {
                     let pulled = Pulled {
@@ -436,6 +466,55 @@ pub(crate) async fn pull<Fut>(
                 }
             }
         }
+    }
+}
+
+/// Messages taken from a consumer wait in the trigger's queues until a worker is free, which
+/// can last longer than the ack wait; JetStream would then deliver them a second time. A task
+/// tells JetStream, every third of the ack wait, that those not started yet are in progress
+/// (not those pulled under a lease since lost: they are left to come back to its next holder).
+struct KeepWaiting {
+    handles: Arc<Mutex<Vec<Weak<AckHandle>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl KeepWaiting {
+    fn start(ack_wait: Duration) -> Self {
+        let handles: Arc<Mutex<Vec<Weak<AckHandle>>>> = Arc::default();
+        let held = Arc::clone(&handles);
+        let period = (ack_wait / 3).max(Duration::from_millis(100));
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            loop {
+                tick.tick().await;
+                let waiting: Vec<Arc<AckHandle>> = {
+                    let mut h = held.lock().unwrap_or_else(PoisonError::into_inner);
+                    // Delivered (acknowledged or NAKed) messages are dropped: forget them.
+                    h.retain(|w| w.strong_count() > 0);
+                    h.iter()
+                        .filter_map(Weak::upgrade)
+                        .filter(|a| !a.started.load(Ordering::Acquire) && a.lease_held())
+                        .collect()
+                };
+                for a in waiting {
+                    let _ = a.ack_with(jetstream::AckKind::Progress).await;
+                }
+            }
+        });
+        Self { handles, task }
+    }
+
+    fn add(&self, handle: &Arc<AckHandle>) {
+        self.handles
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::downgrade(handle));
+    }
+}
+
+impl Drop for KeepWaiting {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -508,7 +587,15 @@ pub(crate) async fn pull_exclusive<Fut>(
             }
         }
         let (lose, lost_rx) = tokio::sync::watch::channel(false);
-        let pulling = pull(consumer, stop.clone(), lost_rx, &mut take);
+        let held = Arc::new(AtomicBool::new(true));
+        let pulling = pull(
+            consumer,
+            ack_wait,
+            stop.clone(),
+            lost_rx,
+            Some(Arc::clone(&held)),
+            &mut take,
+        );
         tokio::pin!(pulling);
         let (lost, ended) = loop {
             tokio::select! {
@@ -520,6 +607,9 @@ pub(crate) async fn pull_exclusive<Fut>(
                 _ = retire.changed() => break (false, false),
             }
         };
+        // What this replica pulled and has not started stays unacknowledged: JetStream delivers
+        // it again to the next holder.
+        held.store(false, Ordering::Release);
         if !ended {
             let _ = lose.send(true);
             pulling.await;
