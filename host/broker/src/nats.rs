@@ -471,7 +471,7 @@ pub(crate) async fn pull<Fut>(
 
 /// Messages taken from a consumer wait in the trigger's queues until a worker is free, which
 /// can last longer than the ack wait; JetStream would then deliver them a second time. A task
-/// tells JetStream, every third of the ack wait, that those not started yet are in progress
+/// tells JetStream, often enough for any ack wait, that those not started yet are in progress
 /// (not those pulled under a lease since lost: they are left to come back to its next holder).
 struct KeepWaiting {
     handles: Arc<Mutex<Vec<Weak<AckHandle>>>>,
@@ -482,7 +482,9 @@ impl KeepWaiting {
     fn start(ack_wait: Duration) -> Self {
         let handles: Arc<Mutex<Vec<Weak<AckHandle>>>> = Arc::default();
         let held = Arc::clone(&handles);
-        let period = (ack_wait / 3).max(Duration::from_millis(100));
+        // At least every 600 ms: a third of the shortest ack wait (2 s), so that a trigger whose
+        // timeout shrank meanwhile (its consumer updated, this feeder not rebuilt) is covered.
+        let period = (ack_wait / 3).min(Duration::from_millis(600));
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             loop {
