@@ -558,7 +558,11 @@ pub(crate) async fn pull_exclusive<Fut>(
             }
         };
         let mut consumer = consumer.clone();
-        let unacknowledged = consumer.info().await.map_or(1, |i| i.num_ack_pending);
+        // The consumer's own ack wait counts, should the trigger's timeout have changed since
+        // this feeder started (unknown: the feeder's, and wait anyway).
+        let (unacknowledged, wait) = consumer.info().await.map_or((1, ack_wait), |i| {
+            (i.num_ack_pending, i.config.ack_wait.max(ack_wait))
+        });
         tracing::info!(
             trigger = id,
             unacknowledged,
@@ -566,7 +570,7 @@ pub(crate) async fn pull_exclusive<Fut>(
         );
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         if unacknowledged > 0 {
-            let settle = tokio::time::sleep(ack_wait);
+            let settle = tokio::time::sleep(wait);
             tokio::pin!(settle);
             let lost = loop {
                 tokio::select! {
