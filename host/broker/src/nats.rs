@@ -271,6 +271,14 @@ impl NatsStore {
             .await
             .map_err(io)?;
         let now = &stream.cached_info().config;
+        if now.num_replicas != config.num_replicas {
+            tracing::warn!(
+                stream = %config.name,
+                replicas = now.num_replicas,
+                asked = config.num_replicas,
+                "the stream keeps the copies it was created with; --nats-replicas does not change them"
+            );
+        }
         if now.max_age != config.max_age || now.max_bytes != config.max_bytes {
             tracing::info!(
                 stream = %config.name,
