@@ -347,3 +347,14 @@ fn events_a_wasm_filter_drops_are_reclaimed_from_the_log() {
     );
     drop(serve);
 }
+
+/// An ordered trigger rebuilt under load (its concurrency changed), on the embedded log and in
+/// memory: the new workers start once the old ones are done, so every key stays in order.
+#[test]
+fn an_ordered_trigger_rebuilt_under_load_keeps_each_key_in_order() {
+    crate::harness::ordered_trigger_rebuilt_under_load(Duration::from_millis(100), &[]);
+    crate::harness::ordered_trigger_rebuilt_under_load(
+        Duration::from_millis(100),
+        &["--store", "memory"],
+    );
+}

@@ -721,6 +721,98 @@ impl HoldingSubscriber {
     }
 }
 
+/// Sends `rounds` events for each of `keys` (subject `key`, id `<phase>-<key>-<n>`), round-robin
+/// over `serves`; every one must be accepted.
+#[allow(dead_code)]
+pub(crate) fn send_keyed(serves: &[&Serve], phase: &str, keys: &[&str], rounds: usize) {
+    let mut i = 0;
+    for n in 0..rounds {
+        for key in keys {
+            let id = format!("{phase}-{key}-{n}");
+            let mut h = ce_headers(&id, "t");
+            h.push(("ce-subject", key));
+            let r = serves[i % serves.len()].request("POST", "/default/default", &h, b"{}");
+            assert_eq!(r.status, 202, "{}", r.text());
+            i += 1;
+        }
+    }
+}
+
+#[allow(dead_code)]
+pub(crate) fn slow_trigger(sub: &HoldingSubscriber, delivery: &str) -> String {
+    format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata: {{name: default, namespace: default}}\n---\n\
+         apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: all, namespace: default}}\n\
+         spec:\n  broker: default\n  subscriber: {{uri: 'http://{}/'}}\n{delivery}",
+        sub.addr
+    )
+}
+
+#[allow(dead_code)]
+pub(crate) const ORDERED: &str = "  delivery:\n    ordering: ordered\n    partitionKey: subject\n    concurrency: 4\n    timeout: PT1S\n";
+
+/// Waits until every event of phases `f` and `g` (`rounds` per key) arrived; then checks that
+/// no key ever goes back (an event may come twice, never after a later one of its key) and that
+/// each key's `f` events all came before its first `g` event.
+#[allow(dead_code)]
+pub(crate) fn in_order_and_complete(sub: &HoldingSubscriber, keys: &[&str], rounds: usize) {
+    wait_for(
+        "every accepted event delivered",
+        Duration::from_secs(60),
+        || {
+            keys.iter().all(|k| {
+                (0..rounds)
+                    .all(|i| sub.sequence("f", k).contains(&i) && sub.sequence("g", k).contains(&i))
+            })
+        },
+    );
+    for phase in ["f", "g"] {
+        for key in keys {
+            let seen = sub.sequence(phase, key);
+            assert!(
+                seen.windows(2).all(|w| w[0] <= w[1]),
+                "{phase}-{key} never goes back: {seen:?}"
+            );
+        }
+    }
+    let arrived = sub.arrived.lock().expect("lock").clone();
+    for key in keys {
+        let last_f = arrived
+            .iter()
+            .rposition(|(k, id)| k == key && id.starts_with("f-"));
+        let first_g = arrived
+            .iter()
+            .position(|(k, id)| k == key && id.starts_with("g-"));
+        assert!(last_f < first_g, "{key}: every f before any g");
+    }
+}
+
+/// An ordered trigger (`ORDERED`, to a subscriber holding each event `hold`) served with
+/// `flags` is rebuilt (concurrency 4 -> 8) while its first events are delivered, then more are
+/// sent: checks that every event arrived and every key stayed in order; returns the subscriber.
+#[allow(dead_code)]
+pub(crate) fn ordered_trigger_rebuilt_under_load(
+    hold: Duration,
+    flags: &[&str],
+) -> HoldingSubscriber {
+    let sub = HoldingSubscriber::start(hold);
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("b.yaml"), slow_trigger(&sub, ORDERED)).expect("yaml");
+    let serve = Serve::start_at(dir.path(), flags);
+    let keys = ["k0", "k1", "k2", "k3", "k4", "k5"];
+    send_keyed(&[&serve], "f", &keys, 6);
+    wait_for("deliveries under way", Duration::from_secs(30), || {
+        !sub.arrived.lock().expect("lock").is_empty()
+    });
+    let yaml = slow_trigger(&sub, &ORDERED.replace("concurrency: 4", "concurrency: 8"));
+    let trigger = yaml.split("---\n").nth(1).expect("trigger");
+    let r = serve.admin("POST", "/v1/apply", trigger.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    send_keyed(&[&serve], "g", &keys, 6);
+    in_order_and_complete(&sub, &keys, 6);
+    sub
+}
+
 /// One keep-alive HTTP/1.1 connection posting binary-mode events.
 #[allow(dead_code)] // The benchmarks use it.
 pub(crate) struct KeepAlive {

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::harness::{
-    Capture, HoldingSubscriber, NatsServer, Serve, broker_with_triggers, ce_headers,
-    function_subscriber, try_request, wait_for,
+    Capture, HoldingSubscriber, NatsServer, ORDERED, Serve, broker_with_triggers, ce_headers,
+    function_subscriber, in_order_and_complete, send_keyed, slow_trigger, try_request, wait_for,
 };
 
 fn store(n: &NatsServer) -> Vec<String> {
@@ -362,33 +362,6 @@ fn the_apiserver_source_fails_over_without_losing_or_repeating_a_change() {
     println!("apiserver failover: {:?}", seen(&sub));
 }
 
-/// Sends `rounds` events for each of `keys` (subject `key`, id `<phase>-<key>-<n>`), round-robin
-/// over `serves`; every one must be accepted.
-fn send_keyed(serves: &[&Serve], phase: &str, keys: &[&str], rounds: usize) {
-    let mut i = 0;
-    for n in 0..rounds {
-        for key in keys {
-            let id = format!("{phase}-{key}-{n}");
-            let mut h = ce_headers(&id, "t");
-            h.push(("ce-subject", key));
-            let r = serves[i % serves.len()].request("POST", "/default/default", &h, b"{}");
-            assert_eq!(r.status, 202, "{}", r.text());
-            i += 1;
-        }
-    }
-}
-
-fn slow_trigger(sub: &HoldingSubscriber, delivery: &str) -> String {
-    format!(
-        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata: {{name: default, namespace: default}}\n---\n\
-         apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: all, namespace: default}}\n\
-         spec:\n  broker: default\n  subscriber: {{uri: 'http://{}/'}}\n{delivery}",
-        sub.addr
-    )
-}
-
-const ORDERED: &str = "  delivery:\n    ordering: ordered\n    partitionKey: subject\n    concurrency: 4\n    timeout: PT1S\n";
-
 /// An ordered trigger over JetStream, with two replicas taking events: one replica at a time
 /// delivers it, several keys at once, each key's events one at a time and in order.
 #[test]
@@ -426,41 +399,6 @@ fn ordered_triggers_deliver_keys_in_parallel_and_each_in_order_across_replicas()
     assert_eq!(holders, 1, "one replica delivers the ordered trigger");
 }
 
-/// Waits until every event of phases `f` and `g` (`rounds` per key) arrived; then checks that
-/// no key ever goes back (an event may come twice, never after a later one of its key) and that
-/// each key's `f` events all came before its first `g` event.
-fn in_order_and_complete(sub: &HoldingSubscriber, keys: &[&str], rounds: usize) {
-    wait_for(
-        "every accepted event delivered",
-        Duration::from_secs(60),
-        || {
-            keys.iter().all(|k| {
-                (0..rounds)
-                    .all(|i| sub.sequence("f", k).contains(&i) && sub.sequence("g", k).contains(&i))
-            })
-        },
-    );
-    for phase in ["f", "g"] {
-        for key in keys {
-            let seen = sub.sequence(phase, key);
-            assert!(
-                seen.windows(2).all(|w| w[0] <= w[1]),
-                "{phase}-{key} never goes back: {seen:?}"
-            );
-        }
-    }
-    let arrived = sub.arrived.lock().expect("lock").clone();
-    for key in keys {
-        let last_f = arrived
-            .iter()
-            .rposition(|(k, id)| k == key && id.starts_with("f-"));
-        let first_g = arrived
-            .iter()
-            .position(|(k, id)| k == key && id.starts_with("g-"));
-        assert!(last_f < first_g, "{key}: every f before any g");
-    }
-}
-
 /// An ordered trigger rebuilt under load (its concurrency changed): the old workers leave what
 /// they had not started to JetStream, and the new ones take it up first, in order, each event
 /// once. (Six keys in four lanes: one lane holds two keys' events, 3.6 s of work, longer than
@@ -468,21 +406,11 @@ fn in_order_and_complete(sub: &HoldingSubscriber, keys: &[&str], rounds: usize) 
 #[test]
 fn an_ordered_trigger_rebuilt_under_load_keeps_order_and_repeats_nothing() {
     let n = NatsServer::start();
-    let sub = HoldingSubscriber::start(Duration::from_millis(300));
-    let files = files_with(&slow_trigger(&sub, ORDERED));
     let url = n.url();
-    let serve = Serve::start_at(files.path(), &["--store", &url]);
-    let keys = ["k0", "k1", "k2", "k3", "k4", "k5"];
-    send_keyed(&[&serve], "f", &keys, 6);
-    wait_for("deliveries under way", Duration::from_secs(30), || {
-        !sub.arrived.lock().expect("lock").is_empty()
-    });
-    let yaml = slow_trigger(&sub, &ORDERED.replace("concurrency: 4", "concurrency: 8"));
-    let trigger = yaml.split("---\n").nth(1).expect("trigger");
-    let r = serve.admin("POST", "/v1/apply", trigger.as_bytes());
-    assert_eq!(r.status, 200, "{}", r.text());
-    send_keyed(&[&serve], "g", &keys, 6);
-    in_order_and_complete(&sub, &keys, 6);
+    let sub = crate::harness::ordered_trigger_rebuilt_under_load(
+        Duration::from_millis(300),
+        &["--store", &url],
+    );
     let arrived = sub.arrived.lock().expect("lock").clone();
     let distinct: std::collections::HashSet<&String> = arrived.iter().map(|(_, id)| id).collect();
     assert_eq!(

@@ -140,6 +140,27 @@ struct TriggerRuntime {
     shape: Shape,
     /// Durable mode: the feeder, and the last log position it queued.
     feeder: Mutex<Option<Feeder>>,
+    /// Ends (`recv` gives `None`) once every worker of this trigger has ended.
+    workers_alive: Mutex<Option<mpsc::Receiver<()>>>,
+}
+
+/// Held shut until the workers of the trigger a new one replaces have ended: for ordered
+/// delivery, so that no event of a key starts before the old workers are done with theirs.
+type Gate = Option<tokio::sync::watch::Receiver<bool>>;
+
+async fn wait_for_gate(gate: Gate) {
+    if let Some(mut g) = gate {
+        // A gate whose opener is gone is open.
+        let _ = g.wait_for(|open| *open).await;
+    }
+}
+
+/// What a trigger's workers start with: the spec they read, the gate they wait at, and a token
+/// they hold while they run (see `TriggerRuntime::workers_alive`).
+struct Worker {
+    cell: SpecCell,
+    gate: Gate,
+    alive: mpsc::Sender<()>,
 }
 
 struct Feeder {
@@ -279,7 +300,7 @@ impl Mesh {
         if !self.has_broker(&key) {
             return Err(PublishError::UnknownBroker(key));
         }
-        let trigger = self.build_trigger(spec, Some(0))?;
+        let trigger = self.build_trigger(spec, Some(0), None)?;
         self.route(&key, trigger, None);
         Ok(())
     }
@@ -317,16 +338,40 @@ impl Mesh {
             return Ok(TriggerChange::Updated);
         }
         let Some((old_key, old)) = existing else {
-            let trigger = self.build_trigger(spec, Some(0))?;
+            let trigger = self.build_trigger(spec, Some(0), None)?;
             self.route(&key, trigger, None);
             return Ok(TriggerChange::Created);
         };
         // The new workers take new events at once; in durable mode their feeder starts after
-        // the old feeder stopped, past what it queued.
-        let trigger = self.build_trigger(spec, None)?;
+        // the old feeder stopped, past what it queued. Ordered delivery (before or after the
+        // change): the new workers start once the old ones have finished what they hold.
+        let ordered = old.shape.ordered_by.is_some() || spec.policy.ordered_by.is_some();
+        let (open, gate) = if ordered {
+            let (open, gate) = tokio::sync::watch::channel(false);
+            (Some(open), Some(gate))
+        } else {
+            (None, None)
+        };
+        let trigger = self.build_trigger(spec, None, gate)?;
         self.route(&key, Arc::clone(&trigger), Some(&old_key));
         let fed = Self::retire(&old).await;
         self.start_feeder(&trigger, fed);
+        if let Some(open) = open {
+            let alive = old
+                .workers_alive
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            // The old queues close when the old trigger is dropped (here); its workers then
+            // end after the events they hold.
+            drop(old);
+            tokio::spawn(async move {
+                if let Some(mut alive) = alive {
+                    while alive.recv().await.is_some() {}
+                }
+                let _ = open.send(true);
+            });
+        }
         Ok(TriggerChange::Rebuilt)
     }
 
@@ -474,6 +519,7 @@ impl Mesh {
         self: &Arc<Self>,
         spec: TriggerSpecRuntime,
         feed_after: Option<u64>,
+        gate: Gate,
     ) -> Result<Arc<TriggerRuntime>, PublishError> {
         let shape = self.shape(&spec);
         let capacity = (self.config.queue_capacity / shape.lanes).max(1);
@@ -488,12 +534,14 @@ impl Mesh {
             None => None,
         };
         let cell: SpecCell = Arc::new(ArcSwap::from_pointee(spec));
+        let (alive, workers_alive) = mpsc::channel::<()>(1);
         let trigger = Arc::new(TriggerRuntime {
             spec: Arc::clone(&cell),
             lanes,
             log_id,
             shape: shape.clone(),
             feeder: Mutex::new(None),
+            workers_alive: Mutex::new(Some(workers_alive)),
         });
         if let Some(id) = log_id {
             let mut live = self
@@ -510,14 +558,18 @@ impl Mesh {
         // The workers hold the spec, not the sender: dropping the trigger closes the queue.
         let mut handles = Vec::new();
         for rx in receivers {
+            let worker = Worker {
+                cell: Arc::clone(&cell),
+                gate: gate.clone(),
+                alive: alive.clone(),
+            };
             if shape.wasm {
-                handles.extend(self.start_wasm_workers(Arc::clone(&cell), rx, shape.per_queue));
+                handles.extend(self.start_wasm_workers(worker, rx, shape.per_queue));
             } else {
                 let mesh = Arc::clone(self);
-                let cell = Arc::clone(&cell);
                 let per_queue = shape.per_queue;
                 handles.push(tokio::spawn(async move {
-                    mesh.run_trigger(cell, rx, per_queue).await
+                    mesh.run_trigger(worker, rx, per_queue).await
                 }));
             }
         }
@@ -811,10 +863,11 @@ impl Mesh {
     /// thread finds the next event waiting, so the hot path has no task spawn and no hand-off.
     fn start_wasm_workers(
         self: &Arc<Self>,
-        cell: SpecCell,
+        worker: Worker,
         rx: mpsc::Receiver<Envelope>,
         concurrency: usize,
     ) -> Vec<JoinHandle<()>> {
+        let Worker { cell, gate, alive } = worker;
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let threads = concurrency.clamp(1, cores);
         let rx = Arc::new(Mutex::new(rx));
@@ -826,9 +879,12 @@ impl Mesh {
             let cell = Arc::clone(&cell);
             let rx = Arc::clone(&rx);
             let runtime = runtime.clone();
+            let (gate, alive) = (gate.clone(), alive.clone());
             let trigger_name = cell.load().name.clone();
             let name = format!("wasm-{trigger_name}-{i}");
             let spawned = std::thread::Builder::new().name(name).spawn(move || {
+                let _alive = alive;
+                runtime.block_on(wait_for_gate(gate));
                 let _enter = runtime.enter();
                 loop {
                     let next = rx
@@ -914,10 +970,16 @@ impl Mesh {
 
     async fn run_trigger(
         self: Arc<Self>,
-        cell: SpecCell,
+        worker: Worker,
         mut rx: mpsc::Receiver<Envelope>,
         concurrency: usize,
     ) {
+        let Worker {
+            cell,
+            gate,
+            alive: _alive,
+        } = worker;
+        wait_for_gate(gate).await;
         let limit = Arc::new(Semaphore::new(concurrency.max(1)));
         let mut inflight = tokio::task::JoinSet::new();
         while let Some(env) = rx.recv().await {
