@@ -452,18 +452,24 @@ fn an_ordered_trigger_fails_over_in_order_and_loses_nothing() {
 }
 
 /// Events waiting in a trigger's queue longer than the ack wait (one worker, 12 events of
-/// 300 ms each, 2 s ack wait) are kept in progress, not delivered a second time by JetStream.
+/// 300 ms each, 2 s ack wait) are kept in progress, not delivered a second time by JetStream,
+/// also after the trigger was rebuilt while its old worker still empties its queue.
 #[test]
 fn events_waiting_longer_than_the_ack_wait_are_delivered_once() {
     let n = NatsServer::start();
     let sub = HoldingSubscriber::start(Duration::from_millis(300));
-    let files = files_with(&slow_trigger(
-        &sub,
-        "  delivery:\n    concurrency: 1\n    timeout: PT1S\n",
-    ));
+    let delivery = "  delivery:\n    concurrency: 1\n    timeout: PT1S\n";
+    let files = files_with(&slow_trigger(&sub, delivery));
     let url = n.url();
     let serve = Serve::start_at(files.path(), &["--store", &url]);
     send_keyed(&[&serve], "w", &["k"], 12);
+    wait_for("the first delivery", Duration::from_secs(20), || {
+        !sub.arrived.lock().expect("lock").is_empty()
+    });
+    let yaml = slow_trigger(&sub, &delivery.replace("concurrency: 1", "concurrency: 2"));
+    let trigger = yaml.split("---\n").nth(1).expect("trigger");
+    let r = serve.admin("POST", "/v1/apply", trigger.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
     wait_for("12 deliveries", Duration::from_secs(30), || {
         sub.done.load(Ordering::SeqCst) >= 12
     });

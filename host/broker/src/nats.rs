@@ -481,19 +481,23 @@ pub(crate) async fn pull<Fut>(
 /// can last longer than the ack wait; JetStream would then deliver them a second time. A task
 /// tells JetStream, often enough for any ack wait, that those not started yet are in progress
 /// (not those pulled under a lease since lost: they are left to come back to its next holder).
+/// The task outlives the reading (a trigger rebuilt: its old workers still empty their queues)
+/// and ends once the reading has stopped and no message it handed over is left.
 struct KeepWaiting {
     handles: Arc<Mutex<Vec<Weak<AckHandle>>>>,
-    task: tokio::task::JoinHandle<()>,
+    reading: Arc<AtomicBool>,
 }
 
 impl KeepWaiting {
     fn start(ack_wait: Duration) -> Self {
         let handles: Arc<Mutex<Vec<Weak<AckHandle>>>> = Arc::default();
+        let reading = Arc::new(AtomicBool::new(true));
         let held = Arc::clone(&handles);
+        let still_reading = Arc::clone(&reading);
         // At least every 600 ms: a third of the shortest ack wait (2 s), so that a trigger whose
         // timeout shrank meanwhile (its consumer updated, this feeder not rebuilt) is covered.
         let period = (ack_wait / 3).min(Duration::from_millis(600));
-        let task = tokio::spawn(async move {
+        tokio::spawn(async move {
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             loop {
                 tick.tick().await;
@@ -501,6 +505,9 @@ impl KeepWaiting {
                     let mut h = held.lock().unwrap_or_else(PoisonError::into_inner);
                     // Delivered (acknowledged or NAKed) messages are dropped: forget them.
                     h.retain(|w| w.strong_count() > 0);
+                    if h.is_empty() && !still_reading.load(Ordering::Acquire) {
+                        return;
+                    }
                     h.iter()
                         .filter_map(Weak::upgrade)
                         .filter(|a| !a.started.load(Ordering::Acquire) && a.lease_held())
@@ -511,7 +518,7 @@ impl KeepWaiting {
                 }
             }
         });
-        Self { handles, task }
+        Self { handles, reading }
     }
 
     fn add(&self, handle: &Arc<AckHandle>) {
@@ -524,7 +531,7 @@ impl KeepWaiting {
 
 impl Drop for KeepWaiting {
     fn drop(&mut self) {
-        self.task.abort();
+        self.reading.store(false, Ordering::Release);
     }
 }
 
