@@ -358,3 +358,69 @@ fn an_ordered_trigger_rebuilt_under_load_keeps_each_key_in_order() {
         &["--store", "memory"],
     );
 }
+
+/// An ordered trigger whose subscriber never answers one event (and no timeout is set) is
+/// rebuilt: its new workers cannot wait for the stuck old one for good; once the old workers
+/// finish nothing for a minute, the new ones start (and say so).
+#[test]
+fn a_stuck_old_worker_holds_a_rebuilt_ordered_trigger_back_one_minute_at_most() {
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let s = Arc::clone(&seen);
+    let (_runtime, addr) =
+        crate::harness::loopback_server(move |req: hyper::Request<hyper::body::Incoming>| {
+            let id = req
+                .headers()
+                .get("ce-id")
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_default();
+            let s = Arc::clone(&s);
+            async move {
+                if id == "f-k0-0" {
+                    std::future::pending::<()>().await;
+                }
+                s.lock().expect("lock").push(id);
+                hyper::Response::builder()
+                    .status(202)
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .expect("response")
+            }
+        });
+    let trigger = |delivery: &str| {
+        format!(
+            "apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: all, namespace: default}}\n\
+             spec:\n  broker: default\n  subscriber: {{uri: 'http://{addr}/'}}\n{delivery}"
+        )
+    };
+    let ordered =
+        "  delivery:\n    ordering: ordered\n    partitionKey: subject\n    concurrency: 4\n";
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        format!(
+            "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata: {{name: default, namespace: default}}\n---\n{}",
+            trigger(ordered)
+        ),
+    )
+    .expect("yaml");
+    let serve = Serve::start_at(dir.path(), &[]);
+    crate::harness::send_keyed(&[&serve], "f", &["k0", "k1"], 2);
+    // k0's first event hangs; k1's lane is not held up, unless k1 shares k0's lane.
+    std::thread::sleep(Duration::from_millis(500));
+    let r = serve.admin(
+        "POST",
+        "/v1/apply",
+        trigger(&ordered.replace("concurrency: 4", "concurrency: 8")).as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    crate::harness::send_keyed(&[&serve], "g", &["k2"], 1);
+    wait_for("the new workers start", Duration::from_secs(120), || {
+        seen.lock().expect("lock").iter().any(|id| id == "g-k2-0")
+    });
+    assert!(
+        serve
+            .stderr()
+            .contains("finished nothing in 60 s: the new ones start now"),
+        "{}",
+        serve.stderr()
+    );
+}

@@ -142,11 +142,16 @@ struct TriggerRuntime {
     feeder: Mutex<Option<Feeder>>,
     /// Ends (`recv` gives `None`) once every worker of this trigger has ended.
     workers_alive: Mutex<Option<mpsc::Receiver<()>>>,
+    /// Deliveries its workers finished (a gate tells busy old workers from stuck ones).
+    finished: Arc<AtomicU64>,
 }
 
 /// Held shut until the workers of the trigger a new one replaces have ended: for ordered
 /// delivery, so that no event of a key starts before the old workers are done with theirs.
 type Gate = Option<tokio::sync::watch::Receiver<bool>>;
+
+/// How long new workers wait at a gate for old ones that finish nothing meanwhile.
+const GATE_LIMIT: Duration = Duration::from_secs(60);
 
 async fn wait_for_gate(gate: Gate) {
     if let Some(mut g) = gate {
@@ -161,6 +166,7 @@ struct Worker {
     cell: SpecCell,
     gate: Gate,
     alive: mpsc::Sender<()>,
+    finished: Arc<AtomicU64>,
 }
 
 struct Feeder {
@@ -363,11 +369,37 @@ impl Mesh {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take();
             // The old queues close when the old trigger is dropped (here); its workers then
-            // end after the events they hold.
+            // end after the events they hold. A subscriber that never answers (no timeout)
+            // would hold the new workers back for good: when the old workers finish nothing
+            // for `GATE_LIMIT`, the new ones start anyway.
+            let finished = Arc::clone(&old.finished);
             drop(old);
+            let name = format!(
+                "{}/{}",
+                trigger.spec.load().namespace,
+                trigger.spec.load().name
+            );
             tokio::spawn(async move {
                 if let Some(mut alive) = alive {
-                    while alive.recv().await.is_some() {}
+                    let mut seen = finished.load(Ordering::Acquire);
+                    loop {
+                        match tokio::time::timeout(GATE_LIMIT, alive.recv()).await {
+                            Ok(Some(())) => {}
+                            Ok(None) => break,
+                            Err(_) => {
+                                let now = finished.load(Ordering::Acquire);
+                                if now == seen {
+                                    tracing::warn!(
+                                        trigger = %name,
+                                        "the old workers of this ordered trigger finished nothing in {} s: the new ones start now, and an event an old one still holds may arrive after a later one of its key",
+                                        GATE_LIMIT.as_secs()
+                                    );
+                                    break;
+                                }
+                                seen = now;
+                            }
+                        }
+                    }
                 }
                 let _ = open.send(true);
             });
@@ -535,6 +567,7 @@ impl Mesh {
         };
         let cell: SpecCell = Arc::new(ArcSwap::from_pointee(spec));
         let (alive, workers_alive) = mpsc::channel::<()>(1);
+        let finished = Arc::new(AtomicU64::new(0));
         let trigger = Arc::new(TriggerRuntime {
             spec: Arc::clone(&cell),
             lanes,
@@ -542,6 +575,7 @@ impl Mesh {
             shape: shape.clone(),
             feeder: Mutex::new(None),
             workers_alive: Mutex::new(Some(workers_alive)),
+            finished: Arc::clone(&finished),
         });
         if let Some(id) = log_id {
             let mut live = self
@@ -562,6 +596,7 @@ impl Mesh {
                 cell: Arc::clone(&cell),
                 gate: gate.clone(),
                 alive: alive.clone(),
+                finished: Arc::clone(&finished),
             };
             if shape.wasm {
                 handles.extend(self.start_wasm_workers(worker, rx, shape.per_queue));
@@ -867,7 +902,12 @@ impl Mesh {
         rx: mpsc::Receiver<Envelope>,
         concurrency: usize,
     ) -> Vec<JoinHandle<()>> {
-        let Worker { cell, gate, alive } = worker;
+        let Worker {
+            cell,
+            gate,
+            alive,
+            finished,
+        } = worker;
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let threads = concurrency.clamp(1, cores);
         let rx = Arc::new(Mutex::new(rx));
@@ -879,7 +919,7 @@ impl Mesh {
             let cell = Arc::clone(&cell);
             let rx = Arc::clone(&rx);
             let runtime = runtime.clone();
-            let (gate, alive) = (gate.clone(), alive.clone());
+            let (gate, alive, finished) = (gate.clone(), alive.clone(), Arc::clone(&finished));
             let trigger_name = cell.load().name.clone();
             let name = format!("wasm-{trigger_name}-{i}");
             let spawned = std::thread::Builder::new().name(name).spawn(move || {
@@ -893,6 +933,7 @@ impl Mesh {
                         .blocking_recv();
                     let Some(env) = next else { break };
                     mesh.deliver_on_thread(&cell.load_full(), env, &runtime);
+                    finished.fetch_add(1, Ordering::Release);
                 }
                 drop(done_tx);
             });
@@ -978,6 +1019,7 @@ impl Mesh {
             cell,
             gate,
             alive: _alive,
+            finished,
         } = worker;
         wait_for_gate(gate).await;
         let limit = Arc::new(Semaphore::new(concurrency.max(1)));
@@ -988,8 +1030,10 @@ impl Mesh {
             };
             let mesh = Arc::clone(&self);
             let trigger = cell.load_full();
+            let finished = Arc::clone(&finished);
             inflight.spawn(async move {
                 mesh.deliver(&trigger, env).await;
+                finished.fetch_add(1, Ordering::Release);
                 drop(permit);
             });
             while inflight.try_join_next().is_some() {}
