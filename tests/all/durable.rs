@@ -368,11 +368,7 @@ fn a_stuck_old_worker_holds_a_rebuilt_ordered_trigger_back_one_minute_at_most() 
     let s = Arc::clone(&seen);
     let (_runtime, addr) =
         crate::harness::loopback_server(move |req: hyper::Request<hyper::body::Incoming>| {
-            let id = req
-                .headers()
-                .get("ce-id")
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                .unwrap_or_default();
+            let id = crate::harness::request_header(&req, "ce-id");
             let s = Arc::clone(&s);
             async move {
                 if id == "f-k0-0" {

@@ -640,6 +640,15 @@ impl Drop for NatsServer {
     }
 }
 
+/// A request header's value as text ("" when missing).
+#[allow(dead_code)]
+pub(crate) fn request_header(req: &hyper::Request<Incoming>, name: &str) -> String {
+    req.headers()
+        .get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default()
+}
+
 /// An HTTP subscriber on loopback that holds each delivery `hold` and records: the (subject,
 /// id) of each delivery as it arrives, and the most deliveries in flight at once, in all and
 /// of one subject, since the last reset.
@@ -669,13 +678,10 @@ impl HoldingSubscriber {
         let (runtime, addr) = loopback_server(move |req: hyper::Request<hyper::body::Incoming>| {
             let (arrived, done, most, most_of_a_key) = state.clone();
             let in_flight = Arc::clone(&in_flight);
-            let header = |name: &str| {
-                req.headers()
-                    .get(name)
-                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                    .unwrap_or_default()
-            };
-            let (subject, id) = (header("ce-subject"), header("ce-id"));
+            let (subject, id) = (
+                request_header(&req, "ce-subject"),
+                request_header(&req, "ce-id"),
+            );
             async move {
                 arrived.lock().expect("lock").push((subject.clone(), id));
                 {

@@ -517,3 +517,70 @@ fn a_restart_with_new_log_limits_applies_them_to_the_stream() {
     Serve::start(&[("b.yaml", &yaml)], &["--store", &url]).stop();
     full_store_answers_429(&url);
 }
+
+/// An ordered trigger rebuilt while one of its events is being retried in place: the old worker
+/// stops retrying once its lease is given up (no dead letter, no acknowledgement), and the new
+/// workers deliver the event when JetStream gives it again: it succeeds once, before the next
+/// event of its key.
+#[test]
+fn an_event_retried_in_place_is_left_to_the_new_workers_after_a_rebuild() {
+    let n = NatsServer::start();
+    let first_seen: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let delivered: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let (seen, done) = (Arc::clone(&first_seen), Arc::clone(&delivered));
+    let (_runtime, addr) =
+        crate::harness::loopback_server(move |req: hyper::Request<hyper::body::Incoming>| {
+            let id = crate::harness::request_header(&req, "ce-id");
+            // `f-k0-0` fails for its first 3 s.
+            let failing = id == "f-k0-0"
+                && seen
+                    .lock()
+                    .expect("lock")
+                    .get_or_insert_with(Instant::now)
+                    .elapsed()
+                    < Duration::from_secs(3);
+            if !failing {
+                done.lock().expect("lock").push(id);
+            }
+            async move {
+                hyper::Response::builder()
+                    .status(if failing { 503 } else { 202 })
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .expect("response")
+            }
+        });
+    let trigger = |concurrency: usize| {
+        format!(
+            "apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: all, namespace: default}}\n\
+             spec:\n  broker: default\n  subscriber: {{uri: 'http://{addr}/'}}\n  delivery:\n    \
+             ordering: ordered\n    partitionKey: subject\n    concurrency: {concurrency}\n    \
+             timeout: PT1S\n    retry: 30\n    backoffPolicy: linear\n    backoffDelay: PT0.2S\n"
+        )
+    };
+    let files = files_with(&format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata: {{name: default, namespace: default}}\n---\n{}",
+        trigger(2)
+    ));
+    let url = n.url();
+    let serve = Serve::start_at(files.path(), &["--store", &url]);
+    send_keyed(&[&serve], "f", &["k0"], 2);
+    wait_for("the first attempt", Duration::from_secs(20), || {
+        first_seen.lock().expect("lock").is_some()
+    });
+    let r = serve.admin("POST", "/v1/apply", trigger(4).as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_for("both events delivered", Duration::from_secs(30), || {
+        delivered.lock().expect("lock").len() >= 2
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        *delivered.lock().expect("lock"),
+        vec!["f-k0-0".to_string(), "f-k0-1".to_string()],
+        "once each, in order"
+    );
+    assert!(
+        !serve.stderr().contains("dead letter"),
+        "no dead letter: {}",
+        serve.stderr()
+    );
+}

@@ -1103,11 +1103,17 @@ impl Mesh {
                 }
             }
         };
+        let env_ref = &env;
         let result = retry_loop(&t.policy, &t.name, env.attempts, record, || {
             let ready = first.take();
             async move {
                 match ready {
                     Some(outcome) => outcome,
+                    // JetStream, ordered: the lease went to another replica, which delivers
+                    // this event again in its turn; no more attempts here.
+                    None if env_ref.abandoned() => {
+                        Outcome::Fail(Failure::message(None, "the trigger's lease was lost"))
+                    }
                     None => self.send_once(t, &t.subscriber, event).await,
                 }
             }
@@ -1116,6 +1122,8 @@ impl Mesh {
         match result {
             Ok(Some(reply)) => self.reply(t, reply, env.ttl).await,
             Ok(None) => {}
+            // Neither dead-lettered nor acknowledged: the next holder has it.
+            Err(_) if env.abandoned() => return,
             Err(failure) => {
                 self.dead_letter(t, &env.event, &t.subscriber, failure)
                     .await

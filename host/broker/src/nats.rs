@@ -411,6 +411,11 @@ pub(crate) struct Pulled {
 
 /// Reads a trigger's consumer until `stop`, handing each message to `take`; it reconnects
 /// after errors. `take` returning false stops the reading.
+///
+/// With a `lease` (an ordered trigger), the messages JetStream delivers again first (those a
+/// previous holder left) are held back until the first new one, or a pause, and handed over in
+/// stream order: JetStream gives them back in the order their ack waits ran out, which need not
+/// be theirs.
 pub(crate) async fn pull<Fut>(
     consumer: consumer::PullConsumer,
     ack_wait: Duration,
@@ -421,7 +426,11 @@ pub(crate) async fn pull<Fut>(
 ) where
     Fut: std::future::Future<Output = bool>,
 {
+    /// How long a pause ends the messages delivered again.
+    const PAUSE: Duration = Duration::from_millis(300);
     let waiting = KeepWaiting::start(ack_wait);
+    let mut collecting = lease.is_some();
+    let mut held_back: Vec<(u64, Pulled)> = Vec::new();
     loop {
         let mut messages = match consumer.messages().await {
             Ok(m) => m,
@@ -436,9 +445,23 @@ pub(crate) async fn pull<Fut>(
         };
         loop {
             let next = tokio::select! {
-                m = messages.next() => m,
+                m = async {
+                    if collecting {
+                        tokio::time::timeout(PAUSE, messages.next()).await.ok()
+                    } else {
+                        Some(messages.next().await)
+                    }
+                } => m,
                 _ = stop.changed() => return,
                 _ = retire.changed() => return,
+            };
+            let Some(next) = next else {
+                // A pause: all that comes again has come.
+                collecting = false;
+                if !hand_over_in_order(&mut held_back, &mut take).await {
+                    return;
+                }
+                continue;
             };
             let msg = match next {
                 Some(Ok(m)) => m,
@@ -448,7 +471,9 @@ pub(crate) async fn pull<Fut>(
                 }
                 None => break,
             };
-            let delivered = msg.info().map_or(1, |i| i.delivered.max(1));
+            let (delivered, stream_seq) = msg
+                .info()
+                .map_or((1, 0), |i| (i.delivered.max(1), i.stream_sequence));
             let (msg, acker) = msg.split();
             let acker = Arc::new(AckHandle {
                 acker,
@@ -464,6 +489,17 @@ pub(crate) async fn pull<Fut>(
                         delivered_before: u32::try_from(delivered - 1).unwrap_or(u32::MAX),
                         acker,
                     };
+                    if collecting {
+                        if delivered > 1 {
+                            held_back.push((stream_seq, pulled));
+                            continue;
+                        }
+                        // The first new message: all that comes again has come.
+                        collecting = false;
+                        if !hand_over_in_order(&mut held_back, &mut take).await {
+                            return;
+                        }
+                    }
                     if !take(pulled).await {
                         return;
                     }
@@ -475,6 +511,23 @@ pub(crate) async fn pull<Fut>(
             }
         }
     }
+}
+
+/// Hands `held` over in stream order; false when `take` wants no more.
+async fn hand_over_in_order<Fut>(
+    held: &mut Vec<(u64, Pulled)>,
+    take: &mut impl FnMut(Pulled) -> Fut,
+) -> bool
+where
+    Fut: std::future::Future<Output = bool>,
+{
+    held.sort_by_key(|(seq, _)| *seq);
+    for (_, pulled) in held.drain(..) {
+        if !take(pulled).await {
+            return false;
+        }
+    }
+    true
 }
 
 /// Messages taken from a consumer wait in the trigger's queues until a worker is free, which
