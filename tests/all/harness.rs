@@ -793,6 +793,15 @@ pub(crate) fn in_order_and_complete(sub: &HoldingSubscriber, keys: &[&str], roun
     }
 }
 
+/// Applies the trigger of [`slow_trigger`] with `delivery` through `serve`'s admin API.
+#[allow(dead_code)]
+pub(crate) fn apply_slow_trigger(serve: &Serve, sub: &HoldingSubscriber, delivery: &str) {
+    let yaml = slow_trigger(sub, delivery);
+    let trigger = yaml.split("---\n").nth(1).expect("trigger");
+    let r = serve.admin("POST", "/v1/apply", trigger.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 /// An ordered trigger (`ORDERED`, to a subscriber holding each event `hold`) served with
 /// `flags` is rebuilt (concurrency 4 -> 8) while its first events are delivered, then more are
 /// sent: checks that every event arrived and every key stayed in order; returns the subscriber.
@@ -810,10 +819,11 @@ pub(crate) fn ordered_trigger_rebuilt_under_load(
     wait_for("deliveries under way", Duration::from_secs(30), || {
         !sub.arrived.lock().expect("lock").is_empty()
     });
-    let yaml = slow_trigger(&sub, &ORDERED.replace("concurrency: 4", "concurrency: 8"));
-    let trigger = yaml.split("---\n").nth(1).expect("trigger");
-    let r = serve.admin("POST", "/v1/apply", trigger.as_bytes());
-    assert_eq!(r.status, 200, "{}", r.text());
+    apply_slow_trigger(
+        &serve,
+        &sub,
+        &ORDERED.replace("concurrency: 4", "concurrency: 8"),
+    );
     send_keyed(&[&serve], "g", &keys, 6);
     in_order_and_complete(&sub, &keys, 6);
     sub

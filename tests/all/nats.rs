@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::harness::{
-    Capture, HoldingSubscriber, NatsServer, ORDERED, Serve, broker_with_triggers, ce_headers,
-    function_subscriber, in_order_and_complete, send_keyed, slow_trigger, try_request, wait_for,
+    Capture, HoldingSubscriber, NatsServer, ORDERED, Serve, apply_slow_trigger,
+    broker_with_triggers, ce_headers, function_subscriber, in_order_and_complete, send_keyed,
+    slow_trigger, try_request, wait_for,
 };
 
 fn store(n: &NatsServer) -> Vec<String> {
@@ -466,10 +467,11 @@ fn events_waiting_longer_than_the_ack_wait_are_delivered_once() {
     wait_for("the first delivery", Duration::from_secs(20), || {
         !sub.arrived.lock().expect("lock").is_empty()
     });
-    let yaml = slow_trigger(&sub, &delivery.replace("concurrency: 1", "concurrency: 2"));
-    let trigger = yaml.split("---\n").nth(1).expect("trigger");
-    let r = serve.admin("POST", "/v1/apply", trigger.as_bytes());
-    assert_eq!(r.status, 200, "{}", r.text());
+    apply_slow_trigger(
+        &serve,
+        &sub,
+        &delivery.replace("concurrency: 1", "concurrency: 2"),
+    );
     wait_for("12 deliveries", Duration::from_secs(30), || {
         sub.done.load(Ordering::SeqCst) >= 12
     });
@@ -491,10 +493,7 @@ fn a_trigger_whose_timeout_changed_updates_its_consumer() {
     let files = files_with(&slow_trigger(&sub, "  delivery:\n    timeout: PT1S\n"));
     let url = n.url();
     let serve = Serve::start_at(files.path(), &["--store", &url]);
-    let yaml = slow_trigger(&sub, "  delivery:\n    timeout: PT5S\n");
-    let trigger = yaml.split("---\n").nth(1).expect("trigger");
-    let r = serve.admin("POST", "/v1/apply", trigger.as_bytes());
-    assert_eq!(r.status, 200, "{}", r.text());
+    apply_slow_trigger(&serve, &sub, "  delivery:\n    timeout: PT5S\n");
     send_keyed(&[&serve], "t", &["k"], 1);
     wait_for("the delivery done", Duration::from_secs(20), || {
         sub.done.load(Ordering::SeqCst) >= 1
