@@ -372,6 +372,7 @@ fn a_stuck_old_worker_holds_a_rebuilt_ordered_trigger_back_one_minute_at_most() 
             let s = Arc::clone(&s);
             async move {
                 if id == "f-k0-0" {
+                    s.lock().expect("lock").push("stuck".into());
                     std::future::pending::<()>().await;
                 }
                 s.lock().expect("lock").push(id);
@@ -400,8 +401,10 @@ fn a_stuck_old_worker_holds_a_rebuilt_ordered_trigger_back_one_minute_at_most() 
     .expect("yaml");
     let serve = Serve::start_at(dir.path(), &[]);
     crate::harness::send_keyed(&[&serve], "f", &["k0", "k1"], 2);
-    // k0's first event hangs; k1's lane is not held up, unless k1 shares k0's lane.
-    std::thread::sleep(Duration::from_millis(500));
+    // An old worker is stuck on k0's first event.
+    wait_for("f-k0-0 under way", Duration::from_secs(20), || {
+        seen.lock().expect("lock").iter().any(|id| id == "stuck")
+    });
     let r = serve.admin(
         "POST",
         "/v1/apply",
