@@ -470,54 +470,77 @@ impl DurableLog {
 
     /// Drops the deliveries owed by triggers that no longer exist, and events past the maximum
     /// age; returns how many deliveries were dropped. Run at start-up and now and then.
-    pub async fn collect_garbage(&self, live_triggers: &[u64]) -> Result<u64, LogError> {
-        // Found with a read, dropped through the writer (as acknowledgements), so that the
-        // write-ahead log records it like any other change.
-        let mut drop_list: Vec<(u64, u64)> = Vec::new();
-        {
-            let r = self.db.begin_read().map_err(io)?;
-            let pending = r.open_table(PENDING).map_err(io)?;
-            let events = r.open_table(EVENTS).map_err(io)?;
-            let now = chrono::Utc::now();
-            let max_age =
-                chrono::Duration::from_std(self.config.max_age).unwrap_or(chrono::Duration::MAX);
-            let mut old = std::collections::HashSet::new();
-            for item in events.iter().map_err(io)? {
-                let (k, v) = item.map_err(io)?;
-                let time = decode_record(v.value())
-                    .ok()
-                    .and_then(|(e, _)| e.extension("knativearrivaltime").map(|t| t.to_string()))
-                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok());
-                if time.is_some_and(|t| now.signed_duration_since(t) > max_age) {
-                    old.insert(k.value());
-                }
+    ///
+    /// `live` is read again, and held, when the drops are made: a trigger declared anew while
+    /// the log was being read (it gets the same id) keeps everything owed to it, including
+    /// events appended for it meanwhile.
+    pub async fn collect_garbage(&self, live: &Mutex<Vec<u64>>) -> Result<u64, LogError> {
+        let snapshot = live.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let garbage = self.find_garbage(&snapshot)?;
+        Ok(self.drop_garbage(garbage, live).await)
+    }
+
+    /// The deliveries owed to triggers not in `live_triggers` or of events past the maximum
+    /// age: (trigger, seq, past the age).
+    fn find_garbage(&self, live_triggers: &[u64]) -> Result<Vec<(u64, u64, bool)>, LogError> {
+        let mut drop_list: Vec<(u64, u64, bool)> = Vec::new();
+        let r = self.db.begin_read().map_err(io)?;
+        let pending = r.open_table(PENDING).map_err(io)?;
+        let events = r.open_table(EVENTS).map_err(io)?;
+        let now = chrono::Utc::now();
+        let max_age =
+            chrono::Duration::from_std(self.config.max_age).unwrap_or(chrono::Duration::MAX);
+        let mut old = std::collections::HashSet::new();
+        for item in events.iter().map_err(io)? {
+            let (k, v) = item.map_err(io)?;
+            let time = decode_record(v.value())
+                .ok()
+                .and_then(|(e, _)| e.extension("knativearrivaltime").map(|t| t.to_string()))
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok());
+            if time.is_some_and(|t| now.signed_duration_since(t) > max_age) {
+                old.insert(k.value());
             }
-            for item in pending.iter().map_err(io)? {
-                let (k, _) = item.map_err(io)?;
-                let (t, seq) = k.value();
-                if !live_triggers.contains(&t) || old.contains(&seq) {
-                    drop_list.push((t, seq));
-                }
+        }
+        for item in pending.iter().map_err(io)? {
+            let (k, _) = item.map_err(io)?;
+            let (t, seq) = k.value();
+            if !live_triggers.contains(&t) || old.contains(&seq) {
+                drop_list.push((t, seq, old.contains(&seq)));
             }
-            let hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
-            for (seq, h) in &hot.map {
-                let too_old = h
-                    .event
-                    .extension("knativearrivaltime")
-                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t.to_string()).ok())
-                    .is_some_and(|t| now.signed_duration_since(t) > max_age);
-                for (t, _) in &h.owed {
-                    if too_old || !live_triggers.contains(t) {
-                        drop_list.push((*t, *seq));
-                    }
+        }
+        let hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+        for (seq, h) in &hot.map {
+            let too_old = h
+                .event
+                .extension("knativearrivaltime")
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t.to_string()).ok())
+                .is_some_and(|t| now.signed_duration_since(t) > max_age);
+            for (t, _) in &h.owed {
+                if too_old || !live_triggers.contains(t) {
+                    drop_list.push((*t, *seq, too_old));
                 }
             }
         }
-        for (t, seq) in &drop_list {
-            self.ack(*t, *seq);
+        Ok(drop_list)
+    }
+
+    /// Drops `garbage` but what a trigger live now is owed (unless past the age), through the
+    /// writer (as acknowledgements), so that the write-ahead log records it like any other
+    /// change; returns how many were dropped.
+    async fn drop_garbage(
+        &self,
+        mut garbage: Vec<(u64, u64, bool)>,
+        live: &Mutex<Vec<u64>>,
+    ) -> u64 {
+        {
+            let live_now = live.lock().unwrap_or_else(PoisonError::into_inner);
+            garbage.retain(|(t, _, too_old)| *too_old || !live_now.contains(t));
+            for (t, seq, _) in &garbage {
+                self.ack(*t, *seq);
+            }
         }
         self.flush().await;
-        Ok(drop_list.len() as u64)
+        garbage.len() as u64
     }
 }
 
@@ -1132,6 +1155,47 @@ mod tests {
         )
     }
 
+    /// A trigger deleted and declared again while the garbage was being found keeps what it is
+    /// owed, including an event appended for it in between; one still gone loses its share.
+    #[tokio::test]
+    async fn garbage_of_a_trigger_declared_again_meanwhile_is_kept() {
+        let dir = tempfile::tempdir().expect("dir");
+        let log = DurableLog::open(dir.path(), LogConfig::default()).expect("open");
+        let (a, b) = (
+            log.trigger_id("ns/a").expect("id"),
+            log.trigger_id("ns/b").expect("id"),
+        );
+        let both = |id: &str| Append {
+            event: event(id),
+            ttl: 255,
+            triggers: vec![a, b],
+        };
+        log.append(vec![both("1")]).await.expect("append");
+        // Neither trigger is declared when the garbage is found...
+        let garbage = log.find_garbage(&[]).expect("find");
+        assert_eq!(garbage.len(), 2);
+        // ...then `a` is declared again and an event is appended for it.
+        let live = Mutex::new(vec![a]);
+        log.append(vec![both("2")]).await.expect("append");
+        assert_eq!(
+            log.drop_garbage(garbage, &live).await,
+            1,
+            "only b's share of 1"
+        );
+        let owed: Vec<String> = log
+            .owed(a, 0, 10)
+            .expect("owed")
+            .iter()
+            .map(|o| wasmesh_core::AttributesReader::id(&*o.event).to_string())
+            .collect();
+        assert_eq!(owed, ["1", "2"]);
+        assert_eq!(
+            log.owed(b, 0, 10).expect("owed").len(),
+            1,
+            "2 is b's until collected"
+        );
+    }
+
     #[tokio::test]
     async fn append_owe_ack_reclaim_and_reopen() {
         let dir = tempfile::tempdir().expect("dir");
@@ -1189,7 +1253,12 @@ mod tests {
         );
         assert_eq!(log.len(), 1);
         // A trigger that is gone no longer holds events.
-        assert_eq!(log.collect_garbage(&[]).await.expect("gc"), 1);
+        assert_eq!(
+            log.collect_garbage(&Mutex::new(Vec::new()))
+                .await
+                .expect("gc"),
+            1
+        );
         assert!(log.is_empty());
     }
 

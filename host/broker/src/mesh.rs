@@ -233,7 +233,8 @@ pub enum PublishError {
 /// The data plane: brokers, triggers, their queues and delivery workers.
 pub struct Mesh {
     brokers: RwLock<HashMap<BrokerKey, Arc<BrokerRuntime>>>,
-    live_log_ids: Mutex<Vec<u64>>,
+    /// The log ids of the triggers declared now (the log's garbage collection reads it).
+    live_log_ids: Arc<Mutex<Vec<u64>>>,
     stopping: tokio::sync::watch::Sender<bool>,
     client: HttpClient,
     config: MeshConfig,
@@ -245,7 +246,7 @@ impl Mesh {
     pub fn new(config: MeshConfig) -> Arc<Self> {
         Arc::new(Self {
             brokers: RwLock::new(HashMap::new()),
-            live_log_ids: Mutex::new(Vec::new()),
+            live_log_ids: Arc::default(),
             stopping: tokio::sync::watch::channel(false).0,
             client: sink::http_client(),
             config,
@@ -832,11 +833,7 @@ impl Mesh {
         let Some(log) = self.config.log.clone() else {
             return;
         };
-        let live = self
-            .live_log_ids
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let live = Arc::clone(&self.live_log_ids);
         tokio::spawn(async move {
             match log.collect_garbage(&live).await {
                 Ok(0) => {}
