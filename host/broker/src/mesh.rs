@@ -169,6 +169,83 @@ struct Worker {
     finished: Arc<AtomicU64>,
 }
 
+/// What a trigger that was removed or rebuilt leaves to the one that takes its name next: its
+/// old workers may still deliver events they took, so the successor continues in the log after
+/// them and, for ordered delivery, waits for them at a gate.
+struct Retired {
+    /// The last log position the old feeder queued.
+    fed: u64,
+    ordered: bool,
+    /// Ends once every old worker has ended.
+    alive: Option<mpsc::Receiver<()>>,
+    finished: Arc<AtomicU64>,
+}
+
+impl Retired {
+    /// Stops `trigger`'s feeder and takes what its successor needs.
+    async fn from(trigger: &TriggerRuntime) -> Retired {
+        let fed = Mesh::retire(trigger).await;
+        Retired {
+            fed,
+            ordered: trigger.shape.ordered_by.is_some(),
+            alive: trigger
+                .workers_alive
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+            finished: Arc::clone(&trigger.finished),
+        }
+    }
+
+    /// Whether some old worker still runs.
+    fn busy(&mut self) -> bool {
+        self.alive
+            .as_mut()
+            .is_some_and(|a| !matches!(a.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)))
+    }
+
+    /// Opens `open` once the old workers have ended, or once they finish nothing for
+    /// `GATE_LIMIT` (a subscriber that never answers, no timeout: it must not hold the new
+    /// workers back for good).
+    fn open_when_done(self, open: tokio::sync::watch::Sender<bool>, name: String) {
+        let Retired {
+            alive, finished, ..
+        } = self;
+        tokio::spawn(async move {
+            if let Some(mut alive) = alive {
+                let mut seen = finished.load(Ordering::Acquire);
+                loop {
+                    match tokio::time::timeout(GATE_LIMIT, alive.recv()).await {
+                        Ok(Some(())) => {}
+                        Ok(None) => break,
+                        Err(_) => {
+                            let now = finished.load(Ordering::Acquire);
+                            if now == seen {
+                                tracing::warn!(
+                                    trigger = %name,
+                                    "the old workers of this ordered trigger finished nothing in {} s: the new ones start now, and an event an old one still holds may arrive after a later one of its key",
+                                    GATE_LIMIT.as_secs()
+                                );
+                                break;
+                            }
+                            seen = now;
+                        }
+                    }
+                }
+            }
+            let _ = open.send(true);
+        });
+    }
+}
+
+/// The trigger a new one takes the place of.
+enum Predecessor {
+    /// Still routed: it is retired once the new one is routed.
+    Running(Arc<TriggerRuntime>),
+    /// Removed before.
+    Removed(Retired),
+}
+
 struct Feeder {
     stop: tokio::sync::watch::Sender<bool>,
     handle: JoinHandle<()>,
@@ -239,6 +316,8 @@ pub struct Mesh {
     client: HttpClient,
     config: MeshConfig,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Triggers removed (by namespace and name) whose workers may still run.
+    retired: Mutex<HashMap<(String, String), Retired>>,
 }
 
 impl Mesh {
@@ -251,6 +330,7 @@ impl Mesh {
             client: sink::http_client(),
             config,
             workers: Mutex::new(Vec::new()),
+            retired: Mutex::new(HashMap::new()),
         })
     }
 
@@ -345,14 +425,49 @@ impl Mesh {
             return Ok(TriggerChange::Updated);
         }
         let Some((old_key, old)) = existing else {
-            let trigger = self.build_trigger(spec, Some(0), None)?;
-            self.route(&key, trigger, None);
+            // Declared again after it was removed: its old workers may still deliver.
+            let before = self
+                .retired
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&(spec.namespace.clone(), spec.name.clone()))
+                .and_then(|mut r| r.busy().then_some(r));
+            match before {
+                None => {
+                    let trigger = self.build_trigger(spec, Some(0), None)?;
+                    self.route(&key, trigger, None);
+                }
+                Some(before) => {
+                    self.succeed(spec, &key, None, Predecessor::Removed(before))
+                        .await?;
+                }
+            }
             return Ok(TriggerChange::Created);
         };
         // The new workers take new events at once; in durable mode their feeder starts after
         // the old feeder stopped, past what it queued. Ordered delivery (before or after the
         // change): the new workers start once the old ones have finished what they hold.
-        let ordered = old.shape.ordered_by.is_some() || spec.policy.ordered_by.is_some();
+        self.succeed(spec, &key, Some(&old_key), Predecessor::Running(old))
+            .await?;
+        Ok(TriggerChange::Rebuilt)
+    }
+
+    /// Builds and routes a trigger that takes the place of `before`, whose workers may still
+    /// deliver: the new feeder continues after the old one, and for ordered delivery (before or
+    /// after) the new workers wait at a gate until the old ones are done.
+    async fn succeed(
+        self: &Arc<Self>,
+        spec: TriggerSpecRuntime,
+        key: &BrokerKey,
+        replacing: Option<&BrokerKey>,
+        before: Predecessor,
+    ) -> Result<(), PublishError> {
+        let ordered = spec.policy.ordered_by.is_some()
+            || match &before {
+                Predecessor::Running(old) => old.shape.ordered_by.is_some(),
+                Predecessor::Removed(r) => r.ordered,
+            };
+        let name = format!("{}/{}", spec.namespace, spec.name);
         let (open, gate) = if ordered {
             let (open, gate) = tokio::sync::watch::channel(false);
             (Some(open), Some(gate))
@@ -360,52 +475,18 @@ impl Mesh {
             (None, None)
         };
         let trigger = self.build_trigger(spec, None, gate)?;
-        self.route(&key, Arc::clone(&trigger), Some(&old_key));
-        let fed = Self::retire(&old).await;
-        self.start_feeder(&trigger, fed);
+        self.route(key, Arc::clone(&trigger), replacing);
+        let before = match before {
+            // Its queues close once it is dropped (here, as nothing routes to it any more);
+            // its workers then end after the events they hold.
+            Predecessor::Running(old) => Retired::from(&old).await,
+            Predecessor::Removed(r) => r,
+        };
+        self.start_feeder(&trigger, before.fed);
         if let Some(open) = open {
-            let alive = old
-                .workers_alive
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
-            // The old queues close when the old trigger is dropped (here); its workers then
-            // end after the events they hold. A subscriber that never answers (no timeout)
-            // would hold the new workers back for good: when the old workers finish nothing
-            // for `GATE_LIMIT`, the new ones start anyway.
-            let finished = Arc::clone(&old.finished);
-            drop(old);
-            let name = format!(
-                "{}/{}",
-                trigger.spec.load().namespace,
-                trigger.spec.load().name
-            );
-            tokio::spawn(async move {
-                if let Some(mut alive) = alive {
-                    let mut seen = finished.load(Ordering::Acquire);
-                    loop {
-                        match tokio::time::timeout(GATE_LIMIT, alive.recv()).await {
-                            Ok(Some(())) => {}
-                            Ok(None) => break,
-                            Err(_) => {
-                                let now = finished.load(Ordering::Acquire);
-                                if now == seen {
-                                    tracing::warn!(
-                                        trigger = %name,
-                                        "the old workers of this ordered trigger finished nothing in {} s: the new ones start now, and an event an old one still holds may arrive after a later one of its key",
-                                        GATE_LIMIT.as_secs()
-                                    );
-                                    break;
-                                }
-                                seen = now;
-                            }
-                        }
-                    }
-                }
-                let _ = open.send(true);
-            });
+            before.open_when_done(open, name);
         }
-        Ok(TriggerChange::Rebuilt)
+        Ok(())
     }
 
     /// Removes a trigger: no new event goes to it; its workers finish what they hold. In
@@ -426,14 +507,28 @@ impl Mesh {
                 brokers.insert(key, Arc::new(BrokerRuntime { triggers }));
             }
         }
-        if let Some(id) = old.log_id {
+        self.set_aside(&old).await;
+        true
+    }
+
+    /// A trigger no longer routed: no longer live for the log's garbage collection; its feeder
+    /// stops, and what a trigger declared again under its name needs is kept while its workers
+    /// may still run.
+    async fn set_aside(&self, trigger: &TriggerRuntime) {
+        if let Some(id) = trigger.log_id {
             self.live_log_ids
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .retain(|i| *i != id);
         }
-        Self::retire(&old).await;
-        true
+        let retired = Retired::from(trigger).await;
+        let name = {
+            let spec = trigger.spec.load();
+            (spec.namespace.clone(), spec.name.clone())
+        };
+        let mut all = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+        all.retain(|_, r| r.busy());
+        all.insert(name, retired);
     }
 
     /// A trigger deleted for good: over JetStream its durable consumer is deleted, so that the
@@ -458,13 +553,7 @@ impl Mesh {
             return false;
         };
         for t in &b.triggers {
-            if let Some(id) = t.log_id {
-                self.live_log_ids
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .retain(|i| *i != id);
-            }
-            Self::retire(t).await;
+            self.set_aside(t).await;
         }
         true
     }
