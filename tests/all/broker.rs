@@ -405,9 +405,11 @@ pub(crate) fn triggers_route_by_filter_dialect_on(store: &[&str]) {
 #[test]
 fn http_subscriber_replies_go_back_into_the_broker() {
     http_subscriber_replies_go_back_into_the_broker_on(&[]);
+    http_subscriber_replies_go_back_into_the_broker_on(&["--store", "memory"]);
 }
 
-/// The same, with `store` flags (`--store nats://...` in `nats.rs`).
+/// The same, with `store` flags (`--store nats://...` in `nats.rs`). The request's trace and
+/// Knative's pass-through headers reach the subscriber; other request headers do not.
 pub(crate) fn http_subscriber_replies_go_back_into_the_broker_on(store: &[&str]) {
     let sub = Capture::start(|c| {
         if c.path == "/replier" {
@@ -441,6 +443,12 @@ pub(crate) fn http_subscriber_replies_go_back_into_the_broker_on(store: &[&str])
         "traceparent",
         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
     ));
+    h.extend([
+        ("x-request-id", "req-42"),
+        ("knative-custom", "kept"),
+        ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
+        ("authorization", "Bearer not-for-subscribers"),
+    ]);
     assert_eq!(
         serve.request("POST", "/default/default", &h, b"{}").status,
         202
@@ -458,6 +466,13 @@ pub(crate) fn http_subscriber_replies_go_back_into_the_broker_on(store: &[&str])
         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     );
     assert_eq!(req.headers["kn-namespace"], "default");
+    assert_eq!(req.headers["x-request-id"], "req-42");
+    assert_eq!(req.headers["knative-custom"], "kept");
+    assert_eq!(
+        req.headers["x-b3-traceid"],
+        "80f198ee56343ba864fe8b2a57d3eff7"
+    );
+    assert!(!req.headers.contains_key("authorization"));
 }
 
 #[test]

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::codec;
 use crate::log::LogError;
 use crate::mesh::{BrokerKey, Mesh, PublishError};
+use crate::passthrough::Passthrough;
 
 /// Settings of the ingress listener.
 #[derive(Debug, Clone)]
@@ -154,7 +155,8 @@ async fn handle(
             }
         }
     }
-    match mesh.publish(&key, events).await {
+    let passthrough = Passthrough::from_request(&parts.headers);
+    match mesh.publish_with(&key, events, passthrough).await {
         Ok(()) => response(StatusCode::ACCEPTED)
             .body(Body::default())
             .unwrap_or_default(),

@@ -9,6 +9,7 @@ pub mod log;
 pub mod mesh;
 pub mod nats;
 pub mod output;
+pub mod passthrough;
 pub mod sink;
 pub mod slot;
 mod wal;

@@ -25,6 +25,7 @@ use redb::{
 use tokio::sync::{Notify, oneshot};
 use wasmesh_core::{AttributesReader, AttributesWriter, Data, Event};
 
+use crate::passthrough::Passthrough;
 use crate::wal::{Record, Wal};
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
@@ -71,6 +72,7 @@ impl Default for LogConfig {
 pub struct Append {
     pub event: Arc<Event>,
     pub ttl: i32,
+    pub headers: Passthrough,
     pub triggers: Vec<u64>,
 }
 
@@ -79,12 +81,16 @@ pub struct Owed {
     pub seq: u64,
     pub event: Arc<Event>,
     pub ttl: i32,
+    pub headers: Passthrough,
     pub attempts: u32,
 }
 
 /// An event to append: its record, the triggers that owe it, and the event itself with its
-/// TTL (kept in memory until it is delivered or spilled).
-type Entry = (Vec<u8>, Vec<u64>, Arc<Event>, i32);
+/// TTL and pass-through headers (kept in memory until it is delivered or spilled).
+type Entry = (Vec<u8>, Vec<u64>, Arc<Event>, i32, Passthrough);
+
+/// An appended event as it stays in memory: the event, its TTL and pass-through headers.
+type Fresh = (Arc<Event>, i32, Passthrough);
 
 enum Op {
     Append(Vec<Entry>, oneshot::Sender<Result<(), LogError>>),
@@ -138,6 +144,7 @@ struct HotEvent {
     payload: Vec<u8>,
     event: Arc<Event>,
     ttl: i32,
+    headers: Passthrough,
     /// (trigger, attempts made) for each delivery still owed.
     owed: Vec<(u64, u32)>,
 }
@@ -331,7 +338,10 @@ impl DurableLog {
     fn encode(entries: Vec<Append>) -> Vec<Entry> {
         entries
             .into_iter()
-            .map(|a| (encode_record(&a.event, a.ttl), a.triggers, a.event, a.ttl))
+            .map(|a| {
+                let record = encode_record(&a.event, a.ttl, &a.headers);
+                (record, a.triggers, a.event, a.ttl, a.headers)
+            })
             .collect()
     }
 
@@ -413,6 +423,7 @@ impl DurableLog {
                         seq: *seq,
                         event: Arc::clone(&h.event),
                         ttl: h.ttl,
+                        headers: h.headers.clone(),
                         attempts: *attempts,
                     });
                 }
@@ -439,11 +450,12 @@ impl DurableLog {
                 continue;
             };
             match decode_record(bytes.value()) {
-                Ok((event, ttl)) => {
+                Ok((event, ttl, headers)) => {
                     out.push(Owed {
                         seq,
                         event: Arc::new(event),
                         ttl,
+                        headers,
                         attempts: v.value(),
                     });
                     from_redb += 1;
@@ -495,7 +507,7 @@ impl DurableLog {
             let (k, v) = item.map_err(io)?;
             let time = decode_record(v.value())
                 .ok()
-                .and_then(|(e, _)| e.extension("knativearrivaltime").map(|t| t.to_string()))
+                .and_then(|(e, ..)| e.extension("knativearrivaltime").map(|t| t.to_string()))
                 .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok());
             if time.is_some_and(|t| now.signed_duration_since(t) > max_age) {
                 old.insert(k.value());
@@ -544,9 +556,10 @@ impl DurableLog {
     }
 }
 
-/// A record: TTL, the attributes as JSON, then content type, schema and the data bytes exactly
-/// as they came (JSON would re-encode them).
-pub(crate) fn encode_record(event: &Event, ttl: i32) -> Vec<u8> {
+/// A record: TTL, the attributes as JSON, content type, schema, the kind of data, the
+/// pass-through headers (when the kind has `WITH_HEADERS`), then the data bytes exactly as they
+/// came (JSON would re-encode them).
+pub(crate) fn encode_record(event: &Event, ttl: i32, headers: &Passthrough) -> Vec<u8> {
     let json;
     let (kind, bytes): (u8, &[u8]) = match event.data() {
         None => (0, &[]),
@@ -578,10 +591,19 @@ pub(crate) fn encode_record(event: &Event, ttl: i32) -> Vec<u8> {
         out.extend((part.len() as u32).to_le_bytes());
         out.extend(part);
     }
-    out.push(kind);
+    if headers.is_empty() {
+        out.push(kind);
+    } else {
+        out.push(kind | WITH_HEADERS);
+        headers.encode(&mut out);
+    }
     out.extend(bytes);
     out
 }
+
+/// Set in a record's kind of data when pass-through headers follow it (records written before
+/// there were any have none).
+const WITH_HEADERS: u8 = 0x80;
 
 /// A 1.0 event's context attributes but data, content type and schema (the record keeps those
 /// apart), serialized as cloudevents-sdk serializes an event, so that `decode_record` reads them
@@ -610,7 +632,7 @@ impl serde::Serialize for AttributesOnly<'_> {
     }
 }
 
-pub(crate) fn decode_record(bytes: &[u8]) -> Result<(Event, i32), String> {
+pub(crate) fn decode_record(bytes: &[u8]) -> Result<(Event, i32, Passthrough), String> {
     let mut at = 0usize;
     let mut take = |n: usize| -> Result<&[u8], String> {
         let part = bytes.get(at..at + n).ok_or("truncated record")?;
@@ -623,7 +645,14 @@ pub(crate) fn decode_record(bytes: &[u8]) -> Result<(Event, i32), String> {
         let len = u32::from_le_bytes(take(4)?.try_into().map_err(|_| "length")?) as usize;
         parts.push(take(len)?.to_vec());
     }
-    let kind = take(1)?[0];
+    let mut kind = take(1)?[0];
+    let mut headers = Passthrough::default();
+    if kind & WITH_HEADERS != 0 {
+        kind &= !WITH_HEADERS;
+        let (h, read) = Passthrough::decode(bytes.get(at..).unwrap_or_default())?;
+        headers = h;
+        at += read;
+    }
     let data = bytes[at..].to_vec();
     let mut event: Event = serde_json::from_slice(&parts[0]).map_err(|e| e.to_string())?;
     let ct = String::from_utf8(parts[1].clone()).map_err(|e| e.to_string())?;
@@ -647,7 +676,7 @@ pub(crate) fn decode_record(bytes: &[u8]) -> Result<(Event, i32), String> {
     if !schema.is_empty() {
         event.set_dataschema(url::Url::parse(&schema).ok());
     }
-    Ok((event, ttl))
+    Ok((event, ttl, headers))
 }
 
 /// What a source last saw of one object: (resourceVersion, object JSON).
@@ -895,11 +924,11 @@ impl Writer {
         for op in &mut ops {
             match op {
                 Op::Append(entries, _) => {
-                    for (bytes, triggers, event, ttl) in entries.iter_mut() {
+                    for (bytes, triggers, event, ttl, headers) in entries.iter_mut() {
                         if triggers.is_empty() {
                             continue;
                         }
-                        fresh.push((Arc::clone(event), *ttl));
+                        fresh.push((Arc::clone(event), *ttl, headers.clone()));
                         for t in triggers.iter() {
                             if !touched.contains(t) {
                                 touched.push(*t);
@@ -985,11 +1014,7 @@ impl Writer {
     /// Applies written records: new events go to memory, acknowledgements and attempts to the
     /// event in memory when it is there, to redb otherwise; past `HOT_EVENTS` the oldest events
     /// in memory move to redb in the same transaction.
-    fn apply_hot(
-        &mut self,
-        records: Vec<Record>,
-        fresh: Vec<(Arc<Event>, i32)>,
-    ) -> Result<(), LogError> {
+    fn apply_hot(&mut self, records: Vec<Record>, fresh: Vec<Fresh>) -> Result<(), LogError> {
         let mut hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
         let mut fresh = fresh.into_iter();
         let mut cold = Vec::new();
@@ -1000,7 +1025,7 @@ impl Writer {
                     triggers,
                     payload,
                 } => {
-                    let Some((event, ttl)) = fresh.next() else {
+                    let Some((event, ttl, headers)) = fresh.next() else {
                         continue;
                     };
                     let owed = triggers.into_iter().map(|t| (t, 0)).collect();
@@ -1010,6 +1035,7 @@ impl Writer {
                             payload,
                             event,
                             ttl,
+                            headers,
                             owed,
                         },
                     );
@@ -1168,6 +1194,7 @@ mod tests {
         let both = |id: &str| Append {
             event: event(id),
             ttl: 255,
+            headers: Passthrough::default(),
             triggers: vec![a, b],
         };
         log.append(vec![both("1")]).await.expect("append");
@@ -1209,11 +1236,13 @@ mod tests {
                 Append {
                     event: event("1"),
                     ttl: 255,
+                    headers: Passthrough::default(),
                     triggers: vec![a, b],
                 },
                 Append {
                     event: event("2"),
                     ttl: 7,
+                    headers: Passthrough::default(),
                     triggers: vec![b],
                 },
             ])
@@ -1277,6 +1306,7 @@ mod tests {
                 .map(|e| Append {
                     event: Arc::clone(e),
                     ttl: 3,
+                    headers: Passthrough::default(),
                     triggers: vec![a, b],
                 })
                 .collect(),
@@ -1337,6 +1367,7 @@ mod tests {
             vec![Append {
                 event: event(id),
                 ttl: 255,
+                headers: Passthrough::default(),
                 triggers: vec![t],
             }]
         };
@@ -1362,22 +1393,32 @@ mod record_tests {
         )
         .expect("valid");
         e.set_data_unchecked(Data::Binary(b"{\"a\": 1}\n".to_vec()));
-        let (back, ttl) = decode_record(&encode_record(&e, 9)).expect("decodes");
-        assert_eq!(ttl, 9);
+        let none = Passthrough::default();
+        let (back, ttl, headers) = decode_record(&encode_record(&e, 9, &none)).expect("decodes");
+        assert_eq!((ttl, &headers), (9, &none));
         assert_eq!(back.datacontenttype(), None);
         assert_eq!(
             wasmesh_core::event::data_bytes(&back).as_deref(),
             Some(&b"{\"a\": 1}\n"[..])
         );
         e.set_datacontenttype(Some("text/plain; charset=utf-8"));
-        let (back, _) = decode_record(&encode_record(&e, 1)).expect("decodes");
+        let mut request = http::HeaderMap::new();
+        request.insert("x-request-id", http::HeaderValue::from_static("r-7"));
+        let passed = Passthrough::from_request(&request);
+        let (back, _, headers) = decode_record(&encode_record(&e, 1, &passed)).expect("decodes");
+        assert_eq!(headers, passed);
         assert_eq!(back.datacontenttype(), Some("text/plain; charset=utf-8"));
+        assert_eq!(
+            wasmesh_core::event::data_bytes(&back).as_deref(),
+            Some(&b"{\"a\": 1}\n"[..]),
+            "the data follows the headers"
+        );
         assert_eq!(
             back.extension("ext").map(|v| v.to_string()).as_deref(),
             Some("v")
         );
         assert!(
-            decode_record(&encode_record(&e, 1)[..10]).is_err(),
+            decode_record(&encode_record(&e, 1, &none)[..10]).is_err(),
             "a cut record is refused"
         );
     }
@@ -1395,7 +1436,7 @@ mod record_tests {
         )
         .expect("valid");
         for e in [full, bare] {
-            let record = encode_record(&e, 3);
+            let record = encode_record(&e, 3, &Passthrough::default());
             let len = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes")) as usize;
             let mut copy = e.clone();
             copy.take_data();
@@ -1403,7 +1444,7 @@ mod record_tests {
                 std::str::from_utf8(&record[8..8 + len]).expect("utf-8"),
                 serde_json::to_string(&copy).expect("serializes"),
             );
-            let (back, ttl) = decode_record(&record).expect("decodes");
+            let (back, ttl, _) = decode_record(&record).expect("decodes");
             assert_eq!((back, ttl), (e, 3));
         }
     }

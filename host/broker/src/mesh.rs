@@ -21,6 +21,7 @@ use crate::delivery::DeliveryPolicy;
 use crate::log::{Append, DurableLog, LogError};
 use crate::nats::NatsStore;
 use crate::output::FunctionOutput;
+use crate::passthrough::Passthrough;
 use crate::sink::{self, Failure, HttpClient, Outcome, Sink};
 use crate::slot::FunctionSlot;
 
@@ -56,6 +57,8 @@ const TTL_EXTENSION: &str = "knativebrokerttl";
 pub struct Envelope {
     pub event: Arc<Event>,
     pub ttl: i32,
+    /// The request headers that go with it to HTTP subscribers.
+    pub headers: Passthrough,
     /// Its place in the durable log and the id of the trigger that owes it (none in memory
     /// mode): what acknowledges it when the delivery is finished.
     pub seq: Option<(u64, u64)>,
@@ -771,6 +774,7 @@ impl Mesh {
                     let env = Envelope {
                         event: Arc::new(p.event),
                         ttl: p.ttl,
+                        headers: p.headers,
                         seq: None,
                         attempts: p.delivered_before,
                         acker: Some(p.acker),
@@ -799,7 +803,12 @@ impl Mesh {
 
     /// Sets `knativearrivaltime`, applies the TTL rules and finds, for each event, the triggers
     /// whose native filters it passes.
-    fn prepare(&self, key: &BrokerKey, events: Vec<Event>) -> Result<Vec<Routed>, PublishError> {
+    fn prepare(
+        &self,
+        key: &BrokerKey,
+        events: Vec<Event>,
+        headers: Passthrough,
+    ) -> Result<Vec<Routed>, PublishError> {
         let broker = {
             let brokers = self.brokers.read().unwrap_or_else(PoisonError::into_inner);
             Arc::clone(
@@ -832,6 +841,7 @@ impl Mesh {
                 Envelope {
                     event: Arc::new(event),
                     ttl,
+                    headers: headers.clone(),
                     seq: None,
                     attempts: 0,
                     acker: None,
@@ -873,6 +883,7 @@ impl Mesh {
             .map(|(env, triggers)| Append {
                 event: env.event,
                 ttl: env.ttl,
+                headers: env.headers,
                 triggers: triggers.iter().filter_map(|t| t.log_id).collect(),
             })
             .collect()
@@ -881,13 +892,23 @@ impl Mesh {
     /// Accepts events into a broker. With the durable log this resolves once the events are on
     /// disk (202 means safe); in memory mode, once they are queued.
     pub async fn publish(&self, key: &BrokerKey, events: Vec<Event>) -> Result<(), PublishError> {
-        let prepared = self.prepare(key, events)?;
+        self.publish_with(key, events, Passthrough::default()).await
+    }
+
+    /// [`publish`](Self::publish) with the request headers that pass through to subscribers.
+    pub async fn publish_with(
+        &self,
+        key: &BrokerKey,
+        events: Vec<Event>,
+        headers: Passthrough,
+    ) -> Result<(), PublishError> {
+        let prepared = self.prepare(key, events, headers)?;
         if let Some(nats) = &self.config.nats {
             // Events no trigger wants are not kept; each replica has the same triggers.
-            let events: Vec<(Arc<Event>, i32)> = prepared
+            let events: Vec<_> = prepared
                 .into_iter()
                 .filter(|(_, t)| !t.is_empty())
-                .map(|(env, _)| (env.event, env.ttl))
+                .map(|(env, _)| (env.event, env.ttl, env.headers))
                 .collect();
             if events.is_empty() {
                 return Ok(());
@@ -909,7 +930,7 @@ impl Mesh {
         if self.config.nats.is_some() {
             return tokio::runtime::Handle::current().block_on(self.publish(key, events));
         }
-        let prepared = self.prepare(key, events)?;
+        let prepared = self.prepare(key, events, Passthrough::default())?;
         match &self.config.log {
             Some(log) => Ok(log.append_blocking(Self::appends(prepared))?),
             None => Self::enqueue(prepared),
@@ -946,7 +967,10 @@ impl Mesh {
                     .map_err(|e| e.to_string());
             }
             Sink::Function(f) => sink::send_function(f, Arc::new(event), &self.config.output).await,
-            Sink::Http(uri) => sink::send_http(&self.client, uri, &event, namespace, None).await,
+            Sink::Http(uri) => {
+                let none = Passthrough::default();
+                sink::send_http(&self.client, uri, &event, &none, namespace, None).await
+            }
         };
         match outcome {
             Outcome::Delivered(_) => Ok(()),
@@ -1061,7 +1085,7 @@ impl Mesh {
                     let failure = Failure::message(Some(500), e.to_string());
                     let (mesh, t, wf) = (Arc::clone(self), Arc::clone(t), Arc::clone(wf));
                     runtime.spawn(async move {
-                        mesh.dead_letter(&t, &env.event, &Sink::Function(wf), failure)
+                        mesh.dead_letter(&t, &env, &Sink::Function(wf), failure)
                             .await;
                         mesh.done(&env);
                     });
@@ -1149,7 +1173,7 @@ impl Mesh {
                     self.config.output.write(wf.name(), &e.output);
                     tracing::warn!(trigger = %t.name, error = %e, "wasm filter failed");
                     let failure = Failure::message(Some(500), e.to_string());
-                    self.dead_letter(t, &env.event, &Sink::Function(Arc::clone(wf)), failure)
+                    self.dead_letter(t, &env, &Sink::Function(Arc::clone(wf)), failure)
                         .await;
                     self.done(&env);
                     return;
@@ -1200,7 +1224,10 @@ impl Mesh {
                     None if env_ref.abandoned() => {
                         Outcome::Fail(Failure::message(None, "the trigger's lease was lost"))
                     }
-                    None => self.send_once(t, &t.subscriber, event).await,
+                    None => {
+                        self.send_once(t, &t.subscriber, event, &env_ref.headers)
+                            .await
+                    }
                 }
             }
         })
@@ -1210,10 +1237,7 @@ impl Mesh {
             Ok(None) => {}
             // Neither dead-lettered nor acknowledged: the next holder has it.
             Err(_) if env.abandoned() => return,
-            Err(failure) => {
-                self.dead_letter(t, &env.event, &t.subscriber, failure)
-                    .await
-            }
+            Err(failure) => self.dead_letter(t, &env, &t.subscriber, failure).await,
         }
         self.done(&env);
     }
@@ -1230,7 +1254,10 @@ impl Mesh {
     ) {
         let outcome = match first {
             Some(o) => o,
-            None => self.send_once(t, &t.subscriber, &env.event).await,
+            None => {
+                self.send_once(t, &t.subscriber, &env.event, &env.headers)
+                    .await
+            }
         };
         match outcome {
             Outcome::Delivered(reply) => {
@@ -1255,7 +1282,7 @@ impl Mesh {
                 return;
             }
             Outcome::Retry(f) | Outcome::Fail(f) => {
-                self.dead_letter(t, &env.event, &t.subscriber, f).await
+                self.dead_letter(t, &env, &t.subscriber, f).await
             }
         }
         self.done(&env);
@@ -1282,26 +1309,37 @@ impl Mesh {
         t: &TriggerSpecRuntime,
         sink: &Sink,
         event: &Arc<Event>,
+        headers: &Passthrough,
     ) -> Result<Option<Box<Event>>, Failure> {
         retry_loop(
             &t.policy,
             &t.name,
             0,
             |_| async {},
-            || self.send_once(t, sink, event),
+            || self.send_once(t, sink, event, headers),
         )
         .await
     }
 
-    async fn send_once(&self, t: &TriggerSpecRuntime, sink: &Sink, event: &Arc<Event>) -> Outcome {
+    async fn send_once(
+        &self,
+        t: &TriggerSpecRuntime,
+        sink: &Sink,
+        event: &Arc<Event>,
+        headers: &Passthrough,
+    ) -> Outcome {
         match sink {
             Sink::Function(f) => {
                 sink::send_function(f, Arc::clone(event), &self.config.output).await
             }
             Sink::Http(uri) => {
-                sink::send_http(&self.client, uri, event, &t.namespace, t.policy.timeout).await
+                let timeout = t.policy.timeout;
+                sink::send_http(&self.client, uri, event, headers, &t.namespace, timeout).await
             }
-            Sink::Broker(key) => match self.publish(key, vec![(**event).clone()]).await {
+            Sink::Broker(key) => match self
+                .publish_with(key, vec![(**event).clone()], headers.clone())
+                .await
+            {
                 Ok(()) => Outcome::Delivered(None),
                 Err(PublishError::Full(why)) => Outcome::Retry(Failure::message(Some(429), why)),
                 Err(PublishError::Log(e)) => {
@@ -1343,10 +1381,11 @@ impl Mesh {
     async fn dead_letter(
         &self,
         t: &TriggerSpecRuntime,
-        event: &Arc<Event>,
+        env: &Envelope,
         dest: &Sink,
         failure: Failure,
     ) {
+        let event = &env.event;
         let Some(dls) = &t.policy.dead_letter else {
             tracing::error!(
                 trigger = %t.name, event = %event.id(), destination = %dest.describe(),
@@ -1375,7 +1414,10 @@ impl Mesh {
             policy: t.policy.clone(),
         };
         policy_less.policy.dead_letter = None;
-        match self.send_with_retries(&policy_less, dls, &dead).await {
+        match self
+            .send_with_retries(&policy_less, dls, &dead, &env.headers)
+            .await
+        {
             Ok(_) => {
                 tracing::info!(trigger = %t.name, event = %event.id(), sink = %dls.describe(), "dead-lettered")
             }
@@ -1420,6 +1462,7 @@ async fn feed(
             let env = Envelope {
                 event: owed.event,
                 ttl: owed.ttl,
+                headers: owed.headers,
                 seq: Some((trigger, owed.seq)),
                 attempts: owed.attempts,
                 acker: None,

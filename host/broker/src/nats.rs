@@ -19,6 +19,7 @@ use wasmesh_core::Event;
 
 use crate::log::{self, LogError};
 use crate::mesh::BrokerKey;
+use crate::passthrough::Passthrough;
 
 /// How to reach NATS and how to keep events there.
 #[derive(Debug, Clone)]
@@ -305,11 +306,11 @@ impl NatsStore {
     pub async fn publish(
         &self,
         key: &BrokerKey,
-        events: Vec<(Arc<Event>, i32)>,
+        events: Vec<(Arc<Event>, i32, Passthrough)>,
     ) -> Result<(), LogError> {
         let subject = Self::subject(key);
         let mut acks = Vec::with_capacity(events.len());
-        for (event, ttl) in events {
+        for (event, ttl, passthrough) in events {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(TTL_HEADER, ttl.to_string().as_str());
             // An event is its source and id: JetStream drops a second publish of the same
@@ -321,7 +322,7 @@ impl NatsStore {
                 wasmesh_core::AttributesReader::id(&*event)
             );
             headers.insert("Nats-Msg-Id", msg_id.as_str());
-            let payload = log::encode_record(&event, ttl);
+            let payload = log::encode_record(&event, ttl, &passthrough);
             let ack = self
                 .js
                 .publish_with_headers(subject.clone(), headers, payload.into())
@@ -405,6 +406,7 @@ impl NatsStore {
 pub(crate) struct Pulled {
     pub event: Event,
     pub ttl: i32,
+    pub headers: Passthrough,
     pub delivered_before: u32,
     pub acker: Arc<AckHandle>,
 }
@@ -482,10 +484,11 @@ pub(crate) async fn pull<Fut>(
             });
             waiting.add(&acker);
             match log::decode_record(&msg.payload) {
-                Ok((event, ttl)) => {
+                Ok((event, ttl, headers)) => {
                     let pulled = Pulled {
                         event,
                         ttl,
+                        headers,
                         delivered_before: u32::try_from(delivered - 1).unwrap_or(u32::MAX),
                         acker,
                     };

@@ -16,6 +16,7 @@ use wasmesh_runtime::{CallErrorKind, Disposition};
 use crate::codec;
 use crate::delivery::is_retryable_status;
 use crate::mesh::BrokerKey;
+use crate::passthrough::Passthrough;
 use crate::slot::FunctionSlot;
 
 /// A resolved destination.
@@ -92,15 +93,18 @@ pub fn http_client() -> HttpClient {
 /// The most of a response body kept for a reply or for `knativeerrordata`.
 const MAX_RESPONSE: usize = 4 << 20;
 
-/// Sends one event to an HTTP subscriber in binary mode and applies Knative's reply rules.
+/// Sends one event to an HTTP subscriber in binary mode, with its pass-through headers, and
+/// applies Knative's reply rules.
 pub async fn send_http(
     client: &HttpClient,
     uri: &http::Uri,
     event: &Event,
+    passthrough: &Passthrough,
     namespace: &str,
     timeout: Option<Duration>,
 ) -> Outcome {
     let mut headers = HeaderMap::new();
+    passthrough.add_to(&mut headers);
     let body = codec::encode_binary(event, &mut headers);
     for trace in ["traceparent", "tracestate"] {
         if let Some(v) = event.extension(trace) {
