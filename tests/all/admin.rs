@@ -626,7 +626,10 @@ fn watch_applies_file_edits_and_keeps_running_through_a_broken_one() {
 }
 
 /// A self-signed certificate for localhost and 127.0.0.1: `<name>.pem` and `<name>-key.pem`.
-fn self_signed(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+pub(crate) fn self_signed(
+    dir: &std::path::Path,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let (cert, key) = (
         dir.join(format!("{name}.pem")),
         dir.join(format!("{name}-key.pem")),

@@ -3,6 +3,9 @@
 //! backpressure, and Wasm functions as subscribers and filters.
 
 use base64::Engine as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use percent_encoding::percent_decode_str;
 
 use crate::harness::{Capture, Serve, broker_with_triggers, ce_headers, repo};
@@ -881,4 +884,129 @@ fn function_output_can_be_prefixed_with_its_name() {
             .stdout()
             .starts_with("[default/event-display] ☁️  cloudevents.Event\n")
     );
+}
+
+/// An HTTPS subscriber on loopback (certificate for localhost): records the `ce-id` of each
+/// event and answers 202. Returns its runtime and port.
+fn https_subscriber(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    seen: Arc<Mutex<Vec<String>>>,
+) -> (tokio::runtime::Runtime, u16) {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let certs: Vec<_> = CertificateDer::pem_file_iter(cert)
+        .expect("cert")
+        .map(|c| c.expect("cert"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    rt.spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), Arc::clone(&seen));
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                    let seen = Arc::clone(&seen);
+                    async move {
+                        seen.lock()
+                            .expect("lock")
+                            .push(crate::harness::request_header(&req, "ce-id"));
+                        hyper::Response::builder()
+                            .status(202)
+                            .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (rt, port)
+}
+
+/// A trigger's subscriber and `wasmesh send` reach an `https` endpoint, checked against the CA
+/// certificates that `SSL_CERT_FILE` names; a server that certificate does not vouch for gets
+/// nothing: the delivery fails and goes to the dead-letter sink.
+#[test]
+fn https_subscribers_are_reached_with_their_certificates_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = crate::admin::self_signed(dir.path(), "subscriber");
+    let (other, _) = crate::admin::self_signed(dir.path(), "someone-else");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (_rt, port) = https_subscriber(&cert, &key, Arc::clone(&seen));
+    let dls = Capture::start(|_| (202, Vec::new(), Vec::new()));
+    let yaml = broker_with_triggers(&[(
+        "secure",
+        &format!(
+            "  delivery:\n    retry: 0\n    deadLetterSink: {{uri: '{}'}}\n",
+            dls.url("/dead")
+        ),
+        &format!("https://localhost:{port}/"),
+    )]);
+    for (ca, expect_delivered) in [(&cert, true), (&other, false)] {
+        let files = tempfile::tempdir().expect("tempdir");
+        std::fs::write(files.path().join("b.yaml"), &yaml).expect("yaml");
+        let serve = Serve::start_with_env(
+            files.path(),
+            &files.path().join("data"),
+            &[],
+            &[("SSL_CERT_FILE", ca.as_path())],
+        );
+        let id = format!("tls-{expect_delivered}");
+        let r = serve.request("POST", "/default/default", &ce_headers(&id, "t"), b"{}");
+        assert_eq!(r.status, 202, "{}", r.text());
+        if expect_delivered {
+            crate::harness::wait_for("delivered over TLS", Duration::from_secs(20), || {
+                seen.lock().expect("lock").contains(&id)
+            });
+            // `wasmesh send` too, straight to the subscriber.
+            let sent = std::process::Command::new(env!("CARGO_BIN_EXE_wasmesh"))
+                .args(["send", "--to", &format!("https://localhost:{port}/")])
+                .args(["--type", "t", "--source", "/s", "--id", "sent-over-tls"])
+                .env("SSL_CERT_FILE", ca)
+                .output()
+                .expect("wasmesh send");
+            assert!(
+                sent.status.success(),
+                "{}",
+                String::from_utf8_lossy(&sent.stderr)
+            );
+            assert!(
+                seen.lock()
+                    .expect("lock")
+                    .iter()
+                    .any(|s| s == "sent-over-tls")
+            );
+        } else {
+            let dead = dls.wait("/dead", 1);
+            assert_eq!(dead[0].headers["ce-id"], id);
+            assert_eq!(
+                dead[0].headers["ce-knativeerrordest"],
+                format!("https://localhost:{port}/")
+            );
+            assert!(!seen.lock().expect("lock").contains(&id));
+        }
+    }
 }

@@ -70,6 +70,16 @@ impl Serve {
     /// Serves the YAML files in `dir` with its own data directory `data` (replicas of the
     /// same files each have one).
     pub(crate) fn start_replica(dir: &Path, data: &Path, extra: &[&str]) -> Serve {
+        Self::start_with_env(dir, data, extra, &[])
+    }
+
+    /// [`start_replica`](Self::start_replica) with environment variables `env` set.
+    pub(crate) fn start_with_env(
+        dir: &Path,
+        data: &Path,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Serve {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wasmesh"))
             .arg("serve")
             .arg("-f")
@@ -83,6 +93,7 @@ impl Serve {
             })
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

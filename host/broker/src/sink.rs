@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -80,14 +81,53 @@ impl Failure {
     }
 }
 
-/// The HTTP client shared by every HTTP sink (keep-alive connection pools).
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+/// The HTTP client shared by every HTTP sink (keep-alive connection pools), for `http` and
+/// `https` URIs.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Builds the shared client.
+/// Builds the shared client. `https` sinks are checked against the system's CA certificates
+/// (`SSL_CERT_FILE` / `SSL_CERT_DIR` name others); without any, only `http` sinks work and the
+/// reason is logged.
 pub fn http_client() -> HttpClient {
+    let roots = system_roots().unwrap_or_else(|why| {
+        tracing::warn!(
+            "no CA certificates found{why}; deliveries to https sinks will fail (set SSL_CERT_FILE to a PEM file of CA certificates)"
+        );
+        rustls::RootCertStore::empty()
+    });
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
-        .build_http()
+        .build(connector)
+}
+
+/// The system's CA certificates (or those `SSL_CERT_FILE` / `SSL_CERT_DIR` name); without any,
+/// why (`": ..."`, or empty).
+pub fn system_roots() -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added > 0 {
+        return Ok(roots);
+    }
+    Err(found
+        .errors
+        .first()
+        .map(|e| format!(": {e}"))
+        .unwrap_or_default())
 }
 
 /// The most of a response body kept for a reply or for `knativeerrordata`.

@@ -1284,10 +1284,10 @@ fn resolve_sink(
         let parsed: http::Uri = uri
             .parse()
             .map_err(|e| ("InvalidSink", format!("{field}.uri `{uri}`: {e}")))?;
-        if parsed.scheme_str() != Some("http") {
+        if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.host().is_none() {
             return Err((
                 "InvalidSink",
-                format!("{field}.uri `{uri}`: only http is supported in this version"),
+                format!("{field}.uri `{uri}`: use an absolute http:// or https:// URI"),
             ));
         }
         return Ok(Sink::Http(parsed));

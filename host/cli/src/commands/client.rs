@@ -259,18 +259,11 @@ fn tls_connector(ca: Option<&Path>) -> anyhow::Result<tokio_rustls::TlsConnector
             }
         }
         None => {
-            let found = rustls_native_certs::load_native_certs();
-            let (added, _) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                let why = found
-                    .errors
-                    .first()
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default();
-                bail!(
+            roots = wasmesh_broker::sink::system_roots().map_err(|why| {
+                anyhow!(
                     "no system CA certificates to check the server with{why}: pass --certificate-authority FILE (its CA in PEM)"
-                );
-            }
+                )
+            })?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());

@@ -84,8 +84,8 @@ pub(crate) fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         .to
         .parse()
         .with_context(|| format!("--to `{}` is not a URL", args.to))?;
-    if uri.scheme_str() != Some("http") {
-        bail!("--to `{}`: only http:// URLs are supported", args.to);
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        bail!("--to `{}`: use an http:// or https:// URL", args.to);
     }
     let mut req = http::Request::post(uri.clone());
     let body = match args.mode {
