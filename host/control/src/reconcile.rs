@@ -1298,7 +1298,7 @@ fn resolve_sink(
     let ref_ns = r.namespace.as_deref().unwrap_or(ns);
     let group = r.api_version.split('/').next().unwrap_or("");
     match (group, r.kind.as_str()) {
-        ("wasmesh.dev", "Function") | ("serving.knative.dev", "Service") => {
+        ("wasmesh.dev", "Function") | ("serving.knative.dev" | "v1", "Service") => {
             lookup_function(st, ref_ns, &r.name, PluginKind::Subscriber).map(Sink::Function)
         }
         ("eventing.knative.dev", "Broker") => {
@@ -1315,7 +1315,7 @@ fn resolve_sink(
         (_, kind) => Err((
             "InvalidSink",
             format!(
-                "{field}.ref: kind {kind} ({}) is not a sink wasmesh can run; use a Function, a Knative Service (resolved to the Function of the same name), a Broker or a uri",
+                "{field}.ref: kind {kind} ({}) is not a sink wasmesh can run; use a Function, a Service (Knative or Kubernetes: resolved to the Function of the same name), a Broker or a uri",
                 r.api_version
             ),
         )),

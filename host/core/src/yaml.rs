@@ -208,14 +208,32 @@ fn parse_document(file: &str, first_line: usize, doc: &str) -> Result<Option<Res
             name: name_of(map),
             why: "a Knative Service runs a container; wasmesh runs a Function of the same name",
         },
+        // A plain Kubernetes Service in front of a Deployment, as Knative's samples deploy
+        // event-display: a Trigger's ref to it resolves to the Function of the same name.
+        "Service" if api_version == "v1" => Resource::Ignored {
+            kind,
+            name: name_of(map),
+            why: "a Kubernetes Service fronts containers; wasmesh runs a Function of the same name",
+        },
         other => {
+            let containers = matches!(
+                other,
+                "Deployment" | "Pod" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job"
+            );
             return Err(err_at(
                 1,
                 1,
                 "kind",
                 format!(
-                    "kind `{other}` is not supported; expected one of: Broker, Trigger, Function, \
-                     PingSource, ApiServerSource, Namespace (and RBAC kinds, which are ignored)"
+                    "kind `{other}` is not supported{}; expected one of: Broker, Trigger, \
+                     Function, PingSource, ApiServerSource, Namespace (and RBAC kinds, which are \
+                     ignored)",
+                    if containers {
+                        ": wasmesh runs Wasm Functions, not containers (declare a Function, \
+                         wasmesh.dev/v1alpha1, named like the Service a Trigger refers to)"
+                    } else {
+                        ""
+                    }
                 ),
             ));
         }
