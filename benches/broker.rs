@@ -171,6 +171,7 @@ async fn broker_with(
         wasm_filter: None,
         subscriber,
         policy: DeliveryPolicy::default(),
+        stats: Default::default(),
     })
     .expect("trigger");
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");

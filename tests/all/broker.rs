@@ -1040,3 +1040,79 @@ fn a_trigger_ref_to_a_kubernetes_service_reaches_the_function_of_its_name() {
         serve.stderr()
     );
 }
+
+/// The admin API's `/metrics` says where every event went: ingress answers by code, events
+/// accepted and unmatched per broker, and per trigger those delivered, retried, dead-lettered,
+/// dropped (no dead-letter sink) and refused by its Wasm filter.
+#[test]
+fn metrics_say_where_every_event_went() {
+    let sub = Capture::start(|c| match c.path.as_str() {
+        "/fail" => (500, Vec::new(), b"down".to_vec()),
+        _ => (202, Vec::new(), Vec::new()),
+    });
+    let trigger = |name: &str, ty: &str, path: &str, more: &str| {
+        format!(
+            "---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: {name}}}\nspec:\n  filters: [{{prefix: {{type: {ty}}}}}]\n  subscriber: {{uri: '{}'}}\n{more}",
+            sub.url(path)
+        )
+    };
+    let yaml = [
+        FUNCTIONS.to_string(),
+        trigger("ok", "t.ok", "/ok", ""),
+        trigger(
+            "failing",
+            "t.fail",
+            "/fail",
+            &format!(
+                "  delivery:\n    retry: 1\n    backoffDelay: PT0.01S\n    deadLetterSink: {{uri: '{}'}}\n",
+                sub.url("/dead")
+            ),
+        ),
+        trigger("nodls", "t.drop", "/fail", "  delivery: {retry: 0}\n"),
+        trigger("wasm", "com.", "/ok", "  wasmFilter: knative-only\n"),
+    ]
+    .concat();
+    let serve = Serve::start(&[("m.yaml", &yaml)], &[]);
+    for (id, ty) in [
+        ("1", "t.ok"),
+        ("2", "t.ok"),
+        ("3", "t.fail"),
+        ("4", "t.drop"),
+        ("5", "com.other"),
+        ("6", "nothing.matches"),
+    ] {
+        let r = serve.request("POST", "/default/default", &ce_headers(id, ty), b"{}");
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    let r = serve.request("POST", "/default/default", &[("ce-id", "x")], b"{}");
+    assert_eq!(r.status, 400);
+    let r = serve.request("POST", "/default/nope", &ce_headers("7", "t.ok"), b"{}");
+    assert_eq!(r.status, 404);
+    let expected = [
+        "wasmesh_ingress_responses_total{code=\"202\"} 6\n",
+        "wasmesh_ingress_responses_total{code=\"400\"} 1\n",
+        "wasmesh_ingress_responses_total{code=\"404\"} 1\n",
+        "wasmesh_broker_events_accepted_total{namespace=\"default\",broker=\"default\"} 6\n",
+        "wasmesh_broker_events_unmatched_total{namespace=\"default\",broker=\"default\"} 1\n",
+        "wasmesh_trigger_deliveries_total{namespace=\"default\",trigger=\"ok\",broker=\"default\",outcome=\"delivered\"} 2\n",
+        "wasmesh_trigger_deliveries_total{namespace=\"default\",trigger=\"failing\",broker=\"default\",outcome=\"dead_lettered\"} 1\n",
+        "wasmesh_trigger_retries_total{namespace=\"default\",trigger=\"failing\",broker=\"default\"} 1\n",
+        "wasmesh_trigger_deliveries_total{namespace=\"default\",trigger=\"nodls\",broker=\"default\",outcome=\"dropped\"} 1\n",
+        "wasmesh_trigger_deliveries_total{namespace=\"default\",trigger=\"wasm\",broker=\"default\",outcome=\"filtered\"} 1\n",
+        "wasmesh_trigger_deliveries_total{namespace=\"default\",trigger=\"wasm\",broker=\"default\",outcome=\"delivered\"} 0\n",
+        "wasmesh_trigger_queued_events{namespace=\"default\",trigger=\"ok\",broker=\"default\"} 0\n",
+    ];
+    let mut text = String::new();
+    crate::harness::wait_for("the counters settle", Duration::from_secs(20), || {
+        let r = serve.admin("GET", "/metrics", b"");
+        assert_eq!(r.status, 200);
+        text = r.text();
+        expected.iter().all(|line| text.contains(line))
+    });
+    assert!(
+        text.contains("# TYPE wasmesh_log_syncs_total counter\n"),
+        "{text}"
+    );
+    let r = crate::harness::request(serve.admin.expect("admin"), "GET", "/metrics", &[], b"");
+    assert_eq!(r.status, 401, "the metrics need the admin token too");
+}

@@ -63,7 +63,11 @@ pub async fn serve(
             let service = service_fn(move |req| {
                 let mesh = Arc::clone(&mesh);
                 let config = Arc::clone(&config);
-                async move { Ok::<_, Infallible>(handle(req, &mesh, &config, peer).await) }
+                async move {
+                    let response = handle(req, &mesh, &config, peer).await;
+                    mesh.ingress_stats().count(response.status().as_u16());
+                    Ok::<_, Infallible>(response)
+                }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

@@ -7,6 +7,7 @@ pub mod delivery;
 pub mod ingress;
 pub mod log;
 pub mod mesh;
+pub mod metrics;
 pub mod nats;
 pub mod output;
 pub mod passthrough;

@@ -317,6 +317,14 @@ impl DurableLog {
         Arc::clone(n.entry(trigger).or_default())
     }
 
+    /// The events and bytes the log holds now.
+    pub fn held(&self) -> (u64, u64) {
+        (
+            self.events.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+
     fn check_capacity(&self, adding: u64, adding_bytes: u64) -> Result<(), LogError> {
         let events = self.events.load(Ordering::Relaxed);
         let bytes = self.bytes.load(Ordering::Relaxed);

@@ -19,6 +19,7 @@ use wasmesh_core::{AttributesReader, Event, ExtensionValue};
 
 use crate::delivery::DeliveryPolicy;
 use crate::log::{Append, DurableLog, LogError};
+use crate::metrics::{self, BrokerStats, IngressStats, TriggerStats};
 use crate::nats::NatsStore;
 use crate::output::FunctionOutput;
 use crate::passthrough::Passthrough;
@@ -119,6 +120,8 @@ pub struct TriggerSpecRuntime {
     pub wasm_filter: Option<Arc<FunctionSlot>>,
     pub subscriber: Sink,
     pub policy: DeliveryPolicy,
+    /// Its counters; the mesh puts the trigger's own in place when it is applied.
+    pub stats: Arc<TriggerStats>,
 }
 
 /// A trigger's spec as its workers read it: replaced in place, atomically, when the trigger
@@ -295,6 +298,7 @@ type Routed = (Envelope, Vec<Arc<TriggerRuntime>>);
 
 struct BrokerRuntime {
     triggers: Vec<Arc<TriggerRuntime>>,
+    stats: Arc<BrokerStats>,
 }
 
 /// Why an event was not accepted.
@@ -321,6 +325,9 @@ pub struct Mesh {
     workers: Mutex<Vec<JoinHandle<()>>>,
     /// Triggers removed (by namespace and name) whose workers may still run.
     retired: Mutex<HashMap<(String, String), Retired>>,
+    /// Each declared trigger's counters, by namespace and name (kept across rebuilds).
+    trigger_stats: Mutex<HashMap<(String, String), Arc<TriggerStats>>>,
+    ingress: IngressStats,
 }
 
 impl Mesh {
@@ -334,6 +341,8 @@ impl Mesh {
             config,
             workers: Mutex::new(Vec::new()),
             retired: Mutex::new(HashMap::new()),
+            trigger_stats: Mutex::new(HashMap::new()),
+            ingress: IngressStats::default(),
         })
     }
 
@@ -348,6 +357,7 @@ impl Mesh {
         brokers.entry(key).or_insert_with(|| {
             Arc::new(BrokerRuntime {
                 triggers: Vec::new(),
+                stats: Arc::default(),
             })
         });
     }
@@ -385,7 +395,8 @@ impl Mesh {
     }
 
     /// Adds a trigger to its (existing) broker and starts its delivery workers.
-    pub fn add_trigger(self: &Arc<Self>, spec: TriggerSpecRuntime) -> Result<(), PublishError> {
+    pub fn add_trigger(self: &Arc<Self>, mut spec: TriggerSpecRuntime) -> Result<(), PublishError> {
+        spec.stats = self.stats_of(&spec.namespace, &spec.name);
         let key = spec.broker.clone();
         if !self.has_broker(&key) {
             return Err(PublishError::UnknownBroker(key));
@@ -402,8 +413,9 @@ impl Mesh {
     /// the last event the old ones took.
     pub async fn apply_trigger(
         self: &Arc<Self>,
-        spec: TriggerSpecRuntime,
+        mut spec: TriggerSpecRuntime,
     ) -> Result<TriggerChange, PublishError> {
+        spec.stats = self.stats_of(&spec.namespace, &spec.name);
         let key = spec.broker.clone();
         if !self.has_broker(&key) {
             return Err(PublishError::UnknownBroker(key));
@@ -507,11 +519,87 @@ impl Mesh {
                     .filter(|t| !Arc::ptr_eq(t, &old))
                     .cloned()
                     .collect();
-                brokers.insert(key, Arc::new(BrokerRuntime { triggers }));
+                let stats = Arc::clone(&b.stats);
+                brokers.insert(key, Arc::new(BrokerRuntime { triggers, stats }));
             }
         }
         self.set_aside(&old).await;
+        self.trigger_stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(namespace.to_string(), name.to_string()));
         true
+    }
+
+    /// A trigger's counters (new ones for a trigger not seen before).
+    fn stats_of(&self, namespace: &str, name: &str) -> Arc<TriggerStats> {
+        let mut all = self
+            .trigger_stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(
+            all.entry((namespace.to_string(), name.to_string()))
+                .or_default(),
+        )
+    }
+
+    /// Where ingress counts its answers.
+    pub fn ingress_stats(&self) -> &IngressStats {
+        &self.ingress
+    }
+
+    /// The counters of the data plane in Prometheus' text format.
+    pub fn metrics_text(&self) -> String {
+        let brokers: Vec<(BrokerKey, Arc<BrokerRuntime>)> = {
+            let brokers = self.brokers.read().unwrap_or_else(PoisonError::into_inner);
+            let mut all: Vec<_> = brokers
+                .iter()
+                .map(|(k, b)| (k.clone(), Arc::clone(b)))
+                .collect();
+            all.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
+            all
+        };
+        let mut e = metrics::Exposition::default();
+        e.ingress(&self.ingress);
+        let rows: Vec<_> = brokers
+            .iter()
+            .map(|(k, b)| (k.namespace.clone(), k.name.clone(), &*b.stats))
+            .collect();
+        e.brokers(&rows);
+        let specs: Vec<_> = brokers
+            .iter()
+            .flat_map(|(k, b)| {
+                b.triggers.iter().map(move |t| {
+                    let queued = t
+                        .lanes
+                        .queues
+                        .iter()
+                        .map(|q| (q.max_capacity() - q.capacity()) as u64)
+                        .sum::<u64>();
+                    (k.name.clone(), t.spec.load_full(), queued)
+                })
+            })
+            .collect();
+        let mut rows: Vec<_> = specs
+            .iter()
+            .map(|(broker, spec, queued)| {
+                (
+                    spec.namespace.clone(),
+                    spec.name.clone(),
+                    broker.clone(),
+                    &*spec.stats,
+                    *queued,
+                )
+            })
+            .collect();
+        rows.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        e.triggers(&rows);
+        if let Some(log) = &self.config.log {
+            let (events, bytes) = log.held();
+            let syncs = log.sync_stats();
+            e.log(events, bytes, syncs.groups, syncs.events);
+        }
+        e.finish()
     }
 
     /// A trigger no longer routed: no longer live for the log's garbage collection; its feeder
@@ -615,12 +703,14 @@ impl Mesh {
             && let Some(b) = brokers.get(old_key)
         {
             let triggers = b.triggers.iter().filter(|t| !same(t)).cloned().collect();
-            brokers.insert(old_key.clone(), Arc::new(BrokerRuntime { triggers }));
+            let stats = Arc::clone(&b.stats);
+            brokers.insert(old_key.clone(), Arc::new(BrokerRuntime { triggers, stats }));
         }
         if let Some(b) = brokers.get(key) {
             let mut triggers: Vec<_> = b.triggers.iter().filter(|t| !same(t)).cloned().collect();
             triggers.push(trigger);
-            brokers.insert(key.clone(), Arc::new(BrokerRuntime { triggers }));
+            let stats = Arc::clone(&b.stats);
+            brokers.insert(key.clone(), Arc::new(BrokerRuntime { triggers, stats }));
         }
     }
 
@@ -808,7 +898,7 @@ impl Mesh {
         key: &BrokerKey,
         events: Vec<Event>,
         headers: Passthrough,
-    ) -> Result<Vec<Routed>, PublishError> {
+    ) -> Result<(Vec<Routed>, Arc<BrokerStats>), PublishError> {
         let broker = {
             let brokers = self.brokers.read().unwrap_or_else(PoisonError::into_inner);
             Arc::clone(
@@ -849,7 +939,26 @@ impl Mesh {
                 matching,
             ));
         }
-        Ok(prepared)
+        Ok((prepared, Arc::clone(&broker.stats)))
+    }
+
+    /// Counts, once `result` says they were accepted, the events of `prepared` (all, and those
+    /// no trigger matched).
+    fn count_accepted(
+        stats: &BrokerStats,
+        (all, unmatched): (u64, u64),
+        result: Result<(), PublishError>,
+    ) -> Result<(), PublishError> {
+        if result.is_ok() {
+            metrics::add(&stats.accepted, all);
+            metrics::add(&stats.unmatched, unmatched);
+        }
+        result
+    }
+
+    fn sizes(prepared: &[Routed]) -> (u64, u64) {
+        let unmatched = prepared.iter().filter(|(_, t)| t.is_empty()).count();
+        (prepared.len() as u64, unmatched as u64)
     }
 
     /// Memory mode: queues each event for its triggers, all or nothing: when any matching
@@ -902,8 +1011,9 @@ impl Mesh {
         events: Vec<Event>,
         headers: Passthrough,
     ) -> Result<(), PublishError> {
-        let prepared = self.prepare(key, events, headers)?;
-        if let Some(nats) = &self.config.nats {
+        let (prepared, stats) = self.prepare(key, events, headers)?;
+        let sizes = Self::sizes(&prepared);
+        let result = if let Some(nats) = &self.config.nats {
             // Events no trigger wants are not kept; each replica has the same triggers.
             let events: Vec<_> = prepared
                 .into_iter()
@@ -911,14 +1021,17 @@ impl Mesh {
                 .map(|(env, _)| (env.event, env.ttl, env.headers))
                 .collect();
             if events.is_empty() {
-                return Ok(());
+                Ok(())
+            } else {
+                nats.publish(key, events).await.map_err(PublishError::from)
             }
-            return Ok(nats.publish(key, events).await?);
-        }
-        match &self.config.log {
-            Some(log) => Ok(log.append(Self::appends(prepared)).await?),
-            None => Self::enqueue(prepared),
-        }
+        } else {
+            match &self.config.log {
+                Some(log) => Ok(log.append(Self::appends(prepared)).await?),
+                None => Self::enqueue(prepared),
+            }
+        };
+        Self::count_accepted(&stats, sizes, result)
     }
 
     /// Same as [`publish`](Self::publish), for threads that are not Tokio workers.
@@ -930,11 +1043,13 @@ impl Mesh {
         if self.config.nats.is_some() {
             return tokio::runtime::Handle::current().block_on(self.publish(key, events));
         }
-        let prepared = self.prepare(key, events, Passthrough::default())?;
-        match &self.config.log {
+        let (prepared, stats) = self.prepare(key, events, Passthrough::default())?;
+        let sizes = Self::sizes(&prepared);
+        let result = match &self.config.log {
             Some(log) => Ok(log.append_blocking(Self::appends(prepared))?),
             None => Self::enqueue(prepared),
-        }
+        };
+        Self::count_accepted(&stats, sizes, result)
     }
 
     /// Drops what the log still owes to triggers that are no longer declared, and events past
@@ -1075,6 +1190,7 @@ impl Mesh {
                 Ok(called) => {
                     self.config.output.write(wf.name(), &called.output);
                     if !called.value {
+                        metrics::add(&t.stats.filtered, 1);
                         self.done(&env);
                         return;
                     }
@@ -1104,10 +1220,14 @@ impl Mesh {
         };
         match first {
             Outcome::Delivered(Some(reply)) => {
+                metrics::add(&t.stats.delivered, 1);
                 self.reply_blocking(t, reply, env.ttl);
                 self.done(&env);
             }
-            Outcome::Delivered(None) => self.done(&env),
+            Outcome::Delivered(None) => {
+                metrics::add(&t.stats.delivered, 1);
+                self.done(&env);
+            }
             failed if t.policy.ordered_by.is_some() => {
                 // Ordered: the lane waits for this event's retries before the next event.
                 runtime.block_on(self.finish_delivery(t, env, Some(failed)));
@@ -1165,6 +1285,7 @@ impl Mesh {
                 Ok(Ok(called)) => {
                     self.config.output.write(wf.name(), &called.output);
                     if !called.value {
+                        metrics::add(&t.stats.filtered, 1);
                         self.done(&env);
                         return;
                     }
@@ -1202,6 +1323,7 @@ impl Mesh {
         let record = |attempts: u32| {
             let log = log.clone();
             let acker = acker.clone();
+            metrics::add(&t.stats.retried, 1);
             async move {
                 if let Some((log, (id, seq))) = log {
                     log.attempted(id, seq, attempts).await;
@@ -1232,6 +1354,9 @@ impl Mesh {
             }
         })
         .await;
+        if result.is_ok() {
+            metrics::add(&t.stats.delivered, 1);
+        }
         match result {
             Ok(Some(reply)) => self.reply(t, reply, env.ttl).await,
             Ok(None) => {}
@@ -1261,11 +1386,13 @@ impl Mesh {
         };
         match outcome {
             Outcome::Delivered(reply) => {
+                metrics::add(&t.stats.delivered, 1);
                 if let Some(reply) = reply {
                     self.reply(t, reply, env.ttl).await;
                 }
             }
             Outcome::Retry(f) if env.attempts < t.policy.retry => {
+                metrics::add(&t.stats.retried, 1);
                 let wait = f
                     .retry_after
                     .unwrap_or_else(|| t.policy.backoff(env.attempts + 1));
@@ -1369,7 +1496,10 @@ impl Mesh {
     fn log_reply(t: &TriggerSpecRuntime, reply: &Event, result: Result<(), PublishError>) {
         let id = reply.id().to_string();
         match result {
-            Ok(()) => tracing::debug!(trigger = %t.name, reply = %id, "reply published"),
+            Ok(()) => {
+                metrics::add(&t.stats.replies, 1);
+                tracing::debug!(trigger = %t.name, reply = %id, "reply published")
+            }
             Err(PublishError::TtlExhausted) => {
                 tracing::info!(trigger = %t.name, reply = %id, "reply dropped: TTL exhausted (a reply loop ends here)")
             }
@@ -1387,6 +1517,7 @@ impl Mesh {
     ) {
         let event = &env.event;
         let Some(dls) = &t.policy.dead_letter else {
+            metrics::add(&t.stats.dropped, 1);
             tracing::error!(
                 trigger = %t.name, event = %event.id(), destination = %dest.describe(),
                 code = ?failure.code, "delivery failed and no dead-letter sink is set: event dropped"
@@ -1412,6 +1543,8 @@ impl Mesh {
             wasm_filter: None,
             subscriber: dls.clone(),
             policy: t.policy.clone(),
+            // Its retries count as the dead-letter sink's, not the trigger's.
+            stats: Arc::default(),
         };
         policy_less.policy.dead_letter = None;
         match self
@@ -1419,12 +1552,16 @@ impl Mesh {
             .await
         {
             Ok(_) => {
+                metrics::add(&t.stats.dead_lettered, 1);
                 tracing::info!(trigger = %t.name, event = %event.id(), sink = %dls.describe(), "dead-lettered")
             }
-            Err(f) => tracing::error!(
+            Err(f) => {
+                metrics::add(&t.stats.dropped, 1);
+                tracing::error!(
                 trigger = %t.name, event = %event.id(), sink = %dls.describe(), code = ?f.code,
                 "the dead-letter sink failed too: event dropped"
-            ),
+                )
+            }
         }
     }
 }

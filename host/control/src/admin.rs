@@ -1,9 +1,10 @@
 //! The admin API: its own listener (TLS when a certificate is given), bearer-token
 //! authentication, module uploads, apply and delete, list and get with status, revisions,
-//! `rollout undo` and function logs. Every change goes through the [`Controller`].
+//! `rollout undo`, function logs and metrics. Every change goes through the [`Controller`].
 //!
 //! ```text
 //! GET    /healthz                                   (no token)
+//! GET    /metrics                                   the data plane's counters (Prometheus text)
 //! POST   /v1/modules[?world=filter|subscriber]      body: the .wasm -> {digest, world, bytes}
 //! POST   /v1/apply                                  body: YAML or JSON documents
 //! POST   /v1/delete                                 body: YAML or JSON documents
@@ -248,6 +249,11 @@ async fn handle(req: Request<Incoming>, c: &Controller, config: &AdminConfig) ->
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
     match (method, parts.as_slice()) {
+        (Method::GET, ["metrics"]) => full(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            c.mesh().metrics_text(),
+        ),
         (Method::POST, ["v1", "modules"]) => upload(req, c, config).await,
         (Method::POST, ["v1", "apply"]) => match documents(req, config).await {
             Ok(docs) => respond(c, c.apply(docs).await).await,

@@ -1377,6 +1377,7 @@ fn resolve_trigger(
         wasm_filter,
         subscriber,
         policy,
+        stats: Default::default(),
     })
 }
 
