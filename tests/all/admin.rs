@@ -730,12 +730,12 @@ fn the_admin_api_speaks_tls_when_given_a_certificate() {
 }
 
 /// `wasmesh` CLI commands against a server, as a user runs them.
-struct Cli {
+pub(crate) struct Cli {
     home: tempfile::TempDir,
 }
 
 impl Cli {
-    fn login(serve: &Serve) -> Cli {
+    pub(crate) fn login(serve: &Serve) -> Cli {
         let home = tempfile::tempdir().expect("home");
         let cli = Cli { home };
         let out = cli.run(&[
@@ -750,7 +750,7 @@ impl Cli {
     }
 
     /// (success, stdout, stderr)
-    fn run(&self, args: &[&str]) -> (bool, String, String) {
+    pub(crate) fn run(&self, args: &[&str]) -> (bool, String, String) {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmesh"))
             .args(args)
             .env("HOME", self.home.path())

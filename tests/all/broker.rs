@@ -1115,4 +1115,22 @@ fn metrics_say_where_every_event_went() {
     );
     let r = crate::harness::request(serve.admin.expect("admin"), "GET", "/metrics", &[], b"");
     assert_eq!(r.status, 401, "the metrics need the admin token too");
+    // The same counts with the trigger's status, and in `wasmesh describe`.
+    let r = serve.admin("GET", "/v1/triggers/default/failing", b"");
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    let d = &v["status"]["deliveries"];
+    assert_eq!(
+        (d["deadLettered"].as_u64(), d["retries"].as_u64()),
+        (Some(1), Some(1)),
+        "{v}"
+    );
+    let (ok, out, err) = crate::admin::Cli::login(&serve).run(&["describe", "trigger", "nodls"]);
+    assert!(ok, "{err}");
+    let line = |label: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .map(|l| l.split_whitespace().last().unwrap_or("").to_string())
+    };
+    assert_eq!(line("Dropped:").as_deref(), Some("1"), "{out}");
+    assert_eq!(line("Delivered:").as_deref(), Some("0"), "{out}");
 }

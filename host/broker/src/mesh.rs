@@ -152,6 +152,16 @@ struct TriggerRuntime {
     finished: Arc<AtomicU64>,
 }
 
+impl TriggerRuntime {
+    /// Events waiting in its queues.
+    fn queued(&self) -> u64 {
+        let queues = self.lanes.queues.iter();
+        queues
+            .map(|q| (q.max_capacity() - q.capacity()) as u64)
+            .sum()
+    }
+}
+
 /// Held shut until the workers of the trigger a new one replaces have ended: for ordered
 /// delivery, so that no event of a key starts before the old workers are done with theirs.
 type Gate = Option<tokio::sync::watch::Receiver<bool>>;
@@ -543,6 +553,12 @@ impl Mesh {
         )
     }
 
+    /// A declared trigger's counters now.
+    pub fn trigger_counts(&self, namespace: &str, name: &str) -> Option<metrics::TriggerCounts> {
+        let (_, t) = self.find_trigger(namespace, name)?;
+        Some(t.spec.load().stats.counts(t.queued()))
+    }
+
     /// Where ingress counts its answers.
     pub fn ingress_stats(&self) -> &IngressStats {
         &self.ingress
@@ -569,15 +585,9 @@ impl Mesh {
         let specs: Vec<_> = brokers
             .iter()
             .flat_map(|(k, b)| {
-                b.triggers.iter().map(move |t| {
-                    let queued = t
-                        .lanes
-                        .queues
-                        .iter()
-                        .map(|q| (q.max_capacity() - q.capacity()) as u64)
-                        .sum::<u64>();
-                    (k.name.clone(), t.spec.load_full(), queued)
-                })
+                b.triggers
+                    .iter()
+                    .map(move |t| (k.name.clone(), t.spec.load_full(), t.queued()))
             })
             .collect();
         let mut rows: Vec<_> = specs

@@ -24,6 +24,35 @@ pub struct TriggerStats {
     pub replies: AtomicU64,
 }
 
+/// A trigger's counters at one moment, as the admin API shows them with its status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TriggerCounts {
+    pub delivered: u64,
+    pub dead_lettered: u64,
+    pub dropped: u64,
+    pub filtered: u64,
+    pub retries: u64,
+    pub replies: u64,
+    /// Events waiting in its queues in memory.
+    pub queued: u64,
+}
+
+impl TriggerStats {
+    pub fn counts(&self, queued: u64) -> TriggerCounts {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        TriggerCounts {
+            delivered: get(&self.delivered),
+            dead_lettered: get(&self.dead_lettered),
+            dropped: get(&self.dropped),
+            filtered: get(&self.filtered),
+            retries: get(&self.retried),
+            replies: get(&self.replies),
+            queued,
+        }
+    }
+}
+
 /// One broker's counters.
 #[derive(Debug, Default)]
 pub struct BrokerStats {

@@ -487,7 +487,7 @@ impl Controller {
             .desired
             .iter()
             .filter(|l| kinds.contains(&kind_name(&l.resource)) && pick(l))
-            .filter_map(|l| view(&st, l))
+            .filter_map(|l| view(&st, &self.mesh, l))
             .collect())
     }
 
@@ -1458,7 +1458,7 @@ fn kinds_of(kind: &str) -> Result<&'static [&'static str], String> {
 }
 
 /// An object as `get` returns it: as declared, plus a status with Knative's `Ready` condition.
-fn view(st: &State, loc: &Located) -> Option<serde_json::Value> {
+fn view(st: &State, mesh: &Mesh, loc: &Located) -> Option<serde_json::Value> {
     let mut json = loc.resource.to_json()?;
     let id = loc.resource.id();
     st.statuses.get(&id)?;
@@ -1482,6 +1482,11 @@ fn view(st: &State, loc: &Located) -> Option<serde_json::Value> {
         s["revision"] = live.revision.into();
         s["digest"] = live.digest.clone().into();
         s["revisions"] = serde_json::to_value(st.overlay.history.get(&id)).unwrap_or_default();
+    }
+    if let Resource::Trigger(t) = &loc.resource
+        && let Some(counts) = mesh.trigger_counts(t.metadata.namespace(), &t.metadata.name)
+    {
+        s["deliveries"] = serde_json::to_value(counts).unwrap_or_default();
     }
     if let Resource::Broker(o) = &loc.resource {
         s["address"] = serde_json::json!({

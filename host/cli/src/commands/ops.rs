@@ -379,6 +379,24 @@ pub(crate) fn describe(args: DescribeArgs) -> anyhow::Result<ExitCode> {
     println!("Conditions:");
     println!("  Type    Status  Reason  Message");
     println!("  Ready   {ready:<6}  {reason}  {message}");
+    if let Some(d) = status["deliveries"].as_object() {
+        println!("Deliveries (since this server started):");
+        for (key, label) in [
+            ("delivered", "Delivered"),
+            ("deadLettered", "Dead-lettered"),
+            ("dropped", "Dropped"),
+            ("filtered", "Filtered out"),
+            ("retries", "Retries"),
+            ("replies", "Replies"),
+            ("queued", "Queued now"),
+        ] {
+            println!(
+                "  {:<14} {}",
+                format!("{label}:"),
+                d.get(key).unwrap_or(&0.into())
+            );
+        }
+    }
     if let Some(revs) = status["revisions"].as_array() {
         println!("Revisions (live: {}):", status["revision"]);
         for r in revs {
