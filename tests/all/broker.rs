@@ -1134,3 +1134,102 @@ fn metrics_say_where_every_event_went() {
     assert_eq!(line("Dropped:").as_deref(), Some("1"), "{out}");
     assert_eq!(line("Delivered:").as_deref(), Some("0"), "{out}");
 }
+
+/// Replies that their broker cannot take yet (the trigger they go to is full: 429 inside) are
+/// published again with the replying trigger's backoff, and the event that caused each is
+/// acknowledged only then: none is lost.
+#[test]
+fn replies_a_full_broker_refuses_are_tried_again_not_lost() {
+    let replier = Capture::start(|c| {
+        let headers = vec![
+            ("ce-specversion".to_string(), "1.0".to_string()),
+            ("ce-id".to_string(), format!("reply-{}", c.headers["ce-id"])),
+            ("ce-source".to_string(), "/replier".to_string()),
+            ("ce-type".to_string(), "t.resp".to_string()),
+        ];
+        (200, headers, Vec::new())
+    });
+    let slow = crate::harness::HoldingSubscriber::start(Duration::from_millis(200));
+    let yaml = broker_with_triggers(&[
+        (
+            "requests",
+            "  filters: [{exact: {type: t.req}}]\n  delivery: {retry: 10, backoffDelay: PT0.05S, backoffPolicy: linear}\n",
+            &replier.url("/replier"),
+        ),
+        (
+            "responses",
+            "  filters: [{exact: {type: t.resp}}]\n  delivery: {concurrency: 1}\n",
+            &format!("http://{}/", slow.addr),
+        ),
+    ]);
+    // In memory, a trigger's queue is what fills (with the durable log, the log's capacity).
+    let serve = Serve::start(&[("b.yaml", &yaml)], &["--store", "memory", "--queue", "2"]);
+    for i in 0..8 {
+        let r = serve.request(
+            "POST",
+            "/default/default",
+            &ce_headers(&format!("q{i}"), "t.req"),
+            b"",
+        );
+        assert_eq!(r.status, 202, "{}", r.text());
+        crate::harness::wait_for("the request replied to", Duration::from_secs(10), || {
+            replier.on("/replier").len() > i
+        });
+    }
+    crate::harness::wait_for("every reply delivered", Duration::from_secs(30), || {
+        let arrived = slow.arrived.lock().expect("lock");
+        (0..8).all(|i| arrived.iter().any(|(_, id)| *id == format!("reply-q{i}")))
+    });
+    assert!(
+        serve.stderr().contains("trying it again"),
+        "the broker was full at least once: {}",
+        serve.stderr()
+    );
+    drop(serve);
+    // The same for a Wasm subscriber's replies (pod-started), which its worker thread publishes.
+    let slow = crate::harness::HoldingSubscriber::start(Duration::from_millis(200));
+    let triggers = format!(
+        "---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: started}}\nspec:\n  filters: [{{prefix: {{type: dev.knative.apiserver}}}}]\n  subscriber:\n    ref: {{apiVersion: wasmesh.dev/v1alpha1, kind: Function, name: pod-started}}\n  delivery: {{retry: 10, backoffDelay: PT0.05S, backoffPolicy: linear}}\n\
+         ---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: pods}}\nspec:\n  filters: [{{exact: {{type: com.example.pod.started}}}}]\n  subscriber: {{uri: 'http://{}/'}}\n  delivery: {{concurrency: 1}}\n",
+        slow.addr
+    );
+    let serve = Serve::start(
+        &[("f.yaml", &format!("{FUNCTIONS}{triggers}"))],
+        &["--store", "memory", "--queue", "2"],
+    );
+    let seed: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo("tests/data/seed-event.json")).expect("seed"))
+            .expect("json");
+    for i in 0..8 {
+        let mut event = seed.clone();
+        event["id"] = format!("w{i}").into();
+        // One at a time (again after a 429): the replies pile up, not the requests.
+        loop {
+            let r = serve.request(
+                "POST",
+                "/default/default",
+                &[("content-type", "application/cloudevents+json")],
+                event.to_string().as_bytes(),
+            );
+            if r.status != 429 {
+                assert_eq!(r.status, 202, "{}", r.text());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    crate::harness::wait_for(
+        "every Wasm reply delivered",
+        Duration::from_secs(30),
+        || {
+            let arrived = slow.arrived.lock().expect("lock");
+            (0..8).all(|i| arrived.iter().any(|(_, id)| *id == format!("w{i}-started")))
+        },
+    );
+    assert!(
+        serve.stderr().contains("trying it again"),
+        "{}",
+        serve.stderr()
+    );
+}

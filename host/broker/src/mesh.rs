@@ -1231,8 +1231,25 @@ impl Mesh {
         match first {
             Outcome::Delivered(Some(reply)) => {
                 metrics::add(&t.stats.delivered, 1);
-                self.reply_blocking(t, reply, env.ttl);
-                self.done(&env);
+                let reply = Self::with_ttl(reply, env.ttl);
+                let result = self.publish_blocking(&t.broker, vec![reply.clone()]);
+                if !Self::again(t, &reply, result, 0) {
+                    self.done(&env);
+                    return;
+                }
+                // The broker is full: the reply is published again after a backoff, off this
+                // thread (for an ordered trigger, its lane waits), and the event acknowledged then.
+                let ordered = t.policy.ordered_by.is_some();
+                let (mesh, t) = (Arc::clone(self), Arc::clone(t));
+                let retry = async move {
+                    mesh.publish_reply(&t, reply, 1).await;
+                    mesh.done(&env);
+                };
+                if ordered {
+                    runtime.block_on(retry);
+                } else {
+                    runtime.spawn(retry);
+                }
             }
             Outcome::Delivered(None) => {
                 metrics::add(&t.stats.delivered, 1);
@@ -1489,31 +1506,59 @@ impl Mesh {
 
     /// A reply goes back into the trigger's broker with the event's TTL, one hop spent there.
     /// On a worker thread (`blocking`) it is appended with a blocking call.
+    /// A broker that cannot take the reply yet (full, or its store cannot write) gets it again
+    /// after the trigger's backoff, up to its retry count; the caller acknowledges the event
+    /// that caused the reply only after this.
     async fn reply(&self, t: &TriggerSpecRuntime, reply: Box<Event>, ttl: i32) {
-        let mut reply = *reply;
-        reply.set_extension(TTL_EXTENSION, ExtensionValue::Integer(i64::from(ttl)));
-        let result = self.publish(&t.broker, vec![reply.clone()]).await;
-        Self::log_reply(t, &reply, result);
+        self.publish_reply(t, Self::with_ttl(reply, ttl), 0).await;
     }
 
-    fn reply_blocking(&self, t: &TriggerSpecRuntime, reply: Box<Event>, ttl: i32) {
+    fn with_ttl(reply: Box<Event>, ttl: i32) -> Event {
         let mut reply = *reply;
         reply.set_extension(TTL_EXTENSION, ExtensionValue::Integer(i64::from(ttl)));
-        let result = self.publish_blocking(&t.broker, vec![reply.clone()]);
-        Self::log_reply(t, &reply, result);
+        reply
     }
 
-    fn log_reply(t: &TriggerSpecRuntime, reply: &Event, result: Result<(), PublishError>) {
+    /// Publishes `reply`, `tries` having been made before.
+    async fn publish_reply(&self, t: &TriggerSpecRuntime, reply: Event, mut tries: u32) {
+        loop {
+            if tries > 0 {
+                tokio::time::sleep(t.policy.backoff(tries)).await;
+            }
+            let result = self.publish(&t.broker, vec![reply.clone()]).await;
+            if !Self::again(t, &reply, result, tries) {
+                return;
+            }
+            tries += 1;
+        }
+    }
+
+    /// Counts or logs what became of a reply; true when it should be published again.
+    fn again(
+        t: &TriggerSpecRuntime,
+        reply: &Event,
+        result: Result<(), PublishError>,
+        tries: u32,
+    ) -> bool {
         let id = reply.id().to_string();
         match result {
             Ok(()) => {
                 metrics::add(&t.stats.replies, 1);
-                tracing::debug!(trigger = %t.name, reply = %id, "reply published")
+                tracing::debug!(trigger = %t.name, reply = %id, "reply published");
+                false
             }
             Err(PublishError::TtlExhausted) => {
-                tracing::info!(trigger = %t.name, reply = %id, "reply dropped: TTL exhausted (a reply loop ends here)")
+                tracing::info!(trigger = %t.name, reply = %id, "reply dropped: TTL exhausted (a reply loop ends here)");
+                false
             }
-            Err(e) => tracing::error!(trigger = %t.name, reply = %id, error = %e, "reply lost"),
+            Err(e @ (PublishError::Full(_) | PublishError::Log(_))) if tries < t.policy.retry => {
+                tracing::info!(trigger = %t.name, reply = %id, retry = tries + 1, error = %e, "the broker cannot take the reply yet; trying it again");
+                true
+            }
+            Err(e) => {
+                tracing::error!(trigger = %t.name, reply = %id, error = %e, tries = tries + 1, "reply lost");
+                false
+            }
         }
     }
 
