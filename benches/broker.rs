@@ -390,7 +390,7 @@ fn main() {
         let rec_c = Arc::new(Recorder::default());
         let native = native_display_server(Arc::clone(&rec_c)).await;
         let uri: http::Uri = format!("http://{native}/").parse().expect("uri");
-        let (c_addr, c_mesh) = broker(Sink::Http(uri), Arc::clone(&rec_c)).await;
+        let (c_addr, c_mesh) = broker(Sink::Http(uri, None), Arc::clone(&rec_c)).await;
         let start = Instant::now();
         let mut c = load(c_addr, "/default/default", Some(Arc::clone(&rec_c)), None).await;
         let c_rate = drain(&rec_c, c.accepted, start).await;
@@ -410,7 +410,7 @@ fn main() {
         let b_dispatch = dispatch_only(&b2, &rec_b2, n).await;
         let rec_c2 = Arc::new(Recorder::default());
         let native2 = native_display_server(Arc::clone(&rec_c2)).await;
-        let (_, c2) = broker(Sink::Http(format!("http://{native2}/").parse().expect("uri")), Arc::clone(&rec_c2)).await;
+        let (_, c2) = broker(Sink::Http(format!("http://{native2}/").parse().expect("uri"), None), Arc::clone(&rec_c2)).await;
         let c_dispatch = dispatch_only(&c2, &rec_c2, n).await;
         drop((b_mesh, c_mesh));
 

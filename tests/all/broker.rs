@@ -965,15 +965,16 @@ fn https_subscribers_are_reached_with_their_certificates_checked() {
         ),
         &format!("https://localhost:{port}/"),
     )]);
-    for (ca, expect_delivered) in [(&cert, true), (&other, false)] {
+    // `yaml` served with `SSL_CERT_FILE` naming `ca`.
+    let serve_trusting = |yaml: &str, ca: &std::path::Path| {
         let files = tempfile::tempdir().expect("tempdir");
-        std::fs::write(files.path().join("b.yaml"), &yaml).expect("yaml");
-        let serve = Serve::start_with_env(
-            files.path(),
-            &files.path().join("data"),
-            &[],
-            &[("SSL_CERT_FILE", ca.as_path())],
-        );
+        std::fs::write(files.path().join("b.yaml"), yaml).expect("yaml");
+        let data = files.path().join("data");
+        let serve = Serve::start_with_env(files.path(), &data, &[], &[("SSL_CERT_FILE", ca)]);
+        (files, serve)
+    };
+    for (ca, expect_delivered) in [(&cert, true), (&other, false)] {
+        let (_files, serve) = serve_trusting(&yaml, ca);
         let id = format!("tls-{expect_delivered}");
         let r = serve.request("POST", "/default/default", &ce_headers(&id, "t"), b"{}");
         assert_eq!(r.status, 202, "{}", r.text());
@@ -1009,6 +1010,75 @@ fn https_subscribers_are_reached_with_their_certificates_checked() {
             assert!(!seen.lock().expect("lock").contains(&id));
         }
     }
+    // A destination's own `CACerts` are trusted besides the system's; a PEM without a
+    // certificate makes the trigger not ready, saying so.
+    let pem: String = std::fs::read_to_string(&cert)
+        .expect("pem")
+        .lines()
+        .map(|l| format!("      {l}\n"))
+        .collect();
+    let yaml = format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata: {{name: default, namespace: default}}\n\
+         ---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: pinned, namespace: default}}\n\
+         spec:\n  broker: default\n  subscriber:\n    uri: https://localhost:{port}/\n    CACerts: |\n{pem}\
+         ---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: garbled, namespace: default}}\n\
+         spec:\n  broker: default\n  subscriber:\n    uri: https://localhost:{port}/\n    CACerts: not a certificate\n"
+    );
+    let (_files, serve) = serve_trusting(&yaml, &other);
+    let r = serve.request(
+        "POST",
+        "/default/default",
+        &ce_headers("pinned-1", "t"),
+        b"{}",
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    crate::harness::wait_for("delivered with CACerts", Duration::from_secs(20), || {
+        seen.lock().expect("lock").iter().any(|s| s == "pinned-1")
+    });
+    let r = serve.admin("GET", "/v1/triggers/default/garbled", b"");
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    let ready = &v["status"]["conditions"][0];
+    assert_eq!(ready["reason"], "InvalidSink", "{v}");
+    assert!(
+        ready["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.subscriber.CACerts: no certificate")),
+        "{v}"
+    );
+}
+
+/// `delivery.format: json` (Knative's) sends each event in structured mode.
+#[test]
+fn delivery_format_json_sends_structured_events() {
+    let sub = Capture::ok();
+    let yaml = broker_with_triggers(&[
+        ("json", "  delivery: {format: json}\n", &sub.url("/json")),
+        (
+            "binary",
+            "  delivery: {format: binary}\n",
+            &sub.url("/binary"),
+        ),
+    ]);
+    let serve = Serve::start(&[("b.yaml", &yaml)], &[]);
+    let mut h = ce_headers("f1", "t");
+    h.push(("content-type", "application/json"));
+    let r = serve.request("POST", "/default/default", &h, b"{\"n\":1}");
+    assert_eq!(r.status, 202, "{}", r.text());
+    let json = sub.wait("/json", 1);
+    assert_eq!(
+        json[0].headers["content-type"],
+        "application/cloudevents+json"
+    );
+    assert!(!json[0].headers.contains_key("ce-id"));
+    let v: serde_json::Value = serde_json::from_slice(&json[0].body).expect("structured");
+    assert_eq!(
+        (v["id"].as_str(), v["data"]["n"].as_i64()),
+        (Some("f1"), Some(1)),
+        "{v}"
+    );
+    let binary = sub.wait("/binary", 1);
+    assert_eq!(binary[0].headers["ce-id"], "f1");
+    assert_eq!(binary[0].body, b"{\"n\":1}");
 }
 
 /// Knative's samples deploy event-display as a Deployment behind a plain Kubernetes Service and

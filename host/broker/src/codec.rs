@@ -5,7 +5,9 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::{HeaderMap, HeaderName, HeaderValue, header::CONTENT_TYPE};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
-use wasmesh_core::{AttributesReader, Data, Event, EventBuilder, EventBuilderV10, ExtensionValue};
+use wasmesh_core::{
+    AttributesReader, AttributesWriter, Data, Event, EventBuilder, EventBuilderV10, ExtensionValue,
+};
 
 /// Why a request does not carry valid CloudEvents. Each becomes a 400 naming the problem.
 #[derive(Debug, thiserror::Error)]
@@ -225,8 +227,27 @@ pub fn encode_binary(event: &Event, headers: &mut HeaderMap) -> Bytes {
     }
 }
 
-/// Structured mode: the event in the JSON format.
+/// Structured mode: the event in the JSON format. Data that came as bytes of a JSON content
+/// type goes in `data` as it is (the format's rule for JSON data), not base64-encoded.
 pub fn encode_structured(event: &Event) -> Bytes {
+    if let Some(Data::Binary(bytes)) = event.data()
+        && event
+            .datacontenttype()
+            .is_some_and(wasmesh_core::event::is_json_media_type)
+        && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
+    {
+        let mut attributes = event.clone();
+        let (ct, schema, _) = attributes.take_data();
+        attributes.set_datacontenttype(ct);
+        attributes.set_dataschema(schema);
+        let mut out = serde_json::to_vec(&attributes).unwrap_or_default();
+        if out.pop() == Some(b'}') {
+            out.extend_from_slice(b",\"data\":");
+            out.extend_from_slice(bytes);
+            out.push(b'}');
+            return Bytes::from(out);
+        }
+    }
     Bytes::from(serde_json::to_vec(event).unwrap_or_default())
 }
 
@@ -238,6 +259,39 @@ pub fn carries_event(headers: &HeaderMap) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn structured_mode_puts_json_bytes_inline_and_keeps_them() {
+        let event = |ct: &str, data: &[u8]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in [
+                ("ce-specversion", "1.0"),
+                ("ce-id", "1"),
+                ("ce-source", "/s"),
+                ("ce-type", "t"),
+            ] {
+                h.insert(k, HeaderValue::from_static(v));
+            }
+            h.insert(CONTENT_TYPE, HeaderValue::from_str(ct).expect("ct"));
+            decode(&h, Bytes::copy_from_slice(data))
+                .expect("valid")
+                .remove(0)
+        };
+        let json = encode_structured(&event("application/json", b"{ \"n\": 1.50 }"));
+        let text = std::str::from_utf8(&json).expect("utf-8");
+        assert!(text.ends_with(",\"data\":{ \"n\": 1.50 }}"), "{text}");
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("valid JSON");
+        assert_eq!(v["datacontenttype"], "application/json");
+        let plain = encode_structured(&event("text/plain", b"hi"));
+        let v: serde_json::Value = serde_json::from_slice(&plain).expect("valid JSON");
+        assert!(v.get("data_base64").is_some() || v["data"] == "hi", "{v}");
+        let broken = encode_structured(&event("application/json", b"{not json"));
+        let v: serde_json::Value = serde_json::from_slice(&broken).expect("valid JSON");
+        assert!(
+            v.get("data_base64").is_some(),
+            "bytes that are not JSON stay base64: {v}"
+        );
+    }
 
     #[test]
     fn percent_encoding_round_trips() {

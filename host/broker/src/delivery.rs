@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use wasmesh_core::resources::{BackoffPolicy, DeliverySpec, Ordering};
+use wasmesh_core::resources::{BackoffPolicy, DeliveryFormat, DeliverySpec, Ordering};
 
 use crate::sink::Sink;
 
@@ -27,6 +27,10 @@ pub struct DeliveryPolicy {
     pub concurrency: Option<usize>,
     /// When set, delivery is ordered per the value of this attribute.
     pub ordered_by: Option<String>,
+    /// The longest wait a subscriber's `Retry-After` may ask for (zero: ignore it).
+    pub retry_after_max: Option<Duration>,
+    /// Structured mode (`format: json`) to HTTP subscribers instead of binary.
+    pub structured: bool,
 }
 
 impl Default for DeliveryPolicy {
@@ -40,6 +44,8 @@ impl Default for DeliveryPolicy {
             backoff_max: None,
             concurrency: None,
             ordered_by: None,
+            retry_after_max: None,
+            structured: false,
         }
     }
 }
@@ -65,6 +71,19 @@ impl DeliveryPolicy {
                 ),
                 Ordering::Unordered => None,
             },
+            retry_after_max: spec.retry_after_max.as_ref().map(|x| x.get()),
+            structured: spec.format == Some(DeliveryFormat::Json),
+        }
+    }
+
+    /// The wait before retry number `n` after a failure whose subscriber asked for `retry_after`:
+    /// that, capped by `retryAfterMax` (which, zero, ignores it), else the backoff.
+    pub fn wait(&self, retry_after: Option<Duration>, n: u32) -> Duration {
+        match (retry_after, self.retry_after_max) {
+            (Some(_), Some(max)) if max.is_zero() => self.backoff(n),
+            (Some(after), Some(max)) => after.min(max),
+            (Some(after), None) => after,
+            (None, _) => self.backoff(n),
         }
     }
 
@@ -110,6 +129,26 @@ mod tests {
             "backoffMax caps the wait"
         );
         assert_eq!(p.backoff(1), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn retry_after_is_capped_by_retry_after_max_and_ignored_at_zero() {
+        let mut p = DeliveryPolicy {
+            delay: Duration::from_millis(100),
+            backoff: BackoffPolicy::Linear,
+            ..Default::default()
+        };
+        let asked = Some(Duration::from_secs(30));
+        assert_eq!(p.wait(asked, 2), Duration::from_secs(30));
+        assert_eq!(p.wait(None, 2), Duration::from_millis(200));
+        p.retry_after_max = Some(Duration::from_secs(5));
+        assert_eq!(p.wait(asked, 2), Duration::from_secs(5));
+        assert_eq!(
+            p.wait(Some(Duration::from_secs(1)), 2),
+            Duration::from_secs(1)
+        );
+        p.retry_after_max = Some(Duration::ZERO);
+        assert_eq!(p.wait(asked, 2), Duration::from_millis(200));
     }
 
     #[test]

@@ -1092,9 +1092,15 @@ impl Mesh {
                     .map_err(|e| e.to_string());
             }
             Sink::Function(f) => sink::send_function(f, Arc::new(event), &self.config.output).await,
-            Sink::Http(uri) => {
+            Sink::Http(uri, own) => {
+                let client = own.as_deref().unwrap_or(&self.client);
+                let options = sink::SendOptions {
+                    namespace,
+                    timeout: None,
+                    structured: false,
+                };
                 let none = Passthrough::default();
-                sink::send_http(&self.client, uri, &event, &none, namespace, None).await
+                sink::send_http(client, uri, &event, &none, options).await
             }
         };
         match outcome {
@@ -1420,9 +1426,7 @@ impl Mesh {
             }
             Outcome::Retry(f) if env.attempts < t.policy.retry => {
                 metrics::add(&t.stats.retried, 1);
-                let wait = f
-                    .retry_after
-                    .unwrap_or_else(|| t.policy.backoff(env.attempts + 1));
+                let wait = t.policy.wait(f.retry_after, env.attempts + 1);
                 tracing::info!(
                     trigger = %t.name, retry = env.attempts + 1, wait_ms = wait.as_millis() as u64,
                     code = ?f.code, "retrying (JetStream NAK)"
@@ -1486,9 +1490,14 @@ impl Mesh {
             Sink::Function(f) => {
                 sink::send_function(f, Arc::clone(event), &self.config.output).await
             }
-            Sink::Http(uri) => {
-                let timeout = t.policy.timeout;
-                sink::send_http(&self.client, uri, event, headers, &t.namespace, timeout).await
+            Sink::Http(uri, own) => {
+                let client = own.as_deref().unwrap_or(&self.client);
+                let options = sink::SendOptions {
+                    namespace: &t.namespace,
+                    timeout: t.policy.timeout,
+                    structured: t.policy.structured,
+                };
+                sink::send_http(client, uri, event, headers, options).await
             }
             Sink::Broker(key) => match self
                 .publish_with(key, vec![(**event).clone()], headers.clone())
@@ -1699,9 +1708,7 @@ where
         retries += 1;
         // The count is on disk before the wait: a restart resumes the budget, not a fresh one.
         record(retries).await;
-        let wait = failure
-            .retry_after
-            .unwrap_or_else(|| policy.backoff(retries));
+        let wait = policy.wait(failure.retry_after, retries);
         tracing::info!(
             trigger,
             retry = retries,

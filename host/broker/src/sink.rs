@@ -25,8 +25,9 @@ use crate::slot::FunctionSlot;
 pub enum Sink {
     /// A Wasm subscriber, called in this process (its live version).
     Function(Arc<FunctionSlot>),
-    /// An HTTP endpoint, sent binary-mode CloudEvents.
-    Http(http::Uri),
+    /// An HTTP endpoint, sent binary-mode CloudEvents; with its own client when the destination
+    /// names CA certificates of its own (`CACerts`).
+    Http(http::Uri, Option<Arc<HttpClient>>),
     /// A broker of this process (a Broker `ref` as sink).
     Broker(BrokerKey),
 }
@@ -42,7 +43,7 @@ impl Sink {
     pub fn describe(&self) -> String {
         match self {
             Sink::Function(func) => format!("function:{}", func.name()),
-            Sink::Http(uri) => uri.to_string(),
+            Sink::Http(uri, _) => uri.to_string(),
             Sink::Broker(key) => format!("broker:{}/{}", key.namespace, key.name),
         }
     }
@@ -95,6 +96,30 @@ pub fn http_client() -> HttpClient {
         );
         rustls::RootCertStore::empty()
     });
+    client_trusting(roots)
+}
+
+/// A client for a destination with CA certificates of its own (`CACerts`, PEM): those and the
+/// system's are trusted. Errors say what is wrong with the PEM.
+pub fn http_client_with(ca_certs: &str) -> Result<HttpClient, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = system_roots().unwrap_or_else(|_| rustls::RootCertStore::empty());
+    let mut added = 0;
+    for cert in CertificateDer::pem_slice_iter(ca_certs.as_bytes()) {
+        let cert = cert.map_err(|e| format!("not PEM: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("a certificate is not usable: {e}"))?;
+        added += 1;
+    }
+    if added == 0 {
+        return Err("no certificate in it (expected PEM: -----BEGIN CERTIFICATE-----)".into());
+    }
+    Ok(client_trusting(roots))
+}
+
+fn client_trusting(roots: rustls::RootCertStore) -> HttpClient {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -133,19 +158,42 @@ pub fn system_roots() -> Result<rustls::RootCertStore, String> {
 /// The most of a response body kept for a reply or for `knativeerrordata`.
 const MAX_RESPONSE: usize = 4 << 20;
 
-/// Sends one event to an HTTP subscriber in binary mode, with its pass-through headers, and
-/// applies Knative's reply rules.
+/// How an event goes to an HTTP sink.
+#[derive(Debug, Clone, Copy)]
+pub struct SendOptions<'a> {
+    /// The namespace of the trigger or source sending (`Kn-Namespace`).
+    pub namespace: &'a str,
+    /// The per-request timeout.
+    pub timeout: Option<Duration>,
+    /// Structured mode (`delivery.format: json`) instead of binary.
+    pub structured: bool,
+}
+
+/// Sends one event to an HTTP subscriber (binary mode unless `structured`), with its
+/// pass-through headers, and applies Knative's reply rules.
 pub async fn send_http(
     client: &HttpClient,
     uri: &http::Uri,
     event: &Event,
     passthrough: &Passthrough,
-    namespace: &str,
-    timeout: Option<Duration>,
+    options: SendOptions<'_>,
 ) -> Outcome {
+    let SendOptions {
+        namespace,
+        timeout,
+        structured,
+    } = options;
     let mut headers = HeaderMap::new();
     passthrough.add_to(&mut headers);
-    let body = codec::encode_binary(event, &mut headers);
+    let body = if structured {
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/cloudevents+json"),
+        );
+        codec::encode_structured(event)
+    } else {
+        codec::encode_binary(event, &mut headers)
+    };
     for trace in ["traceparent", "tracestate"] {
         if let Some(v) = event.extension(trace) {
             headers.insert(trace, codec::encode_value(&v.to_string()));

@@ -1290,7 +1290,15 @@ fn resolve_sink(
                 format!("{field}.uri `{uri}`: use an absolute http:// or https:// URI"),
             ));
         }
-        return Ok(Sink::Http(parsed));
+        let own = match &dest.ca_certs {
+            Some(pem) if parsed.scheme_str() == Some("https") => {
+                let client = wasmesh_broker::sink::http_client_with(pem)
+                    .map_err(|e| ("InvalidSink", format!("{field}.CACerts: {e}")))?;
+                Some(Arc::new(client))
+            }
+            _ => None,
+        };
+        return Ok(Sink::Http(parsed, own));
     }
     let Some(r) = &dest.reference else {
         return Err(("InvalidSink", format!("{field}: no ref or uri")));

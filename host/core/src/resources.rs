@@ -90,6 +90,9 @@ pub struct Destination {
     pub reference: Option<KReference>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri: Option<String>,
+    /// CA certificates (PEM) trusted, besides the system's, for an `https` uri.
+    #[serde(default, rename = "CACerts", skip_serializing_if = "Option::is_none")]
+    pub ca_certs: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -100,7 +103,7 @@ struct RawDestination {
     #[serde(default)]
     uri: Option<String>,
     #[serde(default, rename = "CACerts")]
-    _ca_certs: Option<String>,
+    ca_certs: Option<String>,
     // The v1alpha1 sources wrote the sink as an object reference, without `ref:`.
     #[serde(default, rename = "apiVersion")]
     api_version: Option<String>,
@@ -145,11 +148,13 @@ impl TryFrom<RawDestination> for Destination {
                 Ok(Destination {
                     reference: None,
                     uri: raw.uri,
+                    ca_certs: raw.ca_certs,
                 })
             }
             (Some(_), None) => Ok(Destination {
                 reference: raw.reference,
                 uri: None,
+                ca_certs: raw.ca_certs,
             }),
         }
     }
@@ -241,6 +246,9 @@ pub struct DeliverySpec {
     pub dead_letter_sink: Option<Destination>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_max: Option<IsoDuration>,
+    /// The content mode of deliveries: `json` (structured) or `binary` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DeliveryFormat>,
     /// wasmesh: the longest wait between retries, whatever the policy computes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff_max: Option<IsoDuration>,
@@ -253,6 +261,16 @@ pub struct DeliverySpec {
     /// wasmesh: the attribute whose value partitions ordered delivery (default `subject`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition_key: Option<AttributeName>,
+}
+
+/// Knative's delivery format: `json` sends each event in structured mode, `binary` in binary
+/// mode (also the default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryFormat {
+    #[serde(alias = "JSON")]
+    Json,
+    Binary,
 }
 
 /// Delivery order of a trigger.
