@@ -1303,3 +1303,38 @@ fn replies_a_full_broker_refuses_are_tried_again_not_lost() {
         serve.stderr()
     );
 }
+
+/// A Wasm subscriber that fails every event, with long backoffs: the events waiting for their
+/// retries count against the trigger's concurrency, as they do for an HTTP subscriber, so that
+/// producers get 429 once the queue is full instead of the waiting events piling up in memory.
+#[test]
+fn events_retrying_on_a_failing_wasm_subscriber_hold_producers_back() {
+    let yaml = format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata: {{name: default, namespace: default}}\n\
+         ---\napiVersion: wasmesh.dev/v1alpha1\nkind: Function\nmetadata: {{name: trap, namespace: default}}\nspec: {{module: '{}'}}\n\
+         ---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: all, namespace: default}}\n\
+         spec:\n  broker: default\n  subscriber: {{ref: {{apiVersion: wasmesh.dev/v1alpha1, kind: Function, name: trap}}}}\n\
+         \x20 delivery: {{retry: 5, backoffDelay: PT30S, concurrency: 2}}\n",
+        wasmesh_plugins::FIXTURE_TRAP
+    );
+    let serve = Serve::start(&[("t.yaml", &yaml)], &["--store", "memory", "--queue", "4"]);
+    let (mut accepted, mut refused) = (0, 0);
+    for i in 0..200 {
+        let r = serve.request(
+            "POST",
+            "/default/default",
+            &ce_headers(&format!("e{i}"), "t"),
+            b"",
+        );
+        match r.status {
+            202 => accepted += 1,
+            429 => refused += 1,
+            other => panic!("{other}: {}", r.text()),
+        }
+    }
+    // At most: 2 waiting for a retry, one held by each worker thread, 4 queued.
+    assert!(
+        accepted <= 12 && refused >= 188,
+        "accepted {accepted}, refused {refused}"
+    );
+}

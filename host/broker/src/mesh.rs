@@ -1152,6 +1152,10 @@ impl Mesh {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let threads = concurrency.clamp(1, cores);
         let rx = Arc::new(Mutex::new(rx));
+        // Events whose first attempt failed wait for their retries on tasks; at most
+        // `concurrency` at once, as an HTTP subscriber's do (beyond that the threads wait, the
+        // queue fills and producers get 429: memory stays bounded).
+        let retrying = Arc::new(Semaphore::new(concurrency.max(1)));
         let runtime = tokio::runtime::Handle::current();
         let mut handles = Vec::new();
         for i in 0..threads {
@@ -1161,6 +1165,7 @@ impl Mesh {
             let rx = Arc::clone(&rx);
             let runtime = runtime.clone();
             let (gate, alive, finished) = (gate.clone(), alive.clone(), Arc::clone(&finished));
+            let retrying = Arc::clone(&retrying);
             let trigger_name = cell.load().name.clone();
             let name = format!("wasm-{trigger_name}-{i}");
             let spawned = std::thread::Builder::new().name(name).spawn(move || {
@@ -1173,7 +1178,7 @@ impl Mesh {
                         .unwrap_or_else(PoisonError::into_inner)
                         .blocking_recv();
                     let Some(env) = next else { break };
-                    mesh.deliver_on_thread(&cell.load_full(), env, &runtime);
+                    mesh.deliver_on_thread(&cell.load_full(), env, &runtime, &retrying);
                     finished.fetch_add(1, Ordering::Release);
                 }
                 drop(done_tx);
@@ -1196,7 +1201,16 @@ impl Mesh {
         t: &Arc<TriggerSpecRuntime>,
         env: Envelope,
         runtime: &tokio::runtime::Handle,
+        retrying: &Arc<Semaphore>,
     ) {
+        // The rest of a delivery, on a task once this thread has a slot for it.
+        let later = |work: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
+            let slot = runtime.block_on(Arc::clone(retrying).acquire_owned()).ok();
+            runtime.spawn(async move {
+                work.await;
+                drop(slot);
+            });
+        };
         if env.abandoned() {
             return;
         }
@@ -1216,11 +1230,11 @@ impl Mesh {
                     tracing::warn!(trigger = %t.name, error = %e, "wasm filter failed");
                     let failure = Failure::message(Some(500), e.to_string());
                     let (mesh, t, wf) = (Arc::clone(self), Arc::clone(t), Arc::clone(wf));
-                    runtime.spawn(async move {
+                    later(Box::pin(async move {
                         mesh.dead_letter(&t, &env, &Sink::Function(wf), failure)
                             .await;
                         mesh.done(&env);
-                    });
+                    }));
                     return;
                 }
             }
@@ -1230,7 +1244,9 @@ impl Mesh {
             // The trigger changed to another kind of subscriber while this event was queued.
             _ => {
                 let (mesh, t) = (Arc::clone(self), Arc::clone(t));
-                runtime.spawn(async move { mesh.finish_delivery(&t, env, None).await });
+                later(Box::pin(async move {
+                    mesh.finish_delivery(&t, env, None).await
+                }));
                 return;
             }
         };
@@ -1254,7 +1270,7 @@ impl Mesh {
                 if ordered {
                     runtime.block_on(retry);
                 } else {
-                    runtime.spawn(retry);
+                    later(Box::pin(retry));
                 }
             }
             Outcome::Delivered(None) => {
@@ -1267,7 +1283,9 @@ impl Mesh {
             }
             failed => {
                 let (mesh, t) = (Arc::clone(self), Arc::clone(t));
-                runtime.spawn(async move { mesh.finish_delivery(&t, env, Some(failed)).await });
+                later(Box::pin(async move {
+                    mesh.finish_delivery(&t, env, Some(failed)).await
+                }));
             }
         }
     }
