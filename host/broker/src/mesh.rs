@@ -406,11 +406,11 @@ impl Mesh {
 
     /// Adds a trigger to its (existing) broker and starts its delivery workers.
     pub fn add_trigger(self: &Arc<Self>, mut spec: TriggerSpecRuntime) -> Result<(), PublishError> {
-        spec.stats = self.stats_of(&spec.namespace, &spec.name);
         let key = spec.broker.clone();
         if !self.has_broker(&key) {
             return Err(PublishError::UnknownBroker(key));
         }
+        spec.stats = self.stats_of(&spec.namespace, &spec.name);
         let trigger = self.build_trigger(spec, Some(0), None)?;
         self.route(&key, trigger, None);
         Ok(())
@@ -425,11 +425,11 @@ impl Mesh {
         self: &Arc<Self>,
         mut spec: TriggerSpecRuntime,
     ) -> Result<TriggerChange, PublishError> {
-        spec.stats = self.stats_of(&spec.namespace, &spec.name);
         let key = spec.broker.clone();
         if !self.has_broker(&key) {
             return Err(PublishError::UnknownBroker(key));
         }
+        spec.stats = self.stats_of(&spec.namespace, &spec.name);
         if let Some(nats) = &self.config.nats {
             // The durable consumer exists before the trigger counts as applied: it starts at
             // the events published from now on, and none accepted after this may pass it by.
