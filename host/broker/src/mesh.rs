@@ -1350,8 +1350,16 @@ impl Mesh {
                     self.done(&env);
                     return;
                 }
+                // Shutting down: the event stays owed (durable mode) for the next start.
+                Err(e) if e.is_cancelled() => return,
+                // A panic in the host while filtering: a failure like any other, not an event
+                // left neither acknowledged nor dead-lettered.
                 Err(e) => {
                     tracing::error!(trigger = %t.name, error = %e, "wasm filter aborted");
+                    let failure = Failure::message(Some(500), format!("wasm filter aborted: {e}"));
+                    self.dead_letter(t, &env, &Sink::Function(Arc::clone(wf)), failure)
+                        .await;
+                    self.done(&env);
                     return;
                 }
             }
