@@ -1194,7 +1194,16 @@ fn metrics_say_where_every_event_went() {
         (Some(1), Some(1)),
         "{v}"
     );
-    let (ok, out, err) = crate::admin::Cli::login(&serve).run(&["describe", "trigger", "nodls"]);
+    let cli = crate::admin::Cli::login(&serve);
+    let (ok, out, err) = cli.run(&["get", "triggers", "-o", "wide"]);
+    assert!(ok && out.contains("DEAD-LETTERED"), "{out}{err}");
+    let failing: Vec<&str> = out
+        .lines()
+        .find(|l| l.contains(" failing "))
+        .map(|l| l.split_whitespace().collect())
+        .unwrap_or_default();
+    assert_eq!(failing[failing.len() - 3..], ["0", "1", "0"], "{out}");
+    let (ok, out, err) = cli.run(&["describe", "trigger", "nodls"]);
     assert!(ok, "{err}");
     let line = |label: &str| {
         out.lines()

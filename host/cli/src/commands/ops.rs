@@ -232,7 +232,13 @@ fn table(kind: &str, items: &[serde_json::Value], wide: bool) -> String {
     let k = kind.to_ascii_lowercase();
     let mut header = vec!["NAMESPACE", "NAME", "READY", "REASON"];
     let extra: Vec<&str> = match k.trim_end_matches('s') {
-        "trigger" => vec!["BROKER", "SUBSCRIBER"],
+        "trigger" => vec![
+            "BROKER",
+            "SUBSCRIBER",
+            "DELIVERED",
+            "DEAD-LETTERED",
+            "DROPPED",
+        ],
         "function" | "fn" => vec!["REVISION", "WORLD", "DIGEST"],
         "broker" => vec!["PATH"],
         "source" | "pingsource" | "apiserversource" => vec!["KIND", "SINK"],
@@ -277,6 +283,9 @@ fn table(kind: &str, items: &[serde_json::Value], wide: bool) -> String {
                         .to_string(),
                     "KIND" => i["kind"].as_str().unwrap_or("").to_string(),
                     "SINK" => sink(&i["spec"]["sink"]),
+                    "DELIVERED" => i["status"]["deliveries"]["delivered"].to_string(),
+                    "DEAD-LETTERED" => i["status"]["deliveries"]["deadLettered"].to_string(),
+                    "DROPPED" => i["status"]["deliveries"]["dropped"].to_string(),
                     _ => String::new(),
                 });
             }
