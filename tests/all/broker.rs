@@ -1232,7 +1232,7 @@ fn replies_a_full_broker_refuses_are_tried_again_not_lost() {
     let yaml = broker_with_triggers(&[
         (
             "requests",
-            "  filters: [{exact: {type: t.req}}]\n  delivery: {retry: 10, backoffDelay: PT0.05S, backoffPolicy: linear}\n",
+            "  filters: [{exact: {type: t.req}}]\n  delivery: {retry: 20, backoffDelay: PT0.05S, backoffPolicy: linear}\n",
             &replier.url("/replier"),
         ),
         (
@@ -1268,7 +1268,7 @@ fn replies_a_full_broker_refuses_are_tried_again_not_lost() {
     // The same for a Wasm subscriber's replies (pod-started), which its worker thread publishes.
     let slow = crate::harness::HoldingSubscriber::start(Duration::from_millis(200));
     let triggers = format!(
-        "---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: started}}\nspec:\n  filters: [{{prefix: {{type: dev.knative.apiserver}}}}]\n  subscriber:\n    ref: {{apiVersion: wasmesh.dev/v1alpha1, kind: Function, name: pod-started}}\n  delivery: {{retry: 10, backoffDelay: PT0.05S, backoffPolicy: linear}}\n\
+        "---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: started}}\nspec:\n  filters: [{{prefix: {{type: dev.knative.apiserver}}}}]\n  subscriber:\n    ref: {{apiVersion: wasmesh.dev/v1alpha1, kind: Function, name: pod-started}}\n  delivery: {{retry: 20, backoffDelay: PT0.05S, backoffPolicy: linear}}\n\
          ---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: pods}}\nspec:\n  filters: [{{exact: {{type: com.example.pod.started}}}}]\n  subscriber: {{uri: 'http://{}/'}}\n  delivery: {{concurrency: 1}}\n",
         slow.addr
     );
