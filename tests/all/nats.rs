@@ -583,3 +583,89 @@ fn an_event_retried_in_place_is_left_to_the_new_workers_after_a_rebuild() {
         serve.stderr()
     );
 }
+
+/// A reply JetStream cannot take yet (the stream at `--log-max-bytes`, held by a slow trigger's
+/// events) waits for room past the ack wait of the event that caused it: that event is reported
+/// in progress meanwhile, so it does not come again (its subscriber is called once), and the
+/// reply arrives once there is room.
+#[test]
+fn a_reply_waiting_for_room_keeps_its_event_from_coming_again() {
+    let n = NatsServer::start();
+    let calls = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let c = Arc::clone(&calls);
+    // Answers after 1 s with a 900-byte reply.
+    let (_replier_rt, replier) =
+        crate::harness::loopback_server(move |req: hyper::Request<hyper::body::Incoming>| {
+            let id = crate::harness::request_header(&req, "ce-id");
+            c.lock().expect("lock").push(id.clone());
+            async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                hyper::Response::builder()
+                    .status(200)
+                    .header("ce-specversion", "1.0")
+                    .header("ce-id", format!("reply-{id}"))
+                    .header("ce-source", "/replier")
+                    .header("ce-type", "t.resp")
+                    .header("content-type", "text/plain")
+                    .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+                        b'x';
+                        900
+                    ])))
+                    .expect("response")
+            }
+        });
+    let hold = HoldingSubscriber::start(Duration::from_secs(8));
+    let sink = Capture::ok();
+    let yaml = broker_with_triggers(&[
+        (
+            "requests",
+            "  filters: [{exact: {type: t.req}}]\n  delivery: {timeout: PT3S, retry: 60, backoffDelay: PT0.2S, backoffPolicy: linear, backoffMax: PT1S}\n",
+            &format!("http://{replier}/"),
+        ),
+        (
+            "hold",
+            "  filters: [{exact: {type: t.fill}}]\n  delivery: {concurrency: 64}\n",
+            &format!("http://{}/", hold.addr),
+        ),
+        (
+            "responses",
+            "  filters: [{exact: {type: t.resp}}]\n",
+            &sink.url("/resp"),
+        ),
+    ]);
+    let flags = [store(&n), vec!["--log-max-bytes".into(), "2000".into()]].concat();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let serve = Serve::start(&[("b.yaml", &yaml)], &flags);
+    let r = serve.request("POST", "/default/default", &ce_headers("r1", "t.req"), b"");
+    assert_eq!(r.status, 202, "{}", r.text());
+    // While the replier takes its second, the slow trigger's events fill the stream.
+    let mut filled = 0;
+    for i in 0..100 {
+        let r = serve.request(
+            "POST",
+            "/default/default",
+            &ce_headers(&format!("f{i}"), "t.fill"),
+            b"",
+        );
+        if r.status == 429 {
+            break;
+        }
+        assert_eq!(r.status, 202, "{}", r.text());
+        filled += 1;
+    }
+    assert!(
+        (1..100).contains(&filled),
+        "the stream filled up after {filled}: {}",
+        serve.stderr()
+    );
+    let got = sink.wait("/resp", 1);
+    assert_eq!(got[0].headers["ce-id"], "reply-r1");
+    assert!(
+        serve.stderr().contains("trying it again"),
+        "{}",
+        serve.stderr()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let calls = calls.lock().expect("lock").clone();
+    assert_eq!(calls, ["r1"], "the request came once");
+}

@@ -1264,7 +1264,7 @@ impl Mesh {
                 let ordered = t.policy.ordered_by.is_some();
                 let (mesh, t) = (Arc::clone(self), Arc::clone(t));
                 let retry = async move {
-                    mesh.publish_reply(&t, reply, 1).await;
+                    mesh.publish_reply(&t, reply, 1, env.acker.as_deref()).await;
                     mesh.done(&env);
                 };
                 if ordered {
@@ -1417,7 +1417,7 @@ impl Mesh {
             metrics::add(&t.stats.delivered, 1);
         }
         match result {
-            Ok(Some(reply)) => self.reply(t, reply, env.ttl).await,
+            Ok(Some(reply)) => self.reply(t, reply, &env).await,
             Ok(None) => {}
             // Neither dead-lettered nor acknowledged: the next holder has it.
             Err(_) if env.abandoned() => return,
@@ -1447,7 +1447,7 @@ impl Mesh {
             Outcome::Delivered(reply) => {
                 metrics::add(&t.stats.delivered, 1);
                 if let Some(reply) = reply {
-                    self.reply(t, reply, env.ttl).await;
+                    self.reply(t, reply, &env).await;
                 }
             }
             Outcome::Retry(f) if env.attempts < t.policy.retry => {
@@ -1544,8 +1544,9 @@ impl Mesh {
     /// A broker that cannot take the reply yet (full, or its store cannot write) gets it again
     /// after the trigger's backoff, up to its retry count; the caller acknowledges the event
     /// that caused the reply only after this.
-    async fn reply(&self, t: &TriggerSpecRuntime, reply: Box<Event>, ttl: i32) {
-        self.publish_reply(t, Self::with_ttl(reply, ttl), 0).await;
+    async fn reply(&self, t: &TriggerSpecRuntime, reply: Box<Event>, env: &Envelope) {
+        let reply = Self::with_ttl(reply, env.ttl);
+        self.publish_reply(t, reply, 0, env.acker.as_deref()).await;
     }
 
     fn with_ttl(reply: Box<Event>, ttl: i32) -> Event {
@@ -1554,11 +1555,29 @@ impl Mesh {
         reply
     }
 
-    /// Publishes `reply`, `tries` having been made before.
-    async fn publish_reply(&self, t: &TriggerSpecRuntime, reply: Event, mut tries: u32) {
+    /// Publishes `reply`, `tries` having been made before. Over JetStream the event that caused
+    /// it is reported in progress while the reply waits, so that it does not come again.
+    async fn publish_reply(
+        &self,
+        t: &TriggerSpecRuntime,
+        reply: Event,
+        mut tries: u32,
+        acker: Option<&crate::nats::AckHandle>,
+    ) {
         loop {
             if tries > 0 {
-                tokio::time::sleep(t.policy.backoff(tries)).await;
+                let until = tokio::time::Instant::now() + t.policy.backoff(tries);
+                loop {
+                    if let Some(a) = acker.filter(|a| a.lease_held()) {
+                        let _ = a.ack_with(async_nats::jetstream::AckKind::Progress).await;
+                    }
+                    let now = tokio::time::Instant::now();
+                    if now >= until {
+                        break;
+                    }
+                    // Ack waits are 2 s at least.
+                    tokio::time::sleep((until - now).min(Duration::from_secs(1))).await;
+                }
             }
             let result = self.publish(&t.broker, vec![reply.clone()]).await;
             if !Self::again(t, &reply, result, tries) {
