@@ -669,3 +669,73 @@ fn a_reply_waiting_for_room_keeps_its_event_from_coming_again() {
     let calls = calls.lock().expect("lock").clone();
     assert_eq!(calls, ["r1"], "the request came once");
 }
+
+/// A stream at `--log-max-bytes` refuses new events (429) and never makes room by dropping
+/// events it accepted and still owes. (nats-server before 2.10.5 miscounts a message's size when
+/// checking that limit, nats-io/nats-server#4771, and drops the oldest message instead of
+/// refusing the new one: Debian's 2.9 does; wasmesh then keeps the limit itself.)
+#[test]
+fn a_full_stream_refuses_new_events_and_drops_none_it_accepted() {
+    let n = NatsServer::start();
+    // Refuses every event for its first 3 s (each is retried after 0.5 s), then takes them.
+    let started = Instant::now();
+    let arrived = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = Arc::clone(&arrived);
+    let (_runtime, addr) =
+        crate::harness::loopback_server(move |req: hyper::Request<hyper::body::Incoming>| {
+            let id = crate::harness::request_header(&req, "ce-id");
+            let refuse = started.elapsed() < Duration::from_secs(3);
+            if !refuse {
+                seen.lock().expect("lock").push(id);
+            }
+            async move {
+                hyper::Response::builder()
+                    .status(if refuse { 503 } else { 202 })
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .expect("response")
+            }
+        });
+    let yaml = broker_with_triggers(&[(
+        "later",
+        "  delivery: {retry: 30, backoffDelay: PT0.5S, backoffPolicy: linear, backoffMax: PT0.5S}\n",
+        &format!("http://{addr}/"),
+    )]);
+    let flags = [
+        store(&n),
+        ["--log-max-bytes", "2000"].map(String::from).to_vec(),
+    ]
+    .concat();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let serve = Serve::start(&[("b.yaml", &yaml)], &flags);
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..60 {
+        // Events of one size (this one made 2.9 drop old events on every publish).
+        let id = format!("m2000-{i}");
+        let h = [
+            ("ce-specversion", "1.0"),
+            ("ce-id", id.as_str()),
+            ("ce-source", "/x"),
+            ("ce-type", "t"),
+        ];
+        let r = serve.request("POST", "/default/default", &h, b"");
+        match r.status {
+            202 => accepted.push(id),
+            429 => refused += 1,
+            other => panic!("{other}: {}", r.text()),
+        }
+    }
+    assert!(
+        refused > 0,
+        "a full stream refuses ({} accepted)",
+        accepted.len()
+    );
+    wait_for(
+        "every accepted event delivered",
+        Duration::from_secs(30),
+        || {
+            let arrived = arrived.lock().expect("lock");
+            accepted.iter().all(|id| arrived.contains(id))
+        },
+    );
+}

@@ -8,10 +8,11 @@
 //! `wasmesh-leases` bucket), through lanes that keep the order of each partition key: several
 //! keys in flight at once, one event of a key at a time.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, kv, stream};
 use futures_util::StreamExt as _;
@@ -95,6 +96,33 @@ pub struct NatsStore {
     leases: tokio::sync::OnceCell<kv::Store>,
     /// How this process names itself in the leases it holds.
     holder: String,
+    /// Whether the server refuses a message past a stream's `max_bytes` exactly (set on first
+    /// use of a stream, once connected). Before 2.10.5 it miscounts the message's size and, the
+    /// check passed, drops the stream's oldest message to make room
+    /// (nats-io/nats-server#4771): an event accepted and still owed would be lost. With such
+    /// a server wasmesh keeps `--log-max-bytes` itself and gives the stream no byte limit.
+    exact_byte_limit: std::sync::OnceLock<bool>,
+    /// Per stream: the bytes it held when last asked, plus what this replica added since.
+    usage: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+/// How long the bytes a stream holds are taken as known (wasmesh's own byte limit).
+const USAGE_FRESH: Duration = Duration::from_millis(50);
+
+/// Whether nats-server `version` refuses a message past `max_bytes` exactly (2.10.5 on).
+fn counts_bytes_exactly(version: &str) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().ok());
+    match (
+        parts.next().flatten(),
+        parts.next().flatten(),
+        parts.next().flatten(),
+    ) {
+        (Some(major), Some(minor), Some(patch)) => (major, minor, patch) >= (2, 10, 5),
+        _ => false,
+    }
 }
 
 /// How long a lease lives without renewal; the holder renews it three times as often.
@@ -219,6 +247,8 @@ impl NatsStore {
             config,
             leases: tokio::sync::OnceCell::new(),
             holder,
+            exact_byte_limit: std::sync::OnceLock::new(),
+            usage: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -256,7 +286,11 @@ impl NatsStore {
             name: Self::stream_name(key),
             subjects: vec![Self::subject(key)],
             max_age: self.config.max_age,
-            max_bytes: self.config.max_bytes,
+            max_bytes: if self.exact_byte_limit() {
+                self.config.max_bytes
+            } else {
+                -1
+            },
             storage: stream::StorageType::File,
             num_replicas: self.config.replicas.max(1),
             // An event leaves the stream once every trigger's consumer acknowledged it
@@ -302,6 +336,66 @@ impl NatsStore {
         Ok(stream)
     }
 
+    /// Whether the server keeps `--log-max-bytes` itself (see `exact_byte_limit`); asked once
+    /// connected, and said in the log when it cannot.
+    fn exact_byte_limit(&self) -> bool {
+        *self.exact_byte_limit.get_or_init(|| {
+            let version = self.client.server_info().version;
+            let exact = counts_bytes_exactly(&version);
+            if !exact {
+                tracing::warn!(
+                    server = %version,
+                    "this nats-server drops a full stream's oldest events instead of refusing new ones (nats-io/nats-server#4771, fixed in 2.10.5); wasmesh keeps --log-max-bytes itself, give or take what the replicas publish in {} ms",
+                    USAGE_FRESH.as_millis()
+                );
+            }
+            exact
+        })
+    }
+
+    /// Refuses (`Full`) `adding` bytes that would take the broker's stream past
+    /// `--log-max-bytes`, on a server that cannot be trusted to (`exact_byte_limit`).
+    async fn make_room(&self, key: &BrokerKey, adding: u64) -> Result<(), LogError> {
+        let max = u64::try_from(self.config.max_bytes).unwrap_or(u64::MAX);
+        if self.config.max_bytes <= 0 || self.exact_byte_limit() {
+            return Ok(());
+        }
+        let name = Self::stream_name(key);
+        let known = self
+            .usage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&name)
+            .copied();
+        let used = match known {
+            // Known and room: no round trip.
+            Some((at, used)) if at.elapsed() < USAGE_FRESH && used + adding <= max => used,
+            _ => {
+                let stream = self.js.get_stream(&name).await.map_err(io)?;
+                let used = stream.cached_info().state.bytes;
+                self.usage
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(name.clone(), (Instant::now(), used));
+                used
+            }
+        };
+        if used + adding > max {
+            return Err(LogError::Full(format!(
+                "the broker's stream holds {used} bytes, the limit is {max}"
+            )));
+        }
+        if let Some((_, held)) = self
+            .usage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&name)
+        {
+            *held += adding;
+        }
+        Ok(())
+    }
+
     /// Appends events to a broker's stream; resolves once JetStream acknowledged every one.
     pub async fn publish(
         &self,
@@ -309,10 +403,14 @@ impl NatsStore {
         events: Vec<(Arc<Event>, i32, Passthrough)>,
     ) -> Result<(), LogError> {
         let subject = Self::subject(key);
-        let mut acks = Vec::with_capacity(events.len());
+        let mut messages = Vec::with_capacity(events.len());
+        // What the server stores: about 40 bytes of its own per message, the subject, the
+        // headers as sent ("NATS/1.0", each `name: value` line) and the payload.
+        let mut adding = 0u64;
         for (event, ttl, passthrough) in events {
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert(TTL_HEADER, ttl.to_string().as_str());
+            let ttl_text = ttl.to_string();
+            headers.insert(TTL_HEADER, ttl_text.as_str());
             // An event is its source and id: JetStream drops a second publish of the same
             // event within its duplicate window (a producer's retry, a source's replay after a
             // failover).
@@ -323,6 +421,13 @@ impl NatsStore {
             );
             headers.insert("Nats-Msg-Id", msg_id.as_str());
             let payload = log::encode_record(&event, ttl, &passthrough);
+            let header_bytes = 12 + TTL_HEADER.len() + ttl_text.len() + 11 + msg_id.len() + 8;
+            adding += (40 + subject.len() + header_bytes + payload.len()) as u64;
+            messages.push((headers, payload));
+        }
+        self.make_room(key, adding).await?;
+        let mut acks = Vec::with_capacity(messages.len());
+        for (headers, payload) in messages {
             let ack = self
                 .js
                 .publish_with_headers(subject.clone(), headers, payload.into())
@@ -699,5 +804,20 @@ pub(crate) async fn pull_exclusive<Fut>(
             trigger = id,
             "lost the lease: this ordered trigger is no longer delivered here"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::counts_bytes_exactly;
+
+    #[test]
+    fn servers_from_2_10_5_on_count_message_sizes_exactly() {
+        for v in ["2.10.5", "2.10.22", "2.11.0", "v2.12.1", "3.0.0-beta.1"] {
+            assert!(counts_bytes_exactly(v), "{v}");
+        }
+        for v in ["2.9.10", "2.9.25", "2.10.4", "2.10.0-RC.1", "", "unknown"] {
+            assert!(!counts_bytes_exactly(v), "{v}");
+        }
     }
 }
