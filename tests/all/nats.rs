@@ -739,3 +739,24 @@ fn a_full_stream_refuses_new_events_and_drops_none_it_accepted() {
         },
     );
 }
+
+/// An event larger than the NATS server takes (its max_payload, 1 MiB by default, under
+/// `--max-body`) is refused for good, 413 naming the limit, not 503 as if the store were down.
+#[test]
+fn an_event_larger_than_nats_takes_is_refused_with_413() {
+    let n = NatsServer::start();
+    let sub = Capture::ok();
+    let yaml = broker_with_triggers(&[("all", "", &sub.url("/all"))]);
+    let serve = Serve::start(
+        &[("b.yaml", &yaml)],
+        &store(&n).iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let mut h = ce_headers("big", "t");
+    h.push(("content-type", "text/plain"));
+    let r = serve.request("POST", "/default/default", &h, &vec![b'a'; 1_500_000]);
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(r.text().contains("max_payload"), "{}", r.text());
+    let r = serve.request("POST", "/default/default", &ce_headers("small", "t"), b"{}");
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(sub.wait("/all", 1)[0].headers["ce-id"], "small");
+}

@@ -175,6 +175,9 @@ async fn handle(
                 .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
             r
         }
+        Err(e @ PublishError::Log(LogError::TooLarge(_))) => {
+            error(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string())
+        }
         Err(e @ PublishError::Log(LogError::Io(_))) => {
             tracing::error!(broker = %key, error = %e, "event refused: the log cannot write");
             let mut r = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());

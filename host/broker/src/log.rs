@@ -45,6 +45,9 @@ pub enum LogError {
     /// The disk refused (full, unwritable, failing): 503, and nothing was acknowledged.
     #[error("the event log cannot write: {0}")]
     Io(String),
+    /// The event is larger than the store takes at all (NATS' `max_payload`): 413.
+    #[error("the event is too large for the event store: {0}")]
+    TooLarge(String),
 }
 
 /// Limits of the log.

@@ -1531,6 +1531,12 @@ impl Mesh {
             {
                 Ok(()) => Outcome::Delivered(None),
                 Err(PublishError::Full(why)) => Outcome::Retry(Failure::message(Some(429), why)),
+                Err(PublishError::Log(e @ LogError::Full(_))) => {
+                    Outcome::Retry(Failure::message(Some(429), e.to_string()))
+                }
+                Err(PublishError::Log(e @ LogError::TooLarge(_))) => {
+                    Outcome::Fail(Failure::message(Some(413), e.to_string()))
+                }
                 Err(PublishError::Log(e)) => {
                     Outcome::Retry(Failure::message(Some(503), e.to_string()))
                 }
@@ -1605,7 +1611,10 @@ impl Mesh {
                 tracing::info!(trigger = %t.name, reply = %id, "reply dropped: TTL exhausted (a reply loop ends here)");
                 false
             }
-            Err(e @ (PublishError::Full(_) | PublishError::Log(_))) if tries < t.policy.retry => {
+            Err(
+                e
+                @ (PublishError::Full(_) | PublishError::Log(LogError::Full(_) | LogError::Io(_))),
+            ) if tries < t.policy.retry => {
                 tracing::info!(trigger = %t.name, reply = %id, retry = tries + 1, error = %e, "the broker cannot take the reply yet; trying it again");
                 true
             }

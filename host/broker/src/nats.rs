@@ -422,6 +422,15 @@ impl NatsStore {
             headers.insert("Nats-Msg-Id", msg_id.as_str());
             let payload = log::encode_record(&event, ttl, &passthrough);
             let header_bytes = 12 + TTL_HEADER.len() + ttl_text.len() + 11 + msg_id.len() + 8;
+            // NATS takes no message past the server's max_payload: refused for good (413),
+            // not as if the store were failing (503, tried again forever).
+            let max_payload = self.client.server_info().max_payload;
+            if max_payload > 0 && header_bytes + payload.len() > max_payload {
+                return Err(LogError::TooLarge(format!(
+                    "{} bytes as a NATS message, and the server takes at most {max_payload} (its max_payload)",
+                    header_bytes + payload.len()
+                )));
+            }
             adding += (40 + subject.len() + header_bytes + payload.len()) as u64;
             messages.push((headers, payload));
         }
