@@ -339,8 +339,15 @@ impl NatsStore {
     /// Whether the server keeps `--log-max-bytes` itself (see `exact_byte_limit`); asked once
     /// connected, and said in the log when it cannot.
     fn exact_byte_limit(&self) -> bool {
+        if let Some(exact) = self.exact_byte_limit.get() {
+            return *exact;
+        }
+        let version = self.client.server_info().version;
+        if version.is_empty() {
+            // Not connected yet: keep the limit here until the server says who it is.
+            return false;
+        }
         *self.exact_byte_limit.get_or_init(|| {
-            let version = self.client.server_info().version;
             let exact = counts_bytes_exactly(&version);
             if !exact {
                 tracing::warn!(
