@@ -282,6 +282,10 @@ impl NatsStore {
     /// The broker's stream, created when it is missing, and given this replica's limits
     /// (`--log-max-age`, `--log-max-bytes`) when they changed since it was created.
     pub async fn stream(&self, key: &BrokerKey) -> Result<stream::Stream, LogError> {
+        if self.client.server_info().version.is_empty() {
+            // Connected once this returns: the server's version decides who keeps the limit.
+            self.client.flush().await.map_err(io)?;
+        }
         let config = stream::Config {
             name: Self::stream_name(key),
             subjects: vec![Self::subject(key)],
@@ -344,7 +348,7 @@ impl NatsStore {
         }
         let version = self.client.server_info().version;
         if version.is_empty() {
-            // Not connected yet: keep the limit here until the server says who it is.
+            // Not connected yet (`stream` waits until it is): keep the limit here meanwhile.
             return false;
         }
         *self.exact_byte_limit.get_or_init(|| {
