@@ -100,8 +100,14 @@ fn members(manifest: &Path) -> Vec<String> {
         .expect("plugins/Cargo.toml lists members");
     let list = &text[start + "members = [".len()..];
     let list = &list[..list.find(']').expect("members list ends")];
+    let dir = manifest.parent().expect("plugins/");
     list.split(',')
         .map(|s| s.trim().trim_matches('"').to_string())
         .filter(|s| !s.is_empty())
+        // Components only: the guest SDK crates are libraries.
+        .filter(|s| {
+            std::fs::read_to_string(dir.join(s).join("Cargo.toml"))
+                .is_ok_and(|m| m.contains("cdylib"))
+        })
         .collect()
 }

@@ -1,15 +1,12 @@
 //! event-display: prints each CloudEvent on stdout exactly as Knative's event-display does.
 
-wit_bindgen::generate!({ world: "subscriber", path: "../../wit" });
-
-use exports::wasmesh::plugin::handler::Guest;
 use std::io::Write;
-use wasmesh::plugin::types::{Disposition, Event, ExtensionValue};
 use wasmesh_display::{DisplayEvent, push_rfc3339_nano};
+use wasmesh_subscriber::{Disposition, Event, ExtensionValue, Level, Subscriber};
 
 struct EventDisplay;
 
-impl Guest for EventDisplay {
+impl Subscriber for EventDisplay {
     fn handle(event: Event) -> Disposition {
         let a = &event.attributes;
         let extensions = a
@@ -45,7 +42,7 @@ trait TapLog {
 
 impl TapLog for Disposition {
     fn tap_log(self, msg: &str) -> Self {
-        wasmesh::plugin::log::log(wasmesh::plugin::types::Level::Error, msg);
+        wasmesh_subscriber::log::log(Level::Error, msg);
         self
     }
 }
@@ -85,4 +82,4 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
-export!(EventDisplay);
+wasmesh_subscriber::export_subscriber!(EventDisplay);

@@ -1,15 +1,12 @@
 //! Turns a Kubernetes `Event` object saying a Pod's container started into a smaller event,
 //! `com.example.pod.started`, returned as the reply. Every other event is acknowledged.
 
-wit_bindgen::generate!({ world: "subscriber", path: "../../wit" });
-
-use exports::wasmesh::plugin::handler::Guest;
-use wasmesh::plugin::log::log;
-use wasmesh::plugin::types::{Attributes, Disposition, Event, Level};
+use wasmesh_subscriber::log::log;
+use wasmesh_subscriber::{Attributes, Disposition, Event, Level, Subscriber, config};
 
 struct PodStarted;
 
-impl Guest for PodStarted {
+impl Subscriber for PodStarted {
     fn handle(event: Event) -> Disposition {
         let Some(data) = event.data.as_deref() else {
             return Disposition::Ack;
@@ -29,7 +26,7 @@ impl Guest for PodStarted {
         let namespace = namespace.unwrap_or("default");
         log(Level::Info, &format!("pod {namespace}/{pod} started"));
         let body = serde_json::json!({ "pod": pod, "namespace": namespace });
-        let ty = wasmesh::plugin::config::get("type")
+        let ty = config::get("type")
             .unwrap_or_else(|| "com.example.pod.started".into());
         Disposition::Reply(Event {
             attributes: Attributes {
@@ -48,4 +45,4 @@ impl Guest for PodStarted {
     }
 }
 
-export!(PodStarted);
+wasmesh_subscriber::export_subscriber!(PodStarted);

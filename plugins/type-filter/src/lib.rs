@@ -3,13 +3,9 @@
 //! - `prefix` (default empty): the value must start with it (a missing attribute never matches);
 //! - `data-contains` (optional): the data must contain this text. Only then is the data read.
 
-wit_bindgen::generate!({ world: "filter", path: "../../wit" });
-
 use std::sync::OnceLock;
 
-use exports::wasmesh::plugin::matcher::Guest;
-use wasmesh::plugin::config;
-use wasmesh::plugin::event_view::IncomingEvent;
+use wasmesh_filter::{Filter, IncomingEvent, config};
 
 struct Settings {
     attribute: Option<String>,
@@ -29,7 +25,7 @@ fn settings() -> &'static Settings {
 
 struct TypeFilter;
 
-impl Guest for TypeFilter {
+impl Filter for TypeFilter {
     fn matches(event: &IncomingEvent) -> bool {
         let s = settings();
         let value = match &s.attribute {
@@ -49,4 +45,4 @@ impl Guest for TypeFilter {
     }
 }
 
-export!(TypeFilter);
+wasmesh_filter::export_filter!(TypeFilter);
