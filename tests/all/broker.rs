@@ -1142,7 +1142,7 @@ fn metrics_say_where_every_event_went() {
         trigger("wasm", "com.", "/ok", "  wasmFilter: knative-only\n"),
     ]
     .concat();
-    let serve = Serve::start(&[("m.yaml", &yaml)], &[]);
+    let serve = Serve::start(&[("m.yaml", &yaml)], &["--metrics-listen", "127.0.0.1:0"]);
     for (id, ty) in [
         ("1", "t.ok"),
         ("2", "t.ok"),
@@ -1185,6 +1185,25 @@ fn metrics_say_where_every_event_went() {
     );
     let r = crate::harness::request(serve.admin.expect("admin"), "GET", "/metrics", &[], b"");
     assert_eq!(r.status, 401, "the metrics need the admin token too");
+    // `--metrics-listen`: the same text, for a scraper, without a token.
+    let stderr = serve.stderr();
+    let at: std::net::SocketAddr = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("wasmesh: metrics at http://"))
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("the metrics address is printed: {stderr}"));
+    let scraped = crate::harness::request(at, "GET", "/metrics", &[], b"");
+    assert_eq!(scraped.status, 200);
+    assert!(scraped.text().contains(expected[5]), "{}", scraped.text());
+    assert_eq!(
+        crate::harness::request(at, "POST", "/metrics", &[], b"").status,
+        405
+    );
+    assert_eq!(
+        crate::harness::request(at, "GET", "/v1/triggers", &[], b"").status,
+        404
+    );
     // The same counts with the trigger's status, and in `wasmesh describe`.
     let r = serve.admin("GET", "/v1/triggers/default/failing", b"");
     let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");

@@ -200,3 +200,47 @@ fn error(status: StatusCode, message: &str) -> Response<Body> {
         .body(Body::new(Bytes::from(body)))
         .unwrap_or_default()
 }
+
+/// Serves the data plane's counters (`GET /metrics`, Prometheus text) on a listener of their
+/// own, without a token, as exporters usually are (`serve --metrics-listen`), until `stop`.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    mesh: Arc<Mesh>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let mesh = Arc::clone(&mesh);
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let mesh = Arc::clone(&mesh);
+                async move {
+                    let response = match (req.method(), req.uri().path()) {
+                        (&Method::GET, "/metrics") => response(StatusCode::OK)
+                            .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+                            .body(Body::new(Bytes::from(mesh.metrics_text())))
+                            .unwrap_or_default(),
+                        (_, "/metrics") => response(StatusCode::METHOD_NOT_ALLOWED)
+                            .header(header::ALLOW, "GET")
+                            .body(Body::default())
+                            .unwrap_or_default(),
+                        _ => error(StatusCode::NOT_FOUND, "only GET /metrics here"),
+                    };
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -75,6 +75,10 @@ pub(crate) struct ServeArgs {
     /// when that one is taken (another server on this machine); the address is printed.
     #[arg(long)]
     admin_listen: Option<String>,
+    /// Where to serve the data plane's counters (`GET /metrics`, Prometheus text) without a
+    /// token, for a scraper (the admin API serves them too, with its token). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// The admin API's bearer token (default: generated into <data-dir>/admin-token, mode 0600).
     #[arg(long, env = "WASMESH_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -310,6 +314,20 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
                 tls,
                 book: Some(book),
             },
+            stop_rx.clone(),
+        )));
+    }
+    if let Some(at) = args.metrics_listen {
+        let metrics_listener = tokio::net::TcpListener::bind(at)
+            .await
+            .with_context(|| format!("cannot listen on {at} (--metrics-listen)"))?;
+        eprintln!(
+            "wasmesh: metrics at http://{}/metrics",
+            metrics_listener.local_addr()?
+        );
+        tasks.push(tokio::spawn(wasmesh_broker::ingress::serve_metrics(
+            metrics_listener,
+            Arc::clone(&mesh),
             stop_rx.clone(),
         )));
     }
