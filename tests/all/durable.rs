@@ -146,15 +146,11 @@ fn retries_and_dead_letters_survive_a_restart() {
     );
     std::fs::write(dir.path().join("b.yaml"), yaml).expect("yaml");
     let serve = Serve::start_at(dir.path(), &[]);
+    // A pass-through header is kept in the log with the event, and sent again after a restart.
+    let mut h = ce_headers("r1", "t");
+    h.push(("x-request-id", "req-r1"));
     assert_eq!(
-        crate::harness::request(
-            serve.addr,
-            "POST",
-            "/default/default",
-            &ce_headers("r1", "t"),
-            b"{}"
-        )
-        .status,
+        crate::harness::request(serve.addr, "POST", "/default/default", &h, b"{}").status,
         202
     );
     // The first attempt fails; the retry waits 1 s. Kill the broker during the wait.
@@ -167,10 +163,16 @@ fn retries_and_dead_letters_survive_a_restart() {
     let dead = sub.wait("/dls", 1);
     assert_eq!(dead[0].headers["ce-id"], "r1");
     assert_eq!(dead[0].headers["ce-knativeerrorcode"], "503");
+    assert_eq!(dead[0].headers["x-request-id"], "req-r1");
+    let attempts = sub.on("/flaky");
     assert_eq!(
-        sub.on("/flaky").len(),
+        attempts.len(),
         4,
         "one attempt and three retries across the restart"
+    );
+    assert_eq!(
+        attempts[3].headers["x-request-id"], "req-r1",
+        "read back from the log"
     );
     drop(serve);
 }
