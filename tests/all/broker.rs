@@ -1301,7 +1301,8 @@ fn replies_a_full_broker_refuses_are_tried_again_not_lost() {
     for i in 0..8 {
         let mut event = seed.clone();
         event["id"] = format!("w{i}").into();
-        // One at a time (again after a 429): the replies pile up, not the requests.
+        // One at a time (again after a 429), each handled before the next: the replies pile
+        // up, not the requests.
         loop {
             let r = serve.request(
                 "POST",
@@ -1315,7 +1316,16 @@ fn replies_a_full_broker_refuses_are_tried_again_not_lost() {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        let handled = format!(
+            "wasmesh_trigger_deliveries_total{{namespace=\"default\",trigger=\"started\",broker=\"default\",outcome=\"delivered\"}} {}\n",
+            i + 1
+        );
+        crate::harness::wait_for("pod-started handled it", Duration::from_secs(10), || {
+            serve
+                .admin("GET", "/metrics", b"")
+                .text()
+                .contains(&handled)
+        });
     }
     crate::harness::wait_for(
         "every Wasm reply delivered",

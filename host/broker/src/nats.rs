@@ -435,7 +435,7 @@ impl NatsStore {
             let header_bytes = 12 + TTL_HEADER.len() + ttl_text.len() + 11 + msg_id.len() + 8;
             // NATS takes no message past the server's max_payload: refused for good (413),
             // not as if the store were failing (503, tried again forever).
-            let max_payload = self.client.server_info().max_payload;
+            let max_payload = self.client.max_payload();
             if max_payload > 0 && header_bytes + payload.len() > max_payload {
                 return Err(LogError::TooLarge(format!(
                     "{} bytes as a NATS message, and the server takes at most {max_payload} (its max_payload)",
