@@ -203,6 +203,13 @@ fn parse_document(file: &str, first_line: usize, doc: &str) -> Result<Option<Res
                 why: "only meaningful inside Kubernetes",
             }
         }
+        // A Broker's `spec.config` names a ConfigMap of Knative's own settings (its channel, its
+        // class's defaults); wasmesh's flags say what those would.
+        "ConfigMap" | "Secret" if api_version == "v1" => Resource::Ignored {
+            kind,
+            name: name_of(map),
+            why: "configures Knative's own components inside Kubernetes",
+        },
         "Service" if api_version.starts_with("serving.knative.dev/") => Resource::Ignored {
             kind,
             name: name_of(map),
@@ -226,8 +233,8 @@ fn parse_document(file: &str, first_line: usize, doc: &str) -> Result<Option<Res
                 "kind",
                 format!(
                     "kind `{other}` is not supported{}; expected one of: Broker, Trigger, \
-                     Function, PingSource, ApiServerSource, Namespace (and RBAC kinds, which are \
-                     ignored)",
+                     Function, PingSource, ApiServerSource, Namespace (and RBAC kinds, Services, \
+                     ConfigMaps and Secrets, which are ignored)",
                     if containers {
                         ": wasmesh runs Wasm Functions, not containers (declare a Function, \
                          wasmesh.dev/v1alpha1, named like the Service a Trigger refers to)"
