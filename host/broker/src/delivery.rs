@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use wasmesh_core::duration::LONGEST;
 use wasmesh_core::resources::{BackoffPolicy, DeliveryFormat, DeliverySpec, Ordering};
 
 use crate::sink::Sink;
@@ -79,12 +80,14 @@ impl DeliveryPolicy {
     /// The wait before retry number `n` after a failure whose subscriber asked for `retry_after`:
     /// that, capped by `retryAfterMax` (which, zero, ignores it), else the backoff.
     pub fn wait(&self, retry_after: Option<Duration>, n: u32) -> Duration {
-        match (retry_after, self.retry_after_max) {
+        let wait = match (retry_after, self.retry_after_max) {
             (Some(_), Some(max)) if max.is_zero() => self.backoff(n),
             (Some(after), Some(max)) => after.min(max),
             (Some(after), None) => after,
             (None, _) => self.backoff(n),
-        }
+        };
+        // A subscriber's `Retry-After` may say anything; NATS takes no longer delay.
+        wait.min(LONGEST)
     }
 
     /// The wait before retry number `n` (1-based): linear `delay × n`, exponential
@@ -96,7 +99,9 @@ impl DeliveryPolicy {
                 .delay
                 .saturating_mul(1u32.checked_shl(n).unwrap_or(u32::MAX)),
         };
-        self.backoff_max.map_or(wait, |max| wait.min(max))
+        self.backoff_max
+            .map_or(wait, |max| wait.min(max))
+            .min(LONGEST)
     }
 }
 
@@ -149,6 +154,23 @@ mod tests {
         );
         p.retry_after_max = Some(Duration::ZERO);
         assert_eq!(p.wait(asked, 2), Duration::from_millis(200));
+    }
+
+    /// The longest waits stay within what a deadline and a NATS redelivery delay can hold: the
+    /// reply path adds the backoff to `Instant::now()`, which panics past it.
+    #[test]
+    fn waits_never_pass_the_longest_duration() {
+        let p = DeliveryPolicy {
+            delay: LONGEST,
+            backoff: BackoffPolicy::Exponential,
+            ..Default::default()
+        };
+        for n in [1, 2, 31, 200] {
+            assert_eq!(p.backoff(n), LONGEST, "{n}");
+            let _deadline = tokio::time::Instant::now() + p.backoff(n);
+        }
+        assert_eq!(p.wait(Some(Duration::from_secs(u64::MAX)), 1), LONGEST);
+        assert_eq!(crate::nats::ack_wait(Some(LONGEST)), LONGEST);
     }
 
     #[test]

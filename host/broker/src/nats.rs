@@ -83,7 +83,8 @@ impl std::ops::Deref for AckHandle {
 /// progress meanwhile.
 pub fn ack_wait(timeout: Option<Duration>) -> Duration {
     timeout.map_or(Duration::from_secs(30), |t| {
-        (t * 2).max(Duration::from_secs(2))
+        t.saturating_mul(2)
+            .clamp(Duration::from_secs(2), wasmesh_core::duration::LONGEST)
     })
 }
 

@@ -3,6 +3,21 @@
 
 use std::time::Duration;
 
+/// The longest duration accepted: what a Go `time.Duration` holds (about 292 years), as Knative
+/// parses these fields and as NATS takes an ack wait or a redelivery delay.
+pub const LONGEST: Duration = Duration::from_nanos(i64::MAX as u64);
+
+/// `d` (read from `s`), unless it is longer than [`LONGEST`].
+fn at_most_longest(s: &str, d: Duration) -> Result<Duration, String> {
+    if d > LONGEST {
+        Err(format!(
+            "`{s}` is longer than 292 years, the longest duration accepted"
+        ))
+    } else {
+        Ok(d)
+    }
+}
+
 /// Parses an ISO-8601 duration: `P[nD][T[nH][nM][n[.n]S]]` (weeks `nW` too).
 pub fn parse_iso8601(s: &str) -> Result<Duration, String> {
     let err = || format!("`{s}` is not an ISO-8601 duration (e.g. PT0.2S, PT1M, P1D)");
@@ -44,7 +59,7 @@ pub fn parse_iso8601(s: &str) -> Result<Duration, String> {
             return Err(err());
         }
     }
-    Duration::try_from_secs_f64(total).map_err(|_| err())
+    at_most_longest(s, Duration::try_from_secs_f64(total).map_err(|_| err())?)
 }
 
 /// Parses `100ms`, `2s`, `1m`, or an ISO-8601 duration.
@@ -64,7 +79,7 @@ pub fn parse_flexible(s: &str) -> Result<Duration, String> {
         "m" => n * 60.0,
         _ => return Err(err()),
     };
-    Duration::try_from_secs_f64(secs).map_err(|_| err())
+    at_most_longest(s, Duration::try_from_secs_f64(secs).map_err(|_| err())?)
 }
 
 #[cfg(test)]
@@ -87,5 +102,22 @@ mod tests {
         assert_eq!(parse_flexible("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_flexible("PT1S"), Ok(Duration::from_secs(1)));
         assert!(parse_flexible("2h").is_err());
+    }
+
+    #[test]
+    fn nothing_longer_than_a_go_duration() {
+        assert_eq!(
+            parse_iso8601("P106751D"),
+            Ok(Duration::from_secs(106_751 * 86_400))
+        );
+        for long in ["P106752D", "P200000000000000D", "PT1e300S"] {
+            let e = parse_iso8601(long).expect_err(long);
+            assert!(e.contains("292 years") || long.contains('e'), "{e}");
+        }
+        assert!(
+            parse_flexible("9300000000s")
+                .expect_err("too long")
+                .contains("292 years")
+        );
     }
 }
