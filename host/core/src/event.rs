@@ -7,9 +7,9 @@ use cloudevents::{AttributesReader, Data, Event};
 /// Why bytes are not a valid CloudEvent.
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
-    /// The JSON (structured mode) could not be read as an event.
+    /// The JSON (structured mode) could not be read as an event: which member and why.
     #[error("not a valid structured CloudEvent: {0}")]
-    Json(serde_json::Error),
+    Json(String),
     /// A required attribute is empty.
     #[error("attribute `{0}` must not be empty")]
     EmptyAttribute(&'static str),
@@ -20,9 +20,88 @@ pub enum EventError {
 
 /// Reads one event in the JSON format (structured mode) and checks it.
 pub fn parse_json(bytes: &[u8]) -> Result<Event, EventError> {
-    let event: Event = serde_json::from_slice(bytes).map_err(EventError::Json)?;
+    let event: Event = serde_json::from_slice(bytes)
+        .map_err(|e| EventError::Json(explain(bytes).unwrap_or_else(|| e.to_string())))?;
     validate(&event)?;
     Ok(event)
+}
+
+/// Says which member of a JSON event the SDK refused and why, where its own message names
+/// neither (`invalid type: integer `5`, expected a string`). `None` when the text is not a JSON
+/// object, or when nothing here explains the refusal.
+fn explain(bytes: &[u8]) -> Option<String> {
+    use serde_json::Value;
+    let Ok(Value::Object(members)) = serde_json::from_slice::<Value>(bytes) else {
+        return None;
+    };
+    let version = members.get("specversion").and_then(Value::as_str);
+    for required in ["specversion", "id", "source", "type"] {
+        match members.get(required) {
+            None => return Some(format!("attribute `{required}` is missing")),
+            Some(Value::String(_)) => {}
+            Some(other) => {
+                return Some(format!(
+                    "attribute `{required}` must be a string, not {}",
+                    json_kind(other)
+                ));
+            }
+        }
+    }
+    if !matches!(version, Some("1.0" | "0.3")) {
+        return Some(format!(
+            "specversion `{}` is not supported (use 1.0)",
+            version.unwrap_or_default()
+        ));
+    }
+    if members.contains_key("data") && members.contains_key("data_base64") {
+        return Some("`data` and `data_base64` are exclusive: give one".into());
+    }
+    for (name, value) in &members {
+        let why = match (name.as_str(), value) {
+            (_, Value::Null) | ("data", _) => continue,
+            ("specversion" | "id" | "source" | "type", _) => continue,
+            ("time", Value::String(t)) => match chrono::DateTime::parse_from_rfc3339(t) {
+                Ok(_) => continue,
+                Err(e) => format!("`{t}` is not an RFC 3339 timestamp: {e}"),
+            },
+            ("dataschema" | "schemaurl", Value::String(u)) => match url::Url::parse(u) {
+                Ok(_) => continue,
+                Err(e) => format!("`{u}` is not an absolute URI: {e}"),
+            },
+            ("data_base64", Value::String(b)) => {
+                use base64::Engine as _;
+                match base64::engine::general_purpose::STANDARD.decode(b) {
+                    Ok(_) => continue,
+                    Err(e) => format!("not base64: {e}"),
+                }
+            }
+            ("subject" | "datacontenttype", Value::String(_)) => continue,
+            (
+                "subject" | "time" | "datacontenttype" | "dataschema" | "schemaurl" | "data_base64",
+                other,
+            ) => format!("must be a string, not {}", json_kind(other)),
+            (_, Value::String(_) | Value::Bool(_)) => continue,
+            (_, Value::Number(n)) if n.is_i64() => continue,
+            (_, other) => format!(
+                "an extension is a string, an integer or a boolean, not {}",
+                json_kind(other)
+            ),
+        };
+        return Some(format!("attribute `{name}`: {why}"));
+    }
+    None
+}
+
+fn json_kind(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(_) => "a boolean".into(),
+        Value::Number(n) => format!("the number {n}"),
+        Value::String(_) => "a string".into(),
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
+    }
 }
 
 /// Checks what cloudevents-sdk does not: non-empty required attributes and extension names.
@@ -77,6 +156,12 @@ mod tests {
     fn rejects_missing_and_empty_attributes() {
         let missing = br#"{"specversion":"1.0","source":"/s","type":"t"}"#;
         assert!(matches!(parse_json(missing), Err(EventError::Json(_))));
+        assert!(
+            parse_json(missing)
+                .expect_err("no id")
+                .to_string()
+                .contains("attribute `id` is missing")
+        );
         let empty = br#"{"specversion":"1.0","id":"","source":"/s","type":"t"}"#;
         assert!(matches!(
             parse_json(empty),
@@ -84,6 +169,57 @@ mod tests {
         ));
         let bad_ext = br#"{"specversion":"1.0","id":"1","source":"/s","type":"t","BadName":"x"}"#;
         assert!(parse_json(bad_ext).is_err());
+    }
+
+    /// Each refusal names the member at fault and why, where the SDK's own message named neither.
+    #[test]
+    fn refusals_name_the_member_and_why() {
+        let base = r#""specversion":"1.0","id":"1","source":"/s","type":"t""#;
+        for (members, expected) in [
+            (
+                r#""specversion":"1.0","id":5,"source":"/s","type":"t""#,
+                "attribute `id` must be a string, not the number 5",
+            ),
+            (
+                &format!(r#"{base},"myf":1.5"#),
+                "attribute `myf`: an extension is a string, an integer or a boolean, not the number 1.5",
+            ),
+            (
+                &format!(r#"{base},"myobj":{{"a":1}}"#),
+                "attribute `myobj`: an extension is a string, an integer or a boolean, not an object",
+            ),
+            (
+                &format!(r#"{base},"time":"yesterday""#),
+                "attribute `time`: `yesterday` is not an RFC 3339 timestamp",
+            ),
+            (
+                &format!(r#"{base},"dataschema":"not a uri""#),
+                "attribute `dataschema`: `not a uri` is not an absolute URI",
+            ),
+            (
+                &format!(r#"{base},"data_base64":"!!!""#),
+                "attribute `data_base64`: not base64",
+            ),
+            (
+                &format!(r#"{base},"subject":7"#),
+                "attribute `subject`: must be a string, not the number 7",
+            ),
+            (
+                &format!(r#"{base},"data":1,"data_base64":"AA==""#),
+                "`data` and `data_base64` are exclusive",
+            ),
+            (
+                r#""specversion":"2.0","id":"1","source":"/s","type":"t""#,
+                "specversion `2.0` is not supported",
+            ),
+        ] {
+            let json = format!("{{{members}}}");
+            let e = parse_json(json.as_bytes()).expect_err(&json).to_string();
+            assert!(e.contains(expected), "{json}: {e}");
+        }
+        // Not an object at all: the parser's own words.
+        let e = parse_json(b"[1]").expect_err("array").to_string();
+        assert!(e.contains("expected a map"), "{e}");
     }
 
     #[test]
