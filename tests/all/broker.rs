@@ -1081,6 +1081,59 @@ fn delivery_format_json_sends_structured_events() {
     assert_eq!(binary[0].body, b"{\"n\":1}");
 }
 
+/// CloudEvents 0.3, which older SDKs still send: accepted in binary and in structured mode, kept
+/// through the durable log, delivered as 0.3 (`ce-schemaurl`, not `ce-dataschema`), and printed
+/// by event-display as sdk-go prints a 0.3 event.
+#[test]
+fn cloudevents_0_3_events_are_accepted_and_delivered_as_0_3() {
+    let sub = Capture::ok();
+    let yaml = format!(
+        "{}---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: display}}\nspec:\n  subscriber:\n    ref: {{apiVersion: serving.knative.dev/v1, kind: Service, name: event-display}}\n",
+        broker_with_triggers(&[("http", "", &sub.url("/old"))]),
+    ) + "---\napiVersion: wasmesh.dev/v1alpha1\nkind: Function\nmetadata: {name: event-display, namespace: default}\nspec: {module: builtin:event-display}\n";
+    let serve = Serve::start(&[("b.yaml", &yaml)], &[]);
+    let r = serve.request(
+        "POST",
+        "/default/default",
+        &[
+            ("ce-specversion", "0.3"),
+            ("ce-id", "old-1"),
+            ("ce-source", "/old"),
+            ("ce-type", "t"),
+            ("ce-schemaurl", "https://example.com/schema"),
+            ("content-type", "text/plain"),
+        ],
+        b"hi",
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let r = serve.request(
+        "POST",
+        "/default/default",
+        &[("content-type", "application/cloudevents+json")],
+        br#"{"specversion":"0.3","id":"old-2","source":"/old","type":"t","schemaurl":"https://example.com/schema"}"#,
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let got = sub.wait("/old", 2);
+    for req in &got {
+        assert_eq!(req.headers["ce-specversion"], "0.3", "{req:?}");
+        assert_eq!(req.headers["ce-schemaurl"], "https://example.com/schema");
+        assert!(!req.headers.contains_key("ce-dataschema"), "{req:?}");
+    }
+    crate::harness::wait_for(
+        "event-display printed both",
+        Duration::from_secs(20),
+        || {
+            let out = serve.stdout();
+            out.contains("  id: old-1\n") && out.contains("  id: old-2\n")
+        },
+    );
+    let out = serve.stdout();
+    assert!(
+        out.contains("  specversion: 0.3\n  type: t\n  source: /old\n  id: old-1\n  schemaurl: https://example.com/schema\n"),
+        "{out}"
+    );
+}
+
 /// Knative's samples deploy event-display as a Deployment behind a plain Kubernetes Service and
 /// point the Trigger at that Service (`apiVersion: v1`): with a Function of the same name in
 /// place of the Deployment, the Service document is accepted and ignored, the Trigger's ref

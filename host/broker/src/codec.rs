@@ -16,7 +16,7 @@ pub enum DecodeError {
     MissingHeader(&'static str),
     #[error("header `{name}` is not valid: {why}")]
     BadHeader { name: String, why: String },
-    #[error("specversion `{0}` is not supported (use 1.0)")]
+    #[error("specversion `{0}` is not supported (use 1.0 or 0.3)")]
     SpecVersion(String),
     #[error(transparent)]
     Event(#[from] wasmesh_core::event::EventError),
@@ -96,9 +96,13 @@ fn decode_value(name: &str, v: &HeaderValue) -> Result<String, DecodeError> {
 fn decode_binary(headers: &HeaderMap, body: Bytes) -> Result<Event, DecodeError> {
     let spec =
         header(headers, "ce-specversion")?.ok_or(DecodeError::MissingHeader("ce-specversion"))?;
-    if spec != "1.0" {
-        return Err(DecodeError::SpecVersion(spec));
-    }
+    // 0.3 events are read as 1.0 ones, then given their version back (the SDK converts).
+    let v03 = match spec.as_str() {
+        "1.0" => false,
+        "0.3" => true,
+        _ => return Err(DecodeError::SpecVersion(spec)),
+    };
+    let schema_header = if v03 { "ce-schemaurl" } else { "ce-dataschema" };
     let id = header(headers, "ce-id")?.ok_or(DecodeError::MissingHeader("ce-id"))?;
     let source = header(headers, "ce-source")?.ok_or(DecodeError::MissingHeader("ce-source"))?;
     let ty = header(headers, "ce-type")?.ok_or(DecodeError::MissingHeader("ce-type"))?;
@@ -127,7 +131,8 @@ fn decode_binary(headers: &HeaderMap, body: Bytes) -> Result<Event, DecodeError>
                 | "time"
                 | "dataschema"
                 | "datacontenttype"
-        ) {
+        ) || (v03 && matches!(attr, "schemaurl" | "datacontentencoding"))
+        {
             continue;
         }
         let value = decode_value(name.as_str(), value)?;
@@ -145,12 +150,33 @@ fn decode_binary(headers: &HeaderMap, body: Bytes) -> Result<Event, DecodeError>
         ),
         None => None,
     };
-    let schema = match header(headers, "ce-dataschema")? {
+    let schema = match header(headers, schema_header)? {
         Some(s) => Some(url::Url::parse(&s).map_err(|e| DecodeError::BadHeader {
-            name: "ce-dataschema".into(),
+            name: schema_header.into(),
             why: format!("`{s}`: {e}"),
         })?),
         None => None,
+    };
+    let body = match header(headers, "ce-datacontentencoding")? {
+        // 0.3's one encoding: the body is the data in base64.
+        Some(enc) if v03 && enc.eq_ignore_ascii_case("base64") => {
+            use base64::Engine as _;
+            Bytes::from(
+                base64::engine::general_purpose::STANDARD
+                    .decode(body.trim_ascii())
+                    .map_err(|e| DecodeError::BadHeader {
+                        name: "ce-datacontentencoding".into(),
+                        why: format!("the body is not base64: {e}"),
+                    })?,
+            )
+        }
+        Some(enc) if v03 => {
+            return Err(DecodeError::BadHeader {
+                name: "ce-datacontentencoding".into(),
+                why: format!("`{enc}`: only base64 is defined"),
+            });
+        }
+        _ => body,
     };
     let data = Data::Binary(body.to_vec());
     let has_data = !body.is_empty();
@@ -169,6 +195,11 @@ fn decode_binary(headers: &HeaderMap, body: Bytes) -> Result<Event, DecodeError>
         if let Some(s) = schema {
             wasmesh_core::AttributesWriter::set_dataschema(&mut event, Some(s));
         }
+    }
+    if v03 {
+        event = wasmesh_core::EventBuilderV03::from(event)
+            .build()
+            .map_err(|e| DecodeError::Build(e.to_string()))?;
     }
     wasmesh_core::event::validate(&event)?;
     Ok(event)
@@ -206,7 +237,11 @@ pub fn encode_binary(event: &Event, headers: &mut HeaderMap) -> Bytes {
         );
     }
     if let Some(s) = event.dataschema() {
-        put("dataschema", s.as_str());
+        let name = match event.specversion() {
+            wasmesh_core::SpecVersion::V03 => "schemaurl",
+            _ => "dataschema",
+        };
+        put(name, s.as_str());
     }
     for (name, value) in event.iter_extensions() {
         match value {
@@ -339,5 +374,55 @@ mod tests {
                 .to_string(),
             "header `ce-id` is missing"
         );
+    }
+
+    /// CloudEvents 0.3, as older SDKs still send it: read in binary mode as in structured mode,
+    /// kept at 0.3 (`schemaurl`, not `dataschema`), its base64 `datacontentencoding` decoded.
+    #[test]
+    fn binary_mode_reads_and_writes_specversion_0_3() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("ce-specversion", "0.3"),
+            ("ce-id", "1"),
+            ("ce-source", "/s"),
+            ("ce-type", "t"),
+            ("ce-schemaurl", "https://example.com/schema"),
+            ("ce-myext", "x"),
+        ] {
+            h.insert(k, HeaderValue::from_static(v));
+        }
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let ev = decode(&h, Bytes::from_static(b"hi"))
+            .expect("valid")
+            .remove(0);
+        assert_eq!(ev.specversion(), wasmesh_core::SpecVersion::V03);
+        assert_eq!(
+            ev.dataschema().map(|u| u.as_str()),
+            Some("https://example.com/schema")
+        );
+        assert_eq!(ev.extension("schemaurl"), None);
+        let mut out = HeaderMap::new();
+        let body = encode_binary(&ev, &mut out);
+        assert_eq!(body.as_ref(), b"hi");
+        assert_eq!(out["ce-specversion"], "0.3");
+        assert_eq!(out["ce-schemaurl"], "https://example.com/schema");
+        assert!(!out.contains_key("ce-dataschema"));
+        assert_eq!(out["ce-myext"], "x");
+
+        h.insert("ce-datacontentencoding", HeaderValue::from_static("base64"));
+        let ev = decode(&h, Bytes::from_static(b"aGk="))
+            .expect("valid")
+            .remove(0);
+        assert_eq!(
+            wasmesh_core::event::data_bytes(&ev).as_deref(),
+            Some(&b"hi"[..])
+        );
+        let e = decode(&h, Bytes::from_static(b"!!"))
+            .expect_err("not base64")
+            .to_string();
+        assert!(e.contains("not base64"), "{e}");
+        h.insert("ce-specversion", HeaderValue::from_static("0.2"));
+        let e = decode(&h, Bytes::new()).expect_err("0.2").to_string();
+        assert!(e.contains("`0.2` is not supported"), "{e}");
     }
 }

@@ -49,7 +49,7 @@ fn explain(bytes: &[u8]) -> Option<String> {
     }
     if !matches!(version, Some("1.0" | "0.3")) {
         return Some(format!(
-            "specversion `{}` is not supported (use 1.0)",
+            "specversion `{}` is not supported (use 1.0 or 0.3)",
             version.unwrap_or_default()
         ));
     }

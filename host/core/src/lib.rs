@@ -12,5 +12,5 @@ pub mod yaml;
 
 pub use cloudevents::event::{ExtensionValue, SpecVersion};
 pub use cloudevents::{
-    AttributesReader, AttributesWriter, Data, Event, EventBuilder, EventBuilderV10,
+    AttributesReader, AttributesWriter, Data, Event, EventBuilder, EventBuilderV03, EventBuilderV10,
 };

@@ -46,7 +46,13 @@ pub fn render_into(event: &DisplayEvent<'_>, out: &mut String) {
         out.push('\n');
     }
     if let Some(schema) = event.dataschema {
-        line(out, "dataschema", schema);
+        // CloudEvents 0.3 named it `schemaurl`, and sdk-go prints it so.
+        let name = if event.specversion == "0.3" {
+            "schemaurl"
+        } else {
+            "dataschema"
+        };
+        line(out, name, schema);
     }
     if let Some(ct) = event.datacontenttype {
         line(out, "datacontenttype", ct);
@@ -267,6 +273,26 @@ mod tests {
         assert_eq!(
             render(&ev),
             "☁️  cloudevents.Event\nContext Attributes,\n  specversion: 1.0\n  type: t\n  source: /s\n  id: 1\n  datacontenttype: text/plain\nExtensions,\n  alpha: true\n  zeta: 1\nData,\n  hello\n"
+        );
+    }
+
+    #[test]
+    fn the_schema_is_schemaurl_in_0_3() {
+        let mut ev = DisplayEvent {
+            specversion: "1.0",
+            ty: "t",
+            source: "/s",
+            id: "1",
+            dataschema: Some("https://example.com/s"),
+            ..Default::default()
+        };
+        assert!(render(&ev).contains("\n  dataschema: https://example.com/s\n"));
+        ev.specversion = "0.3";
+        let text = render(&ev);
+        assert!(text.contains("\n  specversion: 0.3\n"), "{text}");
+        assert!(
+            text.contains("\n  schemaurl: https://example.com/s\n"),
+            "{text}"
         );
     }
 }
