@@ -517,6 +517,8 @@ impl TryFrom<RawRollout> for RolloutSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PingSourceSpec {
+    /// Empty (or absent) means every minute, `* * * * *`, as Knative defaults it.
+    #[serde(default)]
     pub schedule: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timezone: Option<String>,

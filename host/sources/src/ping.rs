@@ -21,6 +21,19 @@ use crate::Emit;
 /// The type of every ping event.
 pub const PING_TYPE: &str = "dev.knative.sources.ping";
 
+/// A PingSource without a schedule fires every minute, as Knative's defaults say.
+const DEFAULT_SCHEDULE: &str = "* * * * *";
+
+/// The content type whose data Knative checks and re-encodes.
+const JSON: &str = "application/json";
+
+/// `data` as Knative sends JSON data: an object, compact, its keys sorted (Go marshals a map so).
+fn sorted_json_object(data: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
+    let members: std::collections::BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(data)?;
+    serde_json::to_vec(&members)
+}
+
 /// A PingSource ready to run.
 #[derive(Debug, Clone)]
 pub struct PingSource {
@@ -36,7 +49,16 @@ pub struct PingSource {
 impl PingSource {
     /// Checks the schedule, the timezone and the data; the error names the field.
     pub fn new(meta: &ObjectMeta, spec: &PingSourceSpec) -> Result<Self, String> {
-        let mut schedule = spec.schedule.trim();
+        let mut schedule = match spec.schedule.trim() {
+            "" => DEFAULT_SCHEDULE,
+            s => s,
+        };
+        if schedule.contains("@every") {
+            return Err(format!(
+                "spec.schedule: `{schedule}`: the @every descriptor is not supported (nor is it in \
+                 Knative); write a cron schedule, e.g. `*/10 * * * * *` for every 10 seconds"
+            ));
+        }
         let mut tz_name = spec.timezone.clone();
         if let Some(rest) = schedule
             .strip_prefix("CRON_TZ=")
@@ -70,6 +92,18 @@ impl PingSource {
                     .map_err(|e| format!("spec.dataBase64: {e}"))?,
             ),
             (None, None) => None,
+        };
+        // Knative checks JSON data and sends it re-encoded (compact, keys sorted).
+        let data = match (&data, spec.content_type.as_deref()) {
+            (Some(d), Some(JSON)) => Some(sorted_json_object(d).map_err(|e| {
+                let field = if spec.data.is_some() {
+                    "spec.data"
+                } else {
+                    "spec.dataBase64"
+                };
+                format!("{field}: not a JSON object, which contentType {JSON} asks for: {e}")
+            })?),
+            _ => data,
         };
         Ok(Self {
             namespace: meta.namespace().to_string(),
@@ -121,15 +155,16 @@ impl PingSource {
         for (k, v) in &self.extensions {
             b = b.extension(k, v.clone());
         }
-        if let Some(data) = &self.data {
-            let ct = self
-                .content_type
-                .clone()
-                .unwrap_or_else(|| "text/plain".into());
-            b = b.data(ct, data.clone());
+        if let (Some(data), Some(ct)) = (&self.data, &self.content_type) {
+            b = b.data(ct.clone(), data.clone());
         }
         // Every field was checked in `new`; the builder only fails on a missing id/source/type.
-        b.build().unwrap_or_else(|_| Event::default())
+        let mut event = b.build().unwrap_or_else(|_| Event::default());
+        if let (Some(data), None) = (&self.data, &self.content_type) {
+            // Without a contentType Knative sends the data with no datacontenttype.
+            event.set_data_unchecked(data.clone());
+        }
+        event
     }
 
     /// Fires on schedule until `stop` turns true. A send that fails is logged and retried a few
@@ -235,5 +270,59 @@ mod tests {
         let e =
             PingSource::new(&meta(), &spec("CRON_TZ=Mars/Olympus 0 9 * * *")).expect_err("bad tz");
         assert!(e.contains("`Mars/Olympus` is not a known time zone"), "{e}");
+        let e = PingSource::new(&meta(), &spec("@every 10s")).expect_err("@every");
+        assert!(e.contains("@every descriptor is not supported"), "{e}");
+    }
+
+    fn spec_yaml(yaml: &str) -> PingSourceSpec {
+        serde_yaml_ng::from_str(&format!("{yaml}\nsink: {{uri: 'http://127.0.0.1:1/'}}"))
+            .expect("valid spec")
+    }
+
+    /// Knative's defaults and checks: no schedule fires every minute; `application/json` data
+    /// must be an object and goes out compact with its keys sorted; data without a contentType
+    /// goes out without a datacontenttype.
+    #[test]
+    fn knatives_defaults_and_data_rules() {
+        let t0 = DateTime::parse_from_rfc3339("2026-01-01T00:00:30Z")
+            .expect("t")
+            .with_timezone(&Utc);
+        let every_minute = PingSource::new(&meta(), &spec_yaml("data: hi")).expect("default");
+        assert_eq!(
+            every_minute.next_after(t0).expect("next").to_rfc3339(),
+            "2026-01-01T00:01:00+00:00"
+        );
+        let ev = every_minute.event(t0);
+        assert_eq!(ev.datacontenttype(), None);
+        assert_eq!(
+            wasmesh_core::event::data_bytes(&ev).as_deref(),
+            Some(&b"hi"[..])
+        );
+
+        let json = PingSource::new(
+            &meta(),
+            &spec_yaml(
+                "contentType: application/json\ndata: '{\"z\": 1, \"a\": {\"y\": 2, \"b\": 3}}'",
+            ),
+        )
+        .expect("json");
+        let ev = json.event(t0);
+        assert_eq!(ev.datacontenttype(), Some("application/json"));
+        assert_eq!(
+            wasmesh_core::event::data_bytes(&ev).as_deref(),
+            Some(&br#"{"a":{"y":2,"b":3},"z":1}"#[..])
+        );
+
+        for bad in [
+            "contentType: application/json\ndata: 'not json'",
+            "contentType: application/json\ndata: '[1, 2]'",
+            "contentType: application/json\ndataBase64: 'WzFd'",
+        ] {
+            let e = PingSource::new(&meta(), &spec_yaml(bad)).expect_err(bad);
+            assert!(e.contains("not a JSON object"), "{bad}: {e}");
+        }
+        let text = PingSource::new(&meta(), &spec_yaml("contentType: text/plain\ndata: '[1'"))
+            .expect("text is not checked");
+        assert_eq!(text.event(t0).datacontenttype(), Some("text/plain"));
     }
 }
