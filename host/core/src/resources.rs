@@ -198,6 +198,36 @@ impl From<IsoDuration> for String {
     }
 }
 
+/// An ISO-8601 duration above zero (a delivery's `timeout`: Knative refuses `PT0S`, which would
+/// fail every request).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PositiveIsoDuration(IsoDuration);
+
+impl PositiveIsoDuration {
+    /// The duration.
+    pub fn get(&self) -> Duration {
+        self.0.value
+    }
+}
+
+impl TryFrom<String> for PositiveIsoDuration {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let d = IsoDuration::try_from(text)?;
+        if d.value.is_zero() {
+            return Err(format!("`{}` must be above zero", d.text));
+        }
+        Ok(Self(d))
+    }
+}
+
+impl From<PositiveIsoDuration> for String {
+    fn from(d: PositiveIsoDuration) -> String {
+        d.0.text
+    }
+}
+
 /// A duration in ISO-8601 or short form (`100ms`, `2s`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -241,7 +271,7 @@ pub struct DeliverySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff_delay: Option<IsoDuration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<IsoDuration>,
+    pub timeout: Option<PositiveIsoDuration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter_sink: Option<Destination>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

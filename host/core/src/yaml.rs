@@ -266,6 +266,7 @@ fn typed_parse<T: DeserializeOwned>(
         let path = e.path().to_string();
         let inner = e.into_inner();
         let (line, column) = inner.location().map_or((1, 1), |l| (l.line(), l.column()));
+        let (line, column) = locate_key(doc, line, column, &path);
         let mut message = strip_location(&inner.to_string());
         // serde_yaml_ng prefixes the path of the enclosing value; ours is more precise, say it once.
         if let Some((prefix, rest)) = message.split_once(": ")
@@ -282,6 +283,49 @@ fn typed_parse<T: DeserializeOwned>(
             message,
         }
     })
+}
+
+/// Where the field `path` ends in is written, searched from the location the parser gave: for a
+/// value refused after it was read (a duration, a URI), the parser points at the start of the
+/// enclosing mapping, not at the field. The mapping's keys are at the given column (block
+/// style) or on that line (flow style); the location is kept when the key is not found.
+fn locate_key(doc: &str, line: usize, column: usize, path: &str) -> (usize, usize) {
+    let Some(key) = path
+        .rsplit('.')
+        .next()
+        .filter(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    else {
+        return (line, column);
+    };
+    let lines: Vec<&str> = doc.lines().collect();
+    let indent = column.saturating_sub(1);
+    let starts_key = |text: &str| {
+        text.strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with(':'))
+    };
+    for (i, text) in lines.iter().enumerate().skip(line.saturating_sub(1)) {
+        let body = text.trim_start();
+        let here = text.len() - body.len();
+        if i + 1 > line && !body.is_empty() && !body.starts_with('#') && here < indent {
+            break; // Past the mapping.
+        }
+        if here == indent && starts_key(body) {
+            return (i + 1, column);
+        }
+        if i + 1 == line {
+            // Flow style: `{retry: 3, timeout: PT0S}`.
+            let mut at = 0;
+            while let Some(found) = text[at..].find(key) {
+                let k = at + found;
+                let before = text[..k].trim_end();
+                if (before.ends_with('{') || before.ends_with(',')) && starts_key(&text[k..]) {
+                    return (line, k + 1);
+                }
+                at = k + key.len();
+            }
+        }
+    }
+    (line, column)
 }
 
 fn strip_location(msg: &str) -> String {
