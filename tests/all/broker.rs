@@ -1081,6 +1081,34 @@ fn delivery_format_json_sends_structured_events() {
     assert_eq!(binary[0].body, b"{\"n\":1}");
 }
 
+/// Current Knative's ways to get a namespace's `default` Broker without declaring it: the
+/// namespace label `eventing.knative.dev/injection=enabled` and the Trigger annotation of the
+/// same name (the seed's older `knative-eventing-injection` label is tested by the hello world).
+#[test]
+fn injection_by_namespace_label_or_trigger_annotation_creates_the_default_broker() {
+    let sub = Capture::ok();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: labelled\n  labels: {{eventing.knative.dev/injection: enabled}}\n\
+---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: a, namespace: labelled}}\nspec:\n  subscriber: {{uri: '{}'}}\n\
+---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: b\n  namespace: annotated\n  annotations: {{eventing.knative.dev/injection: enabled}}\nspec:\n  broker: default\n  subscriber: {{uri: '{}'}}\n",
+        sub.url("/labelled"),
+        sub.url("/annotated")
+    );
+    let serve = Serve::start(&[("inject.yaml", &yaml)], &[]);
+    for (ns, id) in [("labelled", "l-1"), ("annotated", "a-1")] {
+        let r = serve.request(
+            "POST",
+            &format!("/{ns}/default"),
+            &ce_headers(id, "t"),
+            b"{}",
+        );
+        assert_eq!(r.status, 202, "{ns}: {}", r.text());
+        assert_eq!(sub.wait(&format!("/{ns}"), 1)[0].headers["ce-id"], id);
+    }
+    let r = serve.request("POST", "/other/default", &ce_headers("o-1", "t"), b"{}");
+    assert_eq!(r.status, 404, "no injection there: {}", r.text());
+}
+
 /// CloudEvents 0.3, which older SDKs still send: accepted in binary and in structured mode, kept
 /// through the durable log, delivered as 0.3 (`ce-schemaurl`, not `ce-dataschema`), and printed
 /// by event-display as sdk-go prints a 0.3 event.

@@ -19,8 +19,32 @@ use wasmesh_core::{Event, event};
 use wasmesh_sources::Emit;
 use wasmesh_sources::apiserver::{Seen, SeenStore};
 
-/// The label that gives a namespace its `default` broker (the seed's injection label).
-pub const INJECTION_LABEL: &str = "knative-eventing-injection";
+/// The labels that give a namespace its `default` broker: the seed's, and current Knative's.
+pub const INJECTION_LABELS: [&str; 2] = [
+    "knative-eventing-injection",
+    "eventing.knative.dev/injection",
+];
+
+/// The namespace whose `default` Broker this object asks for, as Knative's sugar controller
+/// creates one: a Namespace with an injection label `enabled`, or a Trigger of the `default`
+/// broker annotated `eventing.knative.dev/injection: enabled`.
+pub fn injects_default_broker(resource: &wasmesh_core::resources::Resource) -> Option<&str> {
+    use wasmesh_core::resources::Resource;
+    match resource {
+        Resource::Namespace(ns) => INJECTION_LABELS
+            .iter()
+            .any(|l| ns.metadata.labels.get(*l).map(String::as_str) == Some("enabled"))
+            .then_some(ns.metadata.name.as_str()),
+        Resource::Trigger(t) => (t.spec.broker == "default"
+            && t.metadata
+                .annotations
+                .get(wasmesh_core::yaml::TRIGGER_INJECTION)
+                .map(String::as_str)
+                == Some("enabled"))
+        .then(|| t.metadata.namespace()),
+        _ => None,
+    }
+}
 
 /// The state of one declared object.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

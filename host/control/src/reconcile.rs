@@ -26,7 +26,7 @@ use wasmesh_sources::ping::PingSource;
 
 use crate::shared::Shared;
 use crate::store::{ModuleStore, Overlay, Revision};
-use crate::{Builtins, INJECTION_LABEL, LogSeen, SinkEmit, Status};
+use crate::{Builtins, LogSeen, SinkEmit, Status};
 
 /// The file name objects applied through the admin API carry in statuses and errors.
 pub const API_FILE: &str = "admin-api";
@@ -632,15 +632,11 @@ impl Controller {
                         o.spec.clone(),
                     );
                 }
-                Resource::Namespace(ns)
-                    if ns.metadata.labels.get(INJECTION_LABEL).map(String::as_str)
-                        == Some("enabled") =>
-                {
-                    brokers
-                        .entry(BrokerKey::new(&ns.metadata.name, "default"))
-                        .or_default();
+                other => {
+                    if let Some(ns) = crate::injects_default_broker(other) {
+                        brokers.entry(BrokerKey::new(ns, "default")).or_default();
+                    }
                 }
-                _ => {}
             }
         }
         for key in st.brokers.keys() {
@@ -1197,19 +1193,20 @@ fn merge(files: &[Located], overlay: &Overlay) -> Result<Vec<Located>, String> {
     Ok(out)
 }
 
-/// A Namespace labelled `knative-eventing-injection=enabled` gets its `default` Broker, as an
-/// object of its own (as Knative creates one), unless one is declared.
+/// A Namespace labelled for injection, or a Trigger annotated for it, gets its namespace's
+/// `default` Broker, as an object of its own (as Knative creates one), unless one is declared.
 fn with_injected_brokers(mut desired: Vec<Located>) -> Vec<Located> {
     let mut injected = Vec::new();
     for loc in &desired {
-        let Resource::Namespace(ns) = &loc.resource else {
+        let Some(ns) = crate::injects_default_broker(&loc.resource) else {
             continue;
         };
-        if ns.metadata.labels.get(INJECTION_LABEL).map(String::as_str) != Some("enabled") {
-            continue;
-        }
-        let id = format!("Broker/{}/default", ns.metadata.name);
-        if desired.iter().any(|l| l.resource.id() == id) {
+        let id = format!("Broker/{ns}/default");
+        if desired
+            .iter()
+            .chain(&injected)
+            .any(|l| l.resource.id() == id)
+        {
             continue;
         }
         injected.push(Located {
@@ -1220,7 +1217,7 @@ fn with_injected_brokers(mut desired: Vec<Located>) -> Vec<Located> {
                 kind: "Broker".into(),
                 metadata: wasmesh_core::resources::ObjectMeta {
                     name: "default".into(),
-                    namespace: Some(ns.metadata.name.clone()),
+                    namespace: Some(ns.to_string()),
                     ..Default::default()
                 },
                 spec: BrokerSpec::default(),

@@ -61,11 +61,12 @@ impl TryFrom<RawFilterSpec> for FilterSpec {
         if let Some(m) = r.suffix {
             set.push(FilterSpec::Suffix(check_map("suffix", m)?));
         }
+        // Knative refuses an empty `all` (always true) or `any` (never true): a mistake.
         if let Some(v) = r.all {
-            set.push(FilterSpec::All(v));
+            set.push(FilterSpec::All(nested("all", v)?));
         }
         if let Some(v) = r.any {
-            set.push(FilterSpec::Any(v));
+            set.push(FilterSpec::Any(nested("any", v)?));
         }
         if let Some(f) = r.not {
             set.push(FilterSpec::Not(f));
@@ -87,6 +88,13 @@ impl TryFrom<RawFilterSpec> for FilterSpec {
             ),
         }
     }
+}
+
+fn nested(dialect: &str, v: Vec<FilterSpec>) -> Result<Vec<FilterSpec>, String> {
+    if v.is_empty() {
+        return Err(format!("`{dialect}` needs at least one nested filter"));
+    }
+    Ok(v)
 }
 
 fn check_map(
@@ -277,8 +285,13 @@ mod tests {
             "all: [{prefix: {type: dev.}}, {exact: {kind: Pod}}]"
         ));
         assert!(check("any: [{exact: {kind: Pod}}, {exact: {kind: Event}}]"));
-        assert!(!check("any: []"));
-        assert!(check("all: []"));
+        for empty in ["any: []", "all: []"] {
+            let e = spec(empty).map(|_| ()).expect_err(empty);
+            assert!(
+                e.to_string().contains("needs at least one nested filter"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -57,6 +57,9 @@ impl fmt::Display for YamlErrors {
 
 impl std::error::Error for YamlErrors {}
 
+/// The Trigger annotation that asks for its namespace's `default` Broker (Knative's sugar).
+pub const TRIGGER_INJECTION: &str = "eventing.knative.dev/injection";
+
 const NAMESPACE: &[&str] = &["v1"];
 const EVENTING: &[&str] = &[
     "eventing.knative.dev/v1",
@@ -182,7 +185,30 @@ fn parse_document(file: &str, first_line: usize, doc: &str) -> Result<Option<Res
         }
         "Trigger" => {
             typed(EVENTING)?;
-            Resource::Trigger(typed_parse::<Object<_>>(file, first_line, doc)?)
+            let t: Object<crate::resources::TriggerSpec> = typed_parse(file, first_line, doc)?;
+            // Knative's rules for the annotation that asks for the namespace's default Broker.
+            if let Some(v) = t.metadata.annotations.get(TRIGGER_INJECTION) {
+                let path = format!("metadata.annotations.{TRIGGER_INJECTION}");
+                let (line, column) = doc
+                    .lines()
+                    .enumerate()
+                    .find_map(|(i, l)| l.find(TRIGGER_INJECTION).map(|c| (i + 1, c + 1)))
+                    .unwrap_or((1, 1));
+                let why = if v != "enabled" && v != "disabled" {
+                    Some(format!("`{v}`: use enabled or disabled"))
+                } else if v == "enabled" && t.spec.broker != "default" {
+                    Some(format!(
+                        "only the `default` broker is created this way, and this trigger's is `{}`",
+                        t.spec.broker
+                    ))
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(err_at(line, column, &path, why));
+                }
+            }
+            Resource::Trigger(t)
         }
         "Function" => {
             typed(FUNCTION)?;
