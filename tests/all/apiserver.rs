@@ -475,3 +475,38 @@ fn the_owner_filter_and_ce_overrides() {
     );
     drop(serve);
 }
+
+/// `spec.filters` (Knative's Subscriptions API filters on the source): events that fail them are
+/// not sent, and the source goes on past them.
+#[test]
+fn the_sources_filters_keep_what_they_match() {
+    let sub = Capture::ok();
+    let fake = FakeApiServer::start(1);
+    let yaml = pods_yaml(&sub).replace(
+        "  mode: Reference\n",
+        "  mode: Reference\n  filters:\n    - prefix: {name: keep}\n    - not: {exact: {type: dev.knative.apiserver.ref.update}}\n",
+    );
+    let setup = Setup::new(&fake, &yaml);
+    let serve = setup.serve();
+    wait_for("the watch", WAIT, || fake.watchers() >= 1);
+    fake.add("pods", pod("drop-1", "demo"), false);
+    fake.add("pods", pod("keep-1", "demo"), false);
+    fake.modify("pods", "keep-1", |p| {
+        p["metadata"]["annotations"] = json!({"v": "2"})
+    });
+    fake.add("pods", pod("drop-2", "demo"), false);
+    fake.add("pods", pod("keep-2", "demo"), false);
+    wait_for("keep-1 and keep-2", WAIT, || {
+        let names: Vec<String> = seen(&sub).into_iter().map(|(_, n)| n).collect();
+        names.iter().any(|n| n == "keep-1") && names.iter().any(|n| n == "keep-2")
+    });
+    let mut names: Vec<String> = seen(&sub).into_iter().map(|(_, n)| n).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["keep-1", "keep-2"],
+        "only the adds of keep-*: {:?}",
+        seen(&sub)
+    );
+    drop(serve);
+}

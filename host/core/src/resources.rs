@@ -652,6 +652,10 @@ pub struct ApiServerSourceSpec {
     pub sink: Destination,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ce_overrides: Option<CeOverrides>,
+    /// Knative's Subscriptions API filters (its `new-apiserversource-filters` feature): only
+    /// events that pass them are sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<FilterSpec>,
 }
 
 /// Any declared object wasmesh knows.

@@ -189,11 +189,7 @@ fn parse_document(file: &str, first_line: usize, doc: &str) -> Result<Option<Res
             // Knative's rules for the annotation that asks for the namespace's default Broker.
             if let Some(v) = t.metadata.annotations.get(TRIGGER_INJECTION) {
                 let path = format!("metadata.annotations.{TRIGGER_INJECTION}");
-                let (line, column) = doc
-                    .lines()
-                    .enumerate()
-                    .find_map(|(i, l)| l.find(TRIGGER_INJECTION).map(|c| (i + 1, c + 1)))
-                    .unwrap_or((1, 1));
+                let (line, column) = line_of(doc, TRIGGER_INJECTION);
                 let why = if v != "enabled" && v != "disabled" {
                     Some(format!("`{v}`: use enabled or disabled"))
                 } else if v == "enabled" && t.spec.broker != "default" {
@@ -220,7 +216,18 @@ fn parse_document(file: &str, first_line: usize, doc: &str) -> Result<Option<Res
         }
         "ApiServerSource" => {
             typed(APISERVER)?;
-            Resource::ApiServerSource(typed_parse::<Object<_>>(file, first_line, doc)?)
+            let s: Object<crate::resources::ApiServerSourceSpec> =
+                typed_parse(file, first_line, doc)?;
+            if s.spec.resources.is_empty() {
+                let (line, column) = line_of(doc, "resources");
+                return Err(err_at(
+                    line,
+                    column,
+                    "spec.resources",
+                    "at least one resource to watch is needed".into(),
+                ));
+            }
+            Resource::ApiServerSource(s)
         }
         "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding" => {
             Resource::Ignored {
@@ -272,6 +279,14 @@ fn parse_document(file: &str, first_line: usize, doc: &str) -> Result<Option<Res
         }
     };
     Ok(Some(resource))
+}
+
+/// The line and column of the first `text` in `doc` (1, 1 when it is not there).
+fn line_of(doc: &str, text: &str) -> (usize, usize) {
+    doc.lines()
+        .enumerate()
+        .find_map(|(i, l)| l.find(text).map(|c| (i + 1, c + 1)))
+        .unwrap_or((1, 1))
 }
 
 fn name_of(map: &serde_yaml_ng::Mapping) -> String {

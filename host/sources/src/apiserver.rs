@@ -15,6 +15,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event as WatchEvent};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
+use wasmesh_core::filter::Filter;
 use wasmesh_core::resources::{
     ApiServerMode, ApiServerSourceSpec, LabelSelector, ObjectMeta, SelectorOperator,
 };
@@ -88,6 +89,8 @@ pub struct ApiServerSource {
     namespace: String,
     name: String,
     spec: ApiServerSourceSpec,
+    /// `spec.filters`, compiled: events that fail them are not sent.
+    filter: Filter,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -162,6 +165,7 @@ impl ApiServerSource {
             namespace: meta.namespace().to_string(),
             name: meta.name.clone(),
             spec: spec.clone(),
+            filter: Filter::for_trigger(None, &spec.filters),
         }
     }
 
@@ -480,7 +484,8 @@ impl ApiServerSource {
     /// retried until it goes through, so that nothing is lost (the watch waits meanwhile). Each
     /// refusal also halves how many events go at once, so that a batch larger than the room a
     /// sink can ever have (a trigger queue smaller than the batch) still gets through.
-    async fn deliver(&self, emit: &Arc<dyn Emit>, events: Vec<Event>) {
+    async fn deliver(&self, emit: &Arc<dyn Emit>, mut events: Vec<Event>) {
+        events.retain(|e| self.filter.matches(e));
         let mut wait = Duration::from_millis(50);
         let mut size = events.len().max(1);
         let mut at = 0;
