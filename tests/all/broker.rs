@@ -588,11 +588,15 @@ pub(crate) fn retried_outcomes_then_dead_letter_with_error_extensions_on(store: 
     assert_eq!(dead[0].headers["ce-knativeerrorcode"], "400");
 }
 
+/// A subscriber's 2xx with a body that is not an event is an error (Knative's broker filter
+/// answers 502). The subscriber is asked with `Prefer: reply`; a dead-letter sink is not, and its
+/// 200 with any body is success, as Knative's dispatcher takes it (it was retried as a 502, and
+/// the event counted as dropped).
 #[test]
 fn a_2xx_body_that_is_not_an_event_is_an_error() {
     let sub = Capture::start(|c| match c.path.as_str() {
         "/flaky" => (200, Vec::new(), b"not an event".to_vec()),
-        _ => (202, Vec::new(), Vec::new()),
+        _ => (200, Vec::new(), b"logged".to_vec()),
     });
     let serve = Serve::start(&[("b.yaml", &retry_yaml(&sub, "linear"))], &[]);
     assert_eq!(
@@ -604,6 +608,18 @@ fn a_2xx_body_that_is_not_an_event_is_an_error() {
     let dead = sub.wait("/dls", 1);
     assert_eq!(dead[0].headers["ce-knativeerrorcode"], "502");
     assert_eq!(sub.on("/flaky").len(), 3, "retried like a 502");
+    assert!(
+        sub.on("/flaky")
+            .iter()
+            .all(|r| r.headers["prefer"] == "reply")
+    );
+    assert!(!dead[0].headers.contains_key("prefer"));
+    crate::harness::wait_for("the dead letter counted", Duration::from_secs(10), || {
+        let r = serve.admin("GET", "/v1/triggers/default/flaky", b"");
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        v["status"]["deliveries"]["deadLettered"] == 1
+    });
+    assert_eq!(sub.on("/dls").len(), 1, "the sink's 200 was taken at once");
 }
 
 const FUNCTIONS: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n  labels: {knative-eventing-injection: enabled}\n---\n\

@@ -1098,6 +1098,7 @@ impl Mesh {
                     namespace,
                     timeout: None,
                     structured: false,
+                    replies: false,
                 };
                 let none = Passthrough::default();
                 sink::send_http(client, uri, &event, &none, options).await
@@ -1406,7 +1407,7 @@ impl Mesh {
                         Outcome::Fail(Failure::message(None, "the trigger's lease was lost"))
                     }
                     None => {
-                        self.send_once(t, &t.subscriber, event, &env_ref.headers)
+                        self.send_once(t, &t.subscriber, event, &env_ref.headers, true)
                             .await
                     }
                 }
@@ -1439,7 +1440,7 @@ impl Mesh {
         let outcome = match first {
             Some(o) => o,
             None => {
-                self.send_once(t, &t.subscriber, &env.event, &env.headers)
+                self.send_once(t, &t.subscriber, &env.event, &env.headers, true)
                     .await
             }
         };
@@ -1488,6 +1489,7 @@ impl Mesh {
         }
     }
 
+    /// To a dead-letter sink: with the trigger's retries, its answer's body ignored.
     async fn send_with_retries(
         &self,
         t: &TriggerSpecRuntime,
@@ -1500,17 +1502,19 @@ impl Mesh {
             &t.name,
             0,
             |_| async {},
-            || self.send_once(t, sink, event, headers),
+            || self.send_once(t, sink, event, headers, false),
         )
         .await
     }
 
+    /// One attempt; `replies` for the trigger's subscriber (see [`sink::SendOptions`]).
     async fn send_once(
         &self,
         t: &TriggerSpecRuntime,
         sink: &Sink,
         event: &Arc<Event>,
         headers: &Passthrough,
+        replies: bool,
     ) -> Outcome {
         match sink {
             Sink::Function(f) => {
@@ -1522,6 +1526,7 @@ impl Mesh {
                     namespace: &t.namespace,
                     timeout: t.policy.timeout,
                     structured: t.policy.structured,
+                    replies,
                 };
                 sink::send_http(client, uri, event, headers, options).await
             }

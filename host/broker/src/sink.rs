@@ -167,6 +167,10 @@ pub struct SendOptions<'a> {
     pub timeout: Option<Duration>,
     /// Structured mode (`delivery.format: json`) instead of binary.
     pub structured: bool,
+    /// A trigger's subscriber: the request says `Prefer: reply` (Knative's data plane: brokers
+    /// must) and the response is read by the reply rules. Otherwise (a dead-letter sink, a
+    /// source's sink) any 2xx is success and its body is ignored, as Knative's dispatcher does.
+    pub replies: bool,
 }
 
 /// Sends one event to an HTTP subscriber (binary mode unless `structured`), with its
@@ -182,6 +186,7 @@ pub async fn send_http(
         namespace,
         timeout,
         structured,
+        replies,
     } = options;
     let mut headers = HeaderMap::new();
     passthrough.add_to(&mut headers);
@@ -201,6 +206,12 @@ pub async fn send_http(
     }
     if let Ok(ns) = HeaderValue::from_str(namespace) {
         headers.insert("kn-namespace", ns);
+    }
+    if replies {
+        headers.insert(
+            http::header::HeaderName::from_static("prefer"),
+            HeaderValue::from_static("reply"),
+        );
     }
     let mut req = match Request::builder()
         .method(Method::POST)
@@ -234,7 +245,7 @@ pub async fn send_http(
     };
     let code = parts.status.as_u16();
     if parts.status.is_success() {
-        if parts.status == StatusCode::ACCEPTED {
+        if parts.status == StatusCode::ACCEPTED || !replies {
             return Outcome::Delivered(None);
         }
         if codec::carries_event(&parts.headers) {
