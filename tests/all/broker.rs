@@ -171,14 +171,7 @@ fn http_binding_conformance_cases_reach_the_subscriber_unchanged() {
 
 /// The same, with `store` flags (`--store nats://...` in `nats.rs`).
 pub(crate) fn http_binding_conformance_cases_reach_the_subscriber_unchanged_on(store: &[&str]) {
-    let sub = Capture::ok();
-    let serve = Serve::start(
-        &[(
-            "b.yaml",
-            &broker_with_triggers(&[("all", "", &sub.url("/all"))]),
-        )],
-        store,
-    );
+    let (sub, serve) = crate::harness::one_trigger_to_capture(store);
     let cases = conformance_events();
     assert!(cases.len() >= 8, "found the conformance cases");
     let mut sent = 0;
@@ -288,6 +281,120 @@ pub(crate) fn http_binding_conformance_cases_reach_the_subscriber_unchanged_on(s
     }
 }
 
+/// One example of a scenario of `http-protocol-binding.feature`: the HTTP request as the
+/// scenario writes it, and what it must parse to.
+struct FeatureCase {
+    name: String,
+    request: String,
+    attributes: Vec<(String, String)>,
+    data: serde_json::Value,
+}
+
+/// Reads the Gherkin scenarios of the conformance feature file: each `Scenario Outline` with
+/// its request, attribute table, JSON data and `Examples` (substituted into all three).
+fn feature_cases() -> Vec<FeatureCase> {
+    let path = repo("../shared/conformance/http-binding/http-protocol-binding.feature");
+    let text = std::fs::read_to_string(path).expect("feature file in ../shared");
+    let mut cases = Vec::new();
+    for scenario in text.split("Scenario Outline:").skip(1) {
+        let name = scenario
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let blocks: Vec<&str> = scenario.split("\"\"\"").collect();
+        // blocks[1]: the request; blocks[3]: the data; the table sits in blocks[2].
+        let (request, table, data) = (blocks[1], blocks[2], blocks[3]);
+        let rows = |t: &str| -> Vec<Vec<String>> {
+            t.lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with('|'))
+                .map(|l| {
+                    l.trim_matches('|')
+                        .split('|')
+                        .map(|c| c.trim().to_string())
+                        .collect()
+                })
+                .collect()
+        };
+        let attributes = rows(table);
+        let examples = rows(blocks[4].split("Examples:").nth(1).expect("examples"));
+        let (header, values) = examples.split_first().expect("an examples header");
+        for row in values {
+            let fill = |t: &str| {
+                header
+                    .iter()
+                    .zip(row)
+                    .fold(t.to_string(), |t, (k, v)| t.replace(&format!("<{k}>"), v))
+            };
+            cases.push(FeatureCase {
+                name: fill(&name),
+                request: fill(request),
+                attributes: attributes
+                    .iter()
+                    .skip(1)
+                    .map(|r| (r[0].clone(), fill(&r[1])))
+                    .collect(),
+                data: serde_json::from_str(data.trim()).expect("the scenario's JSON"),
+            });
+        }
+    }
+    cases
+}
+
+/// The scenarios of the conformance suite's `http-protocol-binding.feature`, sent as written
+/// (headers and body of the scenario's request, to the broker's path): each reaches the
+/// subscriber with the attributes and the data the scenario lists.
+#[test]
+fn http_binding_feature_scenarios_reach_the_subscriber() {
+    let (sub, serve) = crate::harness::one_trigger_to_capture(&[]);
+    let cases = feature_cases();
+    assert!(cases.len() >= 4, "found the scenarios: {}", cases.len());
+    for (n, case) in cases.iter().enumerate() {
+        let text = case.request.trim_start_matches('\n');
+        let indent = text.len() - text.trim_start().len();
+        let lines: Vec<&str> = text
+            .lines()
+            .map(|l| l.get(indent..).unwrap_or(l.trim_start()))
+            .collect();
+        let blank = lines
+            .iter()
+            .position(|l| l.trim().is_empty())
+            .expect("a body");
+        let headers: Vec<(String, String)> = lines[1..blank]
+            .iter()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            // The length is recomputed for the body as sent; the host is the broker's.
+            .filter(|(k, _)| k != "content-length" && k != "host")
+            .collect();
+        let body = lines[blank + 1..].join("\n");
+        let h: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let r = serve.request("POST", "/default/default", &h, body.trim().as_bytes());
+        assert_eq!(r.status, 202, "{}: {}", case.name, r.text());
+        let got = sub.wait("/all", n + 1);
+        let c = &got[n];
+        for (key, value) in &case.attributes {
+            let seen = match key.as_str() {
+                "datacontenttype" => c.headers.get("content-type").cloned(),
+                _ => c.headers.get(&format!("ce-{key}")).map(|v| decode(v)),
+            };
+            assert_eq!(
+                seen.as_deref(),
+                Some(value.as_str()),
+                "{}: {key}",
+                case.name
+            );
+        }
+        let data: serde_json::Value = serde_json::from_slice(&c.body).expect("JSON data");
+        assert_eq!(data, case.data, "{}: data", case.name);
+    }
+}
+
 fn decode(v: &str) -> String {
     percent_decode_str(v)
         .decode_utf8()
@@ -297,14 +404,7 @@ fn decode(v: &str) -> String {
 
 #[test]
 fn percent_encoded_headers_round_trip() {
-    let sub = Capture::ok();
-    let serve = Serve::start(
-        &[(
-            "b.yaml",
-            &broker_with_triggers(&[("all", "", &sub.url("/all"))]),
-        )],
-        &[],
-    );
+    let (sub, serve) = crate::harness::one_trigger_to_capture(&[]);
     let mut h = ce_headers("pe", "t");
     h.push(("ce-note", "Euro%20%e2%82%ac%20%22quoted%22%20100%25"));
     assert_eq!(
@@ -748,14 +848,7 @@ impl HelloServe {
 
 #[test]
 fn batch_mode_accepts_an_array_and_names_a_bad_element() {
-    let sub = Capture::ok();
-    let serve = Serve::start(
-        &[(
-            "b.yaml",
-            &broker_with_triggers(&[("all", "", &sub.url("/all"))]),
-        )],
-        &[],
-    );
+    let (sub, serve) = crate::harness::one_trigger_to_capture(&[]);
     let batch = br#"[
         {"specversion":"1.0","id":"b1","source":"/s","type":"t","data":{"n":1}},
         {"specversion":"1.0","id":"b2","source":"/s","type":"t","datacontenttype":"text/plain","data":"two"},
@@ -782,14 +875,7 @@ fn batch_mode_accepts_an_array_and_names_a_bad_element() {
 
 #[test]
 fn wasmesh_send_posts_binary_and_structured_events() {
-    let sub = Capture::ok();
-    let serve = Serve::start(
-        &[(
-            "b.yaml",
-            &broker_with_triggers(&[("all", "", &sub.url("/all"))]),
-        )],
-        &[],
-    );
+    let (sub, serve) = crate::harness::one_trigger_to_capture(&[]);
     let to = format!("http://{}/default/default", serve.addr);
     for (mode, id) in [("binary", "s1"), ("structured", "s2")] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmesh"))

@@ -535,6 +535,15 @@ pub(crate) fn broker_with_triggers(triggers: &[(&str, &str, &str)]) -> String {
     yaml
 }
 
+/// A capture server, and `wasmesh serve` (with `flags`) running a broker `default` whose one
+/// trigger, `all`, delivers every event to the capture's `/all`.
+pub(crate) fn one_trigger_to_capture(flags: &[&str]) -> (Capture, Serve) {
+    let sub = Capture::ok();
+    let yaml = broker_with_triggers(&[("all", "", &sub.url("/all"))]);
+    let serve = Serve::start(&[("b.yaml", &yaml)], flags);
+    (sub, serve)
+}
+
 /// A broker `default`, a Function `sub` running `module` with config `tag`, and a trigger `all`
 /// delivering every event to it.
 #[allow(dead_code)] // Not every user of the harness needs it.
