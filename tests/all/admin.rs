@@ -812,6 +812,22 @@ fn the_cli_applies_gets_describes_pushes_rolls_back_and_shows_logs() {
         out.contains("kind: Broker") && out.contains("type: Ready"),
         "{out}"
     );
+    // A Broker's address, as Knative's `status.address.url`, and as a column of `get brokers`.
+    let url = format!("http://{}/default/default", serve.addr);
+    assert!(out.contains(&format!("url: {url}")), "{out}");
+    let (_, out, _) = cli.run(&["get", "brokers"]);
+    let header: Vec<&str> = out
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAMESPACE", "NAME", "URL", "READY", "REASON"],
+        "{out}"
+    );
+    assert!(out.contains(&url), "{out}");
     let (ok, _, err) = cli.run(&["get", "widgets"]);
     assert!(!ok && err.contains("unknown kind `widgets`"), "{err}");
     // push a new version, see it serve, roll it back.
@@ -1018,4 +1034,40 @@ spec:
         "trigger workers rebuilt three times under load: {} events, each delivered once",
         acked.len()
     );
+}
+
+/// `--advertise-url`: the URL a Broker's `status.address.url` starts with, as a Kubernetes
+/// Service in front of the replicas would be; anything but an http(s) URL with a host is refused.
+#[test]
+fn advertise_url_is_each_brokers_address() {
+    let base = "http://wasmesh-ingress.wasmesh.svc.cluster.local";
+    let serve = Serve::start(
+        &[("b.yaml", &crate::harness::broker_with_triggers(&[]))],
+        &["--advertise-url", &format!("{base}/")],
+    );
+    let r = serve.admin("GET", "/v1/brokers/default/default", b"");
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(
+        v["status"]["address"]["url"],
+        format!("{base}/default/default"),
+        "{v}"
+    );
+    for bad in ["wasmesh-ingress", "ftp://host/", "http://"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmesh"))
+            .args([
+                "serve",
+                "-f",
+                "/nonexistent.yaml",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--admin-listen", "off", "--advertise-url", bad])
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("--advertise-url"),
+            "{bad}: {err}"
+        );
+    }
 }

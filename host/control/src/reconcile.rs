@@ -64,6 +64,9 @@ pub struct ControlConfig {
     /// Replicas over NATS: the admin API's changes, modules, source leases and source state
     /// live there instead of the data directory.
     pub shared: Option<Arc<Shared>>,
+    /// Where clients reach ingress (`http://127.0.0.1:8080`): each Broker's
+    /// `status.address.url` is it and the Broker's path.
+    pub ingress_url: Option<String>,
 }
 
 struct FunctionRun {
@@ -487,7 +490,7 @@ impl Controller {
             .desired
             .iter()
             .filter(|l| kinds.contains(&kind_name(&l.resource)) && pick(l))
-            .filter_map(|l| view(&st, &self.mesh, l))
+            .filter_map(|l| view(&st, &self.mesh, self.config.ingress_url.as_deref(), l))
             .collect())
     }
 
@@ -1462,8 +1465,14 @@ fn kinds_of(kind: &str) -> Result<&'static [&'static str], String> {
     })
 }
 
-/// An object as `get` returns it: as declared, plus a status with Knative's `Ready` condition.
-fn view(st: &State, mesh: &Mesh, loc: &Located) -> Option<serde_json::Value> {
+/// An object as `get` returns it: as declared, plus a status with Knative's `Ready` condition
+/// (and a Broker's address, from `ingress_url`: see [`ControlConfig::ingress_url`]).
+fn view(
+    st: &State,
+    mesh: &Mesh,
+    ingress_url: Option<&str>,
+    loc: &Located,
+) -> Option<serde_json::Value> {
     let mut json = loc.resource.to_json()?;
     let id = loc.resource.id();
     st.statuses.get(&id)?;
@@ -1494,9 +1503,11 @@ fn view(st: &State, mesh: &Mesh, loc: &Located) -> Option<serde_json::Value> {
         s["deliveries"] = serde_json::to_value(counts).unwrap_or_default();
     }
     if let Resource::Broker(o) = &loc.resource {
-        s["address"] = serde_json::json!({
-            "path": format!("/{}/{}", o.metadata.namespace(), o.metadata.name)
-        });
+        let path = format!("/{}/{}", o.metadata.namespace(), o.metadata.name);
+        s["address"] = match ingress_url {
+            Some(base) => serde_json::json!({"url": format!("{base}{path}"), "path": path}),
+            None => serde_json::json!({ "path": path }),
+        };
     }
     json["status"] = s;
     Some(json)

@@ -244,6 +244,10 @@ fn table(kind: &str, items: &[serde_json::Value], wide: bool) -> String {
         "source" | "pingsource" | "apiserversource" => vec!["KIND", "SINK"],
         _ => vec![],
     };
+    let broker = k.trim_end_matches('s') == "broker";
+    if broker {
+        header.insert(2, "URL");
+    }
     if wide {
         header.extend(extra.iter().copied());
         header.push("MESSAGE");
@@ -260,6 +264,11 @@ fn table(kind: &str, items: &[serde_json::Value], wide: bool) -> String {
             status.to_string(),
             reason.to_string(),
         ];
+        if broker {
+            // As `kubectl get brokers` shows a Broker's address.
+            let url = i["status"]["address"]["url"].as_str().unwrap_or("");
+            row.insert(2, url.to_string());
+        }
         if wide {
             let sink = |d: &serde_json::Value| {
                 d["uri"].as_str().map(str::to_string).unwrap_or_else(|| {

@@ -25,6 +25,10 @@ pub(crate) struct ServeArgs {
     /// Where ingress listens (port 0 picks a free one; the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// The URL clients reach ingress at, for each Broker's `status.address.url` (e.g. a
+    /// Kubernetes Service's); default `http://` and the address ingress listens on.
+    #[arg(long, value_name = "URL")]
+    advertise_url: Option<String>,
     /// Where wasmesh keeps its state (compiled components, later the event log).
     #[arg(long, default_value = ".wasmesh")]
     data_dir: PathBuf,
@@ -160,6 +164,9 @@ pub(crate) fn builtins() -> wasmesh_control::Builtins {
 }
 
 pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if let Some(url) = &args.advertise_url {
+        advertised(url)?;
+    }
     let resources = match load(&args.files)? {
         Ok(r) => r,
         Err(errors) => {
@@ -178,6 +185,17 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .thread_name("wasmesh")
         .build()?;
     runtime.block_on(run(args, resources))
+}
+
+/// `--advertise-url`, checked: an http or https URL with a host, without its trailing `/`.
+fn advertised(url: &str) -> anyhow::Result<String> {
+    let uri: http::Uri = url
+        .parse()
+        .with_context(|| format!("--advertise-url `{url}`: not a URL"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        anyhow::bail!("--advertise-url `{url}`: an http or https URL with a host is needed");
+    }
+    Ok(url.trim_end_matches('/').to_string())
 }
 
 async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCode> {
@@ -239,6 +257,14 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
         log,
         nats: nats.clone(),
     });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let ingress_url = match &args.advertise_url {
+        Some(url) => advertised(url)?,
+        None => format!("http://{addr}"),
+    };
     let controller = Controller::new(
         engine,
         builtins(),
@@ -247,6 +273,7 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
             data_dir: Some(args.data_dir.clone()),
             kubeconfig: args.kubeconfig.clone(),
             shared,
+            ingress_url: Some(ingress_url),
         },
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -258,10 +285,6 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
         }
     }
     let mesh = Arc::clone(controller.mesh());
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     controller.follow_shared(stop_rx.clone());
     controller.keep_rollbacks(stop_rx.clone());
