@@ -15,7 +15,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the brokers, triggers, functions and sources that YAML files declare.
-    Serve(commands::serve::ServeArgs),
+    Serve(Box<commands::serve::ServeArgs>),
     /// Send one CloudEvent to a broker (or any CloudEvents endpoint).
     Send(commands::send::SendArgs),
     /// Invoke a filter or subscriber plugin on one event and print what it did.
@@ -50,7 +50,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => commands::serve::serve(args),
+        Command::Serve(args) => commands::serve::serve(*args),
         Command::Send(args) => commands::send::send(args),
         Command::Run(args) => commands::run::run(args),
         Command::Apply(args) => commands::ops::apply(args),
