@@ -11,6 +11,7 @@ mod fake_apiserver;
 mod harness;
 mod manifests;
 mod nats;
+mod robustness;
 mod runtime;
 mod support;
 mod yaml;
