@@ -1268,13 +1268,14 @@ fn cloudevents_0_3_events_are_accepted_and_delivered_as_0_3() {
 /// point the Trigger at that Service (`apiVersion: v1`): with a Function of the same name in
 /// place of the Deployment, the Service document is accepted and ignored, the Trigger's ref
 /// resolves to the Function, and the Broker's `spec.config` and class annotation are accepted,
-/// as is the ConfigMap that `spec.config` names.
+/// as is the ConfigMap that `spec.config` names, and an EventType of Knative's registry.
 #[test]
 fn a_trigger_ref_to_a_kubernetes_service_reaches_the_function_of_its_name() {
     let yaml = "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: default\n  namespace: default\n  annotations:\n    eventing.knative.dev/broker.class: MTChannelBasedBroker\nspec:\n  config:\n    apiVersion: v1\n    kind: ConfigMap\n    name: config-br-default-channel\n    namespace: knative-eventing\n\
 ---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {name: display, namespace: default}\nspec:\n  broker: default\n  filter:\n    attributes: {type: dev.knative.samples.helloworld}\n  subscriber:\n    ref: {apiVersion: v1, kind: Service, name: event-display}\n\
 ---\nkind: Service\napiVersion: v1\nmetadata: {name: event-display, namespace: default}\nspec:\n  selector: {app: event-display}\n  ports: [{protocol: TCP, port: 80, targetPort: 8080}]\n\
 ---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: config-br-default-channel, namespace: knative-eventing}\ndata:\n  channel-template-spec: |\n    apiVersion: messaging.knative.dev/v1\n    kind: InMemoryChannel\n\
+---\napiVersion: eventing.knative.dev/v1beta2\nkind: EventType\nmetadata: {name: hello, namespace: default}\nspec:\n  type: dev.knative.samples.helloworld\n  source: https://example.com/hello\n  reference: {apiVersion: eventing.knative.dev/v1, kind: Broker, name: default}\n\
 ---\napiVersion: wasmesh.dev/v1alpha1\nkind: Function\nmetadata: {name: event-display, namespace: default}\nspec:\n  module: builtin:event-display\n";
     let serve = Serve::start(&[("sample.yaml", yaml)], &[]);
     let r = serve.request(
@@ -1290,6 +1291,7 @@ fn a_trigger_ref_to_a_kubernetes_service_reaches_the_function_of_its_name() {
     for ignored in [
         "Service/event-display: accepted and ignored",
         "ConfigMap/config-br-default-channel: accepted and ignored",
+        "EventType/hello: accepted and ignored",
     ] {
         assert!(serve.stderr().contains(ignored), "{}", serve.stderr());
     }
