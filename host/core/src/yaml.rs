@@ -236,18 +236,23 @@ fn parse_document(file: &str, first_line: usize, doc: &str) -> Result<Option<Res
                 why: "only meaningful inside Kubernetes",
             }
         }
-        // A Broker's `spec.config` names a ConfigMap of Knative's own settings (its channel, its
-        // class's defaults); wasmesh's flags say what those would.
         // Knative's event registry: descriptions of event types, with no effect on delivery.
         "EventType" if api_version.starts_with("eventing.knative.dev/") => Resource::Ignored {
             kind,
             name: name_of(map),
             why: "an entry of Knative's event registry, which wasmesh does not keep",
         },
-        "ConfigMap" | "Secret" if api_version == "v1" => Resource::Ignored {
+        // A Broker's `spec.config` names a ConfigMap of Knative's own settings (its channel, its
+        // class's defaults); wasmesh's flags say what those would.
+        "ConfigMap" if api_version == "v1" => Resource::Ignored {
             kind,
             name: name_of(map),
             why: "configures Knative's own components inside Kubernetes",
+        },
+        "Secret" if api_version == "v1" => Resource::Ignored {
+            kind,
+            name: name_of(map),
+            why: "only meaningful inside Kubernetes",
         },
         "Service" if api_version.starts_with("serving.knative.dev/") => Resource::Ignored {
             kind,
