@@ -828,6 +828,8 @@ fn the_cli_applies_gets_describes_pushes_rolls_back_and_shows_logs() {
         "{out}"
     );
     assert!(out.contains(&url), "{out}");
+    let (_, out, _) = cli.run(&["describe", "broker", "default"]);
+    assert!(out.contains(&format!("Address:      {url}\n")), "{out}");
     let (ok, _, err) = cli.run(&["get", "widgets"]);
     assert!(!ok && err.contains("unknown kind `widgets`"), "{err}");
     // push a new version, see it serve, roll it back.

@@ -390,6 +390,9 @@ pub(crate) fn describe(args: DescribeArgs) -> anyhow::Result<ExitCode> {
         "Declared at:  {}",
         status["declaredAt"].as_str().unwrap_or("")
     );
+    if let Some(url) = status["address"]["url"].as_str() {
+        println!("Address:      {url}");
+    }
     println!("Spec:");
     for line in serde_yaml_ng::to_string(&v["spec"])?.lines() {
         println!("  {line}");
