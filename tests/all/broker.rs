@@ -522,6 +522,7 @@ pub(crate) fn http_subscriber_replies_go_back_into_the_broker_on(store: &[&str])
                 ("ce-source".to_string(), "/replier".to_string()),
                 ("ce-type".to_string(), "com.example.response".to_string()),
                 ("content-type".to_string(), "application/json".to_string()),
+                ("x-request-id".to_string(), "resp-42".to_string()),
             ];
             (200, headers, b"{\"answer\":42}".to_vec())
         } else {
@@ -576,6 +577,10 @@ pub(crate) fn http_subscriber_replies_go_back_into_the_broker_on(store: &[&str])
         "80f198ee56343ba864fe8b2a57d3eff7"
     );
     assert!(!req.headers.contains_key("authorization"));
+    // The reply goes on with the response's pass-through headers, as Knative's dispatcher
+    // passes them: the response's x-request-id, not the request's other ones.
+    assert_eq!(got[0].headers["x-request-id"], "resp-42");
+    assert!(!got[0].headers.contains_key("knative-custom"));
 }
 
 #[test]
@@ -607,6 +612,7 @@ pub(crate) fn a_reply_loop_is_stopped_by_the_ttl_on(store: &[&str]) {
     );
     let mut h = ce_headers("l", "com.example.loop");
     h.push(("ce-knativebrokerttl", "4"));
+    h.push(("x-request-id", "loop-1"));
     assert_eq!(
         serve.request("POST", "/default/default", &h, b"{}").status,
         202
@@ -622,6 +628,14 @@ pub(crate) fn a_reply_loop_is_stopped_by_the_ttl_on(store: &[&str]) {
         ["l", "lx", "lxx"],
         "TTL 4: three hops, then the loop ends"
     );
+    // Responses without pass-through headers: each reply keeps the event's.
+    for c in sub.on("/loop") {
+        assert_eq!(
+            c.headers["x-request-id"], "loop-1",
+            "{}",
+            c.headers["ce-id"]
+        );
+    }
 }
 
 fn retry_yaml(sub: &Capture, policy: &str) -> String {
@@ -747,13 +761,18 @@ pub(crate) fn wasm_functions_subscribe_filter_reply_and_reject_on(store: &[&str]
     let r = serve.request(
         "POST",
         "/default/default",
-        &[("content-type", "application/cloudevents+json")],
+        &[
+            ("content-type", "application/cloudevents+json"),
+            ("x-request-id", "seed-1"),
+        ],
         &seed,
     );
     assert_eq!(r.status, 202, "{}", r.text());
-    // pod-started replied; the reply was routed to the HTTP trigger.
+    // pod-started replied; the reply was routed to the HTTP trigger, with the pass-through
+    // headers of the event it answers.
     let pods = sub.wait("/pods", 1);
     assert_eq!(pods[0].headers["ce-type"], "com.example.pod.started");
+    assert_eq!(pods[0].headers["x-request-id"], "seed-1");
     assert_eq!(pods[0].body, br#"{"namespace":"default","pod":"busybox"}"#);
     // event-display printed the event (it passed the Wasm filter) exactly once, unprefixed.
     crate::harness::wait_for(

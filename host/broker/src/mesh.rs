@@ -23,7 +23,7 @@ use crate::metrics::{self, BrokerStats, IngressStats, TriggerStats};
 use crate::nats::NatsStore;
 use crate::output::FunctionOutput;
 use crate::passthrough::Passthrough;
-use crate::sink::{self, Failure, HttpClient, Outcome, Sink};
+use crate::sink::{self, Failure, HttpClient, Outcome, Reply, Sink};
 use crate::slot::FunctionSlot;
 
 /// A broker's identity: namespace and name.
@@ -1049,11 +1049,13 @@ impl Mesh {
         &self,
         key: &BrokerKey,
         events: Vec<Event>,
+        headers: Passthrough,
     ) -> Result<(), PublishError> {
         if self.config.nats.is_some() {
-            return tokio::runtime::Handle::current().block_on(self.publish(key, events));
+            return tokio::runtime::Handle::current()
+                .block_on(self.publish_with(key, events, headers));
         }
-        let (prepared, stats) = self.prepare(key, events, Passthrough::default())?;
+        let (prepared, stats) = self.prepare(key, events, headers)?;
         let sizes = Self::sizes(&prepared);
         let result = match &self.config.log {
             Some(log) => Ok(log.append_blocking(Self::appends(prepared))?),
@@ -1254,8 +1256,8 @@ impl Mesh {
         match first {
             Outcome::Delivered(Some(reply)) => {
                 metrics::add(&t.stats.delivered, 1);
-                let reply = Self::with_ttl(reply, env.ttl);
-                let result = self.publish_blocking(&t.broker, vec![reply.clone()]);
+                let (reply, headers) = Self::reply_of(reply, &env);
+                let result = self.publish_blocking(&t.broker, vec![reply.clone()], headers.clone());
                 if !Self::again(t, &reply, result, 0) {
                     self.done(&env);
                     return;
@@ -1265,7 +1267,8 @@ impl Mesh {
                 let ordered = t.policy.ordered_by.is_some();
                 let (mesh, t) = (Arc::clone(self), Arc::clone(t));
                 let retry = async move {
-                    mesh.publish_reply(&t, reply, 1, env.acker.as_deref()).await;
+                    mesh.publish_reply(&t, reply, headers, 1, env.acker.as_deref())
+                        .await;
                     mesh.done(&env);
                 };
                 if ordered {
@@ -1496,7 +1499,7 @@ impl Mesh {
         sink: &Sink,
         event: &Arc<Event>,
         headers: &Passthrough,
-    ) -> Result<Option<Box<Event>>, Failure> {
+    ) -> Result<Option<Reply>, Failure> {
         retry_loop(
             &t.policy,
             &t.name,
@@ -1555,15 +1558,24 @@ impl Mesh {
     /// A broker that cannot take the reply yet (full, or its store cannot write) gets it again
     /// after the trigger's backoff, up to its retry count; the caller acknowledges the event
     /// that caused the reply only after this.
-    async fn reply(&self, t: &TriggerSpecRuntime, reply: Box<Event>, env: &Envelope) {
-        let reply = Self::with_ttl(reply, env.ttl);
-        self.publish_reply(t, reply, 0, env.acker.as_deref()).await;
+    async fn reply(&self, t: &TriggerSpecRuntime, reply: Reply, env: &Envelope) {
+        let (reply, headers) = Self::reply_of(reply, env);
+        self.publish_reply(t, reply, headers, 0, env.acker.as_deref())
+            .await;
     }
 
-    fn with_ttl(reply: Box<Event>, ttl: i32) -> Event {
-        let mut reply = *reply;
-        reply.set_extension(TTL_EXTENSION, ExtensionValue::Integer(i64::from(ttl)));
-        reply
+    /// A reply to `env`'s event as it goes back into the broker: with the envelope's TTL, and
+    /// the response's pass-through headers, or the event's when the response has none (a
+    /// Function's reply: its `x-request-id` and trace headers continue).
+    fn reply_of(reply: Reply, env: &Envelope) -> (Event, Passthrough) {
+        let mut event = *reply.event;
+        event.set_extension(TTL_EXTENSION, ExtensionValue::Integer(i64::from(env.ttl)));
+        let headers = if reply.headers.is_empty() {
+            env.headers.clone()
+        } else {
+            reply.headers
+        };
+        (event, headers)
     }
 
     /// Publishes `reply`, `tries` having been made before. Over JetStream the event that caused
@@ -1572,6 +1584,7 @@ impl Mesh {
         &self,
         t: &TriggerSpecRuntime,
         reply: Event,
+        headers: Passthrough,
         mut tries: u32,
         acker: Option<&crate::nats::AckHandle>,
     ) {
@@ -1590,7 +1603,9 @@ impl Mesh {
                     tokio::time::sleep((until - now).min(Duration::from_secs(1))).await;
                 }
             }
-            let result = self.publish(&t.broker, vec![reply.clone()]).await;
+            let result = self
+                .publish_with(&t.broker, vec![reply.clone()], headers.clone())
+                .await;
             if !Self::again(t, &reply, result, tries) {
                 return;
             }
@@ -1747,7 +1762,7 @@ pub(crate) async fn retry_loop<F, Fut, R, RecFut>(
     already: u32,
     record: R,
     mut attempt: F,
-) -> Result<Option<Box<Event>>, Failure>
+) -> Result<Option<Reply>, Failure>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Outcome>,

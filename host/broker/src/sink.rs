@@ -53,12 +53,21 @@ impl Sink {
 #[derive(Debug)]
 pub enum Outcome {
     /// Delivered; maybe with a reply.
-    Delivered(Option<Box<Event>>),
+    Delivered(Option<Reply>),
     /// Failed in a way Knative retries (transport error, 5xx, 404, 408, 409, 429; a Wasm trap
     /// or deadline; a Wasm `retry`).
     Retry(Failure),
     /// Failed for good (other 4xx, a Wasm `reject`): straight to the dead-letter sink.
     Fail(Failure),
+}
+
+/// An event a subscriber answered with, and the headers that pass through with it: an HTTP
+/// subscriber's response's, as Knative's dispatcher passes them on (empty from a Function: the
+/// reply then takes those of the event it answers).
+#[derive(Debug)]
+pub struct Reply {
+    pub event: Box<Event>,
+    pub headers: Passthrough,
 }
 
 /// Details of a failed attempt, carried into the dead-letter event.
@@ -251,7 +260,10 @@ pub async fn send_http(
         if codec::carries_event(&parts.headers) {
             return match codec::decode(&parts.headers, body.clone()) {
                 Ok(mut events) if events.len() == 1 => {
-                    Outcome::Delivered(events.pop().map(Box::new))
+                    Outcome::Delivered(events.pop().map(|e| Reply {
+                        event: Box::new(e),
+                        headers: Passthrough::from_request(&parts.headers),
+                    }))
                 }
                 Ok(_) => Outcome::Retry(Failure::message(Some(502), "a reply must be one event")),
                 Err(e) => {
@@ -314,7 +326,10 @@ pub fn call_function(
             output.write(func.name(), &called.output);
             match called.value {
                 Disposition::Ack => Outcome::Delivered(None),
-                Disposition::Reply(ev) => Outcome::Delivered(Some(ev)),
+                Disposition::Reply(ev) => Outcome::Delivered(Some(Reply {
+                    event: ev,
+                    headers: Passthrough::default(),
+                })),
                 Disposition::Retry(after) => Outcome::Retry(Failure {
                     code: None,
                     data: Bytes::from_static(b"the function asked to retry"),
