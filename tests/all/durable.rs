@@ -472,3 +472,28 @@ fn a_trigger_taken_off_and_put_back_under_load_delivers_each_event_once_in_order
         assert_eq!(ids.len(), 72, "{flags:?}");
     }
 }
+
+/// A graceful stop (SIGTERM) finishes what is queued before the process ends: with
+/// `--store memory`, where nothing outlives the process, every accepted event is delivered.
+#[test]
+fn a_graceful_stop_delivers_what_memory_still_queues() {
+    let sub = crate::harness::HoldingSubscriber::start(Duration::from_millis(100));
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        crate::harness::slow_trigger(&sub, "  delivery: {concurrency: 1}\n"),
+    )
+    .expect("yaml");
+    let serve = Serve::start_at(dir.path(), &["--store", "memory"]);
+    crate::harness::send_keyed(&[&serve], "s", &["k"], 20);
+    assert!(
+        sub.done.load(std::sync::atomic::Ordering::SeqCst) < 20,
+        "still queued when the stop comes"
+    );
+    serve.stop();
+    assert_eq!(
+        sub.done.load(std::sync::atomic::Ordering::SeqCst),
+        20,
+        "every accepted event delivered before the process ended"
+    );
+}
