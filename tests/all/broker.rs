@@ -1581,3 +1581,35 @@ fn events_retrying_on_a_failing_wasm_subscriber_hold_producers_back() {
         "accepted {accepted}, refused {refused}"
     );
 }
+
+/// A trigger's `delivery.timeout` bounds a Wasm subscriber's call too, as it bounds an HTTP
+/// request: a Function that spins, with a deadline of its own of 5 s, is stopped at the
+/// trigger's 200 ms and the event goes to the dead-letter sink saying so.
+#[test]
+fn a_triggers_timeout_bounds_a_wasm_subscriber() {
+    let sub = Capture::ok();
+    let yaml = format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata: {{name: default, namespace: default}}\n---\n\
+         apiVersion: wasmesh.dev/v1alpha1\nkind: Function\nmetadata: {{name: spin, namespace: default}}\n\
+         spec: {{module: '{}', limits: {{timeout: 5s}}}}\n---\n\
+         apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: spinning, namespace: default}}\n\
+         spec:\n  subscriber: {{ref: {{apiVersion: wasmesh.dev/v1alpha1, kind: Function, name: spin}}}}\n  \
+         delivery: {{timeout: PT0.2S, retry: 0, deadLetterSink: {{uri: '{}'}}}}\n",
+        wasmesh_plugins::FIXTURE_SPIN,
+        sub.url("/dls")
+    );
+    let serve = Serve::start(&[("t.yaml", &yaml)], &[]);
+    let r = serve.request(
+        "POST",
+        "/default/default",
+        &ce_headers("spin-1", "t"),
+        b"{}",
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let dead = sub.wait("/dls", 1);
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(&dead[0].headers["ce-knativeerrordata"])
+        .expect("base64");
+    let data = String::from_utf8_lossy(&data);
+    assert!(data.contains("deadline of 200 ms exceeded"), "{data}");
+}

@@ -1093,7 +1093,9 @@ impl Mesh {
                     .await
                     .map_err(|e| e.to_string());
             }
-            Sink::Function(f) => sink::send_function(f, Arc::new(event), &self.config.output).await,
+            Sink::Function(f) => {
+                sink::send_function(f, Arc::new(event), &self.config.output, None).await
+            }
             Sink::Http(uri, own) => {
                 let client = own.as_deref().unwrap_or(&self.client);
                 let options = sink::SendOptions {
@@ -1243,7 +1245,9 @@ impl Mesh {
             }
         }
         let first = match &t.subscriber {
-            Sink::Function(f) => sink::call_function(f, &env.event, &self.config.output),
+            Sink::Function(f) => {
+                sink::call_function(f, &env.event, &self.config.output, t.policy.timeout)
+            }
             // The trigger changed to another kind of subscriber while this event was queued.
             _ => {
                 let (mesh, t) = (Arc::clone(self), Arc::clone(t));
@@ -1521,7 +1525,8 @@ impl Mesh {
     ) -> Outcome {
         match sink {
             Sink::Function(f) => {
-                sink::send_function(f, Arc::clone(event), &self.config.output).await
+                sink::send_function(f, Arc::clone(event), &self.config.output, t.policy.timeout)
+                    .await
             }
             Sink::Http(uri, own) => {
                 let client = own.as_deref().unwrap_or(&self.client);

@@ -304,23 +304,26 @@ pub async fn send_function(
     func: &Arc<FunctionSlot>,
     event: Arc<Event>,
     output: &crate::output::FunctionOutput,
+    timeout: Option<Duration>,
 ) -> Outcome {
     let f = Arc::clone(func);
     let out = output.clone();
-    match tokio::task::spawn_blocking(move || call_function(&f, &event, &out)).await {
+    match tokio::task::spawn_blocking(move || call_function(&f, &event, &out, timeout)).await {
         Ok(outcome) => outcome,
         Err(e) => Outcome::Retry(Failure::message(Some(500), format!("call aborted: {e}"))),
     }
 }
 
 /// Calls a Wasm subscriber on this thread (never a Tokio worker) and maps its disposition onto
-/// delivery outcomes; its output is written on the way.
+/// delivery outcomes; its output is written on the way. `timeout` (a trigger's
+/// `delivery.timeout`) cuts the call's deadline when it is shorter than the Function's.
 pub fn call_function(
     func: &FunctionSlot,
     event: &Event,
     output: &crate::output::FunctionOutput,
+    timeout: Option<Duration>,
 ) -> Outcome {
-    let (_version, result) = func.handle(event);
+    let (_version, result) = func.handle_within(event, timeout);
     match result {
         Ok(called) => {
             output.write(func.name(), &called.output);

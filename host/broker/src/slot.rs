@@ -8,6 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use wasmesh_core::Event;
@@ -120,8 +121,18 @@ impl FunctionSlot {
 
     /// Calls the live subscriber version.
     pub fn handle(&self, event: &Event) -> (Arc<Version>, Result<Called<Disposition>, CallError>) {
+        self.handle_within(event, None)
+    }
+
+    /// [`handle`](Self::handle) within `timeout` when it is shorter than the Function's own
+    /// deadline (a trigger's `delivery.timeout`).
+    pub fn handle_within(
+        &self,
+        event: &Event,
+        timeout: Option<Duration>,
+    ) -> (Arc<Version>, Result<Called<Disposition>, CallError>) {
         let v = self.live();
-        let result = v.function.handle(event);
+        let result = v.function.handle_within(event, timeout);
         let ok = matches!(
             &result,
             Ok(c) if matches!(c.value, Disposition::Ack | Disposition::Reply(_))

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use wasmesh_core::Event;
 use wasmtime::Store;
@@ -137,7 +138,7 @@ impl Function {
     /// `incoming-event` resource: data is copied only if the filter asks for it.
     pub fn matches(&self, event: &Arc<Event>) -> Result<Called<bool>, CallError> {
         self.expect(PluginKind::Filter)?;
-        self.call(|store, exports| {
+        self.call(self.settings.limits.timeout, |store, exports| {
             let InstanceExports::Filter(guest) = exports else {
                 unreachable!("checked by expect()")
             };
@@ -153,9 +154,23 @@ impl Function {
 
     /// Hands an event to a subscriber and returns its disposition. A reply is validated here.
     pub fn handle(&self, event: &Event) -> Result<Called<Disposition>, CallError> {
+        self.handle_within(event, None)
+    }
+
+    /// [`handle`](Self::handle), with the call's deadline cut to `timeout` when that is
+    /// shorter than the Function's own (a trigger's `delivery.timeout`).
+    pub fn handle_within(
+        &self,
+        event: &Event,
+        timeout: Option<Duration>,
+    ) -> Result<Called<Disposition>, CallError> {
         self.expect(PluginKind::Subscriber)?;
         let wit_event = convert::to_wit(event);
-        let called = self.call(|store, exports| {
+        let limit = match timeout {
+            Some(t) if t < self.settings.limits.timeout => t,
+            _ => self.settings.limits.timeout,
+        };
+        let called = self.call(limit, |store, exports| {
             let InstanceExports::Subscriber(guest) = exports else {
                 unreachable!("checked by expect()")
             };
@@ -196,10 +211,12 @@ impl Function {
         })
     }
 
-    /// Runs `f` on a warm instance (or a fresh one), with the deadline armed. An instance that
-    /// failed in any way is discarded; the next call gets a fresh one.
+    /// Runs `f` on a warm instance (or a fresh one), with the deadline (`limit`, at most the
+    /// Function's own) armed. An instance that failed in any way is discarded; the next call
+    /// gets a fresh one.
     fn call<T>(
         &self,
+        limit: Duration,
         f: impl FnOnce(&mut Store<HostState>, &InstanceExports) -> wasmtime::Result<T>,
     ) -> Result<Called<T>, CallError> {
         let pooled = match self.settings.isolation {
@@ -218,7 +235,7 @@ impl Function {
                 output: Box::default(),
             })?,
         };
-        inst.store.set_epoch_deadline(self.deadline_ticks);
+        inst.store.set_epoch_deadline(self.ticks(limit));
         let result = f(&mut inst.store, &inst.exports);
         let output = inst.store.data_mut().take_output();
         match result {
@@ -233,10 +250,20 @@ impl Function {
             }
             Err(e) => Err(CallError {
                 function: self.name.clone(),
-                kind: self.classify(&e, &inst.store, &output),
+                kind: self.classify(&e, &inst.store, &output, limit),
                 output: Box::new(output),
             }),
         }
+    }
+
+    /// Epoch ticks for a deadline of `limit`: the Function's own, or fewer for a shorter one.
+    fn ticks(&self, limit: Duration) -> u64 {
+        if limit >= self.settings.limits.timeout {
+            return self.deadline_ticks;
+        }
+        let tick = self.engine.config().epoch_tick.as_nanos().max(1);
+        // One tick more than asked: the deadline is never shorter than the limit.
+        u64::try_from(limit.as_nanos().div_ceil(tick)).unwrap_or(u64::MAX / 2) + 1
     }
 
     fn classify(
@@ -244,14 +271,13 @@ impl Function {
         e: &wasmtime::Error,
         store: &Store<HostState>,
         output: &CallOutput,
+        limit: Duration,
     ) -> CallErrorKind {
         if store.data().limiter.exceeded || e.downcast_ref::<MemoryLimitExceeded>().is_some() {
             return CallErrorKind::Memory(self.settings.limits.memory_bytes);
         }
         match e.downcast_ref::<wasmtime::Trap>() {
-            Some(wasmtime::Trap::Interrupt) => {
-                CallErrorKind::Deadline(self.settings.limits.timeout)
-            }
+            Some(wasmtime::Trap::Interrupt) => CallErrorKind::Deadline(limit),
             Some(trap) => {
                 let what = match trap {
                     wasmtime::Trap::UnreachableCodeReached => "unreachable executed".to_string(),
