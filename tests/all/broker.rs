@@ -3,6 +3,7 @@
 //! backpressure, and Wasm functions as subscribers and filters.
 
 use base64::Engine as _;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -1612,4 +1613,64 @@ fn a_triggers_timeout_bounds_a_wasm_subscriber() {
         .expect("base64");
     let data = String::from_utf8_lossy(&data);
     assert!(data.contains("deadline of 200 ms exceeded"), "{data}");
+}
+
+/// A subscriber's `Retry-After`, as Knative's dispatcher reads it: on a 429 or 503 only, in
+/// delay-seconds or as an HTTP-date, and never waiting less than the trigger's backoff.
+#[test]
+fn retry_after_is_read_as_knative_reads_it() {
+    let arrivals: Arc<Mutex<HashMap<String, Vec<std::time::Instant>>>> = Arc::default();
+    let seen = Arc::clone(&arrivals);
+    let sub = Capture::start(move |c| {
+        let mut seen = seen.lock().expect("lock");
+        let times = seen.entry(c.path.clone()).or_default();
+        times.push(std::time::Instant::now());
+        if times.len() > 1 {
+            return (202, Vec::new(), Vec::new());
+        }
+        let in_a_second =
+            httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(2));
+        let (code, after) = match c.path.as_str() {
+            "/seconds" => (429, "1".to_string()),
+            "/date" => (503, in_a_second),
+            "/zero" => (429, "0".to_string()),
+            _ => (500, "3600".to_string()),
+        };
+        (code, vec![("retry-after".to_string(), after)], Vec::new())
+    });
+    let fast = "  delivery: {retry: 2, backoffDelay: PT0.01S}\n";
+    let slow = "  delivery: {retry: 2, backoffDelay: PT1S, backoffPolicy: linear}\n";
+    let yaml = broker_with_triggers(&[
+        ("seconds", fast, &sub.url("/seconds")),
+        ("date", fast, &sub.url("/date")),
+        ("zero", slow, &sub.url("/zero")),
+        ("other", fast, &sub.url("/other")),
+    ]);
+    let serve = Serve::start(&[("b.yaml", &yaml)], &[]);
+    let r = serve.request("POST", "/default/default", &ce_headers("ra-1", "t"), b"{}");
+    assert_eq!(r.status, 202, "{}", r.text());
+    for path in ["/seconds", "/date", "/zero", "/other"] {
+        sub.wait(path, 2);
+    }
+    let gap = |path: &str| {
+        let seen = arrivals.lock().expect("lock");
+        seen[path][1] - seen[path][0]
+    };
+    assert!(
+        gap("/seconds") >= Duration::from_secs(1),
+        "{:?}",
+        gap("/seconds")
+    );
+    assert!(
+        gap("/date") >= Duration::from_millis(900),
+        "{:?}",
+        gap("/date")
+    );
+    assert!(
+        gap("/zero") >= Duration::from_secs(1),
+        "Retry-After 0 does not cut the 1 s backoff: {:?}",
+        gap("/zero")
+    );
+    // A 500's Retry-After is not read: the retry came after the 10 ms backoff, not in an hour
+    // (`sub.wait` above gives up after seconds).
 }

@@ -77,14 +77,21 @@ impl DeliveryPolicy {
         }
     }
 
-    /// The wait before retry number `n` after a failure whose subscriber asked for `retry_after`:
-    /// that, capped by `retryAfterMax` (which, zero, ignores it), else the backoff.
-    pub fn wait(&self, retry_after: Option<Duration>, n: u32) -> Duration {
-        let wait = match (retry_after, self.retry_after_max) {
-            (Some(_), Some(max)) if max.is_zero() => self.backoff(n),
-            (Some(after), Some(max)) => after.min(max),
-            (Some(after), None) => after,
-            (None, _) => self.backoff(n),
+    /// The wait before retry number `n` after a failure whose subscriber asked for a delay: a
+    /// `Retry-After` (capped by `retryAfterMax`, which at zero ignores it) lengthens the backoff,
+    /// never shortens it, as Knative's dispatcher waits the larger of the two; a Function's
+    /// `retry(after)` (capped the same way) replaces it, as the plugin contract says.
+    pub fn wait(&self, asked: Option<AskedDelay>, n: u32) -> Duration {
+        let backoff = self.backoff(n);
+        let capped = |d: Duration| match self.retry_after_max {
+            Some(max) if max.is_zero() => None,
+            Some(max) => Some(d.min(max)),
+            None => Some(d),
+        };
+        let wait = match asked {
+            None => backoff,
+            Some(AskedDelay::RetryAfter(d)) => capped(d).map_or(backoff, |d| d.max(backoff)),
+            Some(AskedDelay::Exact(d)) => capped(d).unwrap_or(backoff),
         };
         // A subscriber's `Retry-After` may say anything; NATS takes no longer delay.
         wait.min(LONGEST)
@@ -103,6 +110,32 @@ impl DeliveryPolicy {
             .map_or(wait, |max| wait.min(max))
             .min(LONGEST)
     }
+}
+
+/// A delay a subscriber asked for before its next attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AskedDelay {
+    /// An HTTP `Retry-After` on a 429 or 503: the wait is at least this and at least the backoff.
+    RetryAfter(Duration),
+    /// A Function's `retry(after)`: this delay instead of the backoff.
+    Exact(Duration),
+}
+
+/// The delay an HTTP response asks for: its `Retry-After` (delay-seconds or an HTTP-date, RFC
+/// 9110), read on a 429 or 503 only, as Knative reads it; `None` when absent or unreadable.
+pub fn retry_after(code: u16, value: Option<&str>) -> Option<AskedDelay> {
+    if code != 429 && code != 503 {
+        return None;
+    }
+    let value = value?.trim();
+    let delay = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(AskedDelay::RetryAfter(delay))
 }
 
 /// Whether an HTTP status is one Knative retries: 404, 408, 409, 429 and every 5xx.
@@ -143,17 +176,53 @@ mod tests {
             backoff: BackoffPolicy::Linear,
             ..Default::default()
         };
-        let asked = Some(Duration::from_secs(30));
+        let asked = Some(AskedDelay::RetryAfter(Duration::from_secs(30)));
         assert_eq!(p.wait(asked, 2), Duration::from_secs(30));
         assert_eq!(p.wait(None, 2), Duration::from_millis(200));
         p.retry_after_max = Some(Duration::from_secs(5));
         assert_eq!(p.wait(asked, 2), Duration::from_secs(5));
         assert_eq!(
-            p.wait(Some(Duration::from_secs(1)), 2),
+            p.wait(Some(AskedDelay::RetryAfter(Duration::from_secs(1))), 2),
             Duration::from_secs(1)
         );
         p.retry_after_max = Some(Duration::ZERO);
         assert_eq!(p.wait(asked, 2), Duration::from_millis(200));
+    }
+
+    /// Knative waits the larger of `Retry-After` and the backoff; a Function's `retry(after)`
+    /// is its delay, shorter than the backoff or not.
+    #[test]
+    fn retry_after_never_shortens_the_backoff_but_a_functions_delay_does() {
+        let p = DeliveryPolicy {
+            delay: Duration::from_millis(100),
+            backoff: BackoffPolicy::Linear,
+            ..Default::default()
+        };
+        let short = Duration::from_millis(10);
+        assert_eq!(
+            p.wait(Some(AskedDelay::RetryAfter(short)), 3),
+            Duration::from_millis(300)
+        );
+        assert_eq!(p.wait(Some(AskedDelay::Exact(short)), 3), short);
+    }
+
+    #[test]
+    fn retry_after_is_read_on_429_and_503_in_both_forms() {
+        let secs = |d: Option<AskedDelay>| match d {
+            Some(AskedDelay::RetryAfter(d)) => Some(d.as_secs()),
+            _ => None,
+        };
+        assert_eq!(secs(retry_after(429, Some(" 7 "))), Some(7));
+        assert_eq!(secs(retry_after(503, Some("7"))), Some(7));
+        assert_eq!(retry_after(500, Some("7")), None, "only 429 and 503");
+        assert_eq!(retry_after(429, Some("soon")), None);
+        assert_eq!(retry_after(429, None), None);
+        let in_a_minute =
+            httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(60));
+        let d = secs(retry_after(429, Some(&in_a_minute))).expect("an HTTP-date");
+        assert!((55..=60).contains(&d), "{d}");
+        let past = "Wed, 21 Oct 2015 07:28:00 GMT";
+        assert_eq!(secs(retry_after(503, Some(past))), Some(0));
     }
 
     /// The longest waits stay within what a deadline and a NATS redelivery delay can hold: the
@@ -169,7 +238,9 @@ mod tests {
             assert_eq!(p.backoff(n), LONGEST, "{n}");
             let _deadline = tokio::time::Instant::now() + p.backoff(n);
         }
-        assert_eq!(p.wait(Some(Duration::from_secs(u64::MAX)), 1), LONGEST);
+        let forever = Duration::from_secs(u64::MAX);
+        assert_eq!(p.wait(Some(AskedDelay::RetryAfter(forever)), 1), LONGEST);
+        assert_eq!(p.wait(Some(AskedDelay::Exact(forever)), 1), LONGEST);
         assert_eq!(crate::nats::ack_wait(Some(LONGEST)), LONGEST);
     }
 

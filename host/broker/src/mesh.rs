@@ -1888,7 +1888,9 @@ mod tests {
                 async move {
                     if first {
                         Outcome::Retry(Failure {
-                            retry_after: Some(Duration::from_secs(7)),
+                            retry_after: Some(crate::delivery::AskedDelay::RetryAfter(
+                                Duration::from_secs(7),
+                            )),
                             ..Default::default()
                         })
                     } else {

@@ -15,7 +15,7 @@ use wasmesh_core::Event;
 use wasmesh_runtime::{CallErrorKind, Disposition};
 
 use crate::codec;
-use crate::delivery::is_retryable_status;
+use crate::delivery::{AskedDelay, is_retryable_status};
 use crate::mesh::BrokerKey;
 use crate::passthrough::Passthrough;
 use crate::slot::FunctionSlot;
@@ -78,7 +78,7 @@ pub struct Failure {
     /// The response body or the error message.
     pub data: Bytes,
     /// A delay the subscriber asked for (Wasm `retry(after)`, HTTP `Retry-After`).
-    pub retry_after: Option<Duration>,
+    pub retry_after: Option<AskedDelay>,
 }
 
 impl Failure {
@@ -280,12 +280,13 @@ pub async fn send_http(
             retry_after: None,
         });
     }
-    let retry_after = parts
-        .headers
-        .get(http::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+    let retry_after = crate::delivery::retry_after(
+        code,
+        parts
+            .headers
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()),
+    );
     let failure = Failure {
         code: Some(code),
         data: body,
@@ -336,7 +337,8 @@ pub fn call_function(
                 Disposition::Retry(after) => Outcome::Retry(Failure {
                     code: None,
                     data: Bytes::from_static(b"the function asked to retry"),
-                    retry_after: after.map(|ms| Duration::from_millis(u64::from(ms))),
+                    retry_after: after
+                        .map(|ms| AskedDelay::Exact(Duration::from_millis(u64::from(ms)))),
                 }),
                 Disposition::Reject(reason) => Outcome::Fail(Failure::message(Some(422), reason)),
             }
