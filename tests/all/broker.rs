@@ -96,6 +96,38 @@ fn a_full_queue_answers_429_and_loses_nothing_accepted() {
     a_full_store_answers_429(&["--log-capacity", "3", "--concurrency", "1"]);
 }
 
+/// A batch with more events than a trigger's queue (in memory) or the log (durable) ever
+/// holds would get 429 forever: it gets 413, naming the limit, and a smaller batch goes in.
+#[test]
+fn a_batch_larger_than_the_store_holds_gets_413_not_429() {
+    for (flags, limit) in [
+        (&["--store", "memory", "--queue", "4"][..], "--queue"),
+        (&["--log-capacity", "4"][..], "more than the log holds"),
+    ] {
+        let (sub, serve) = crate::harness::one_trigger_to_capture(flags);
+        let batch = |n: usize, tag: &str| {
+            let events: Vec<serde_json::Value> = (0..n)
+                .map(|i| {
+                    serde_json::json!({"specversion": "1.0", "id": format!("{tag}-{i}"),
+                                       "source": "/s", "type": "t"})
+                })
+                .collect();
+            serde_json::to_vec(&events).expect("json")
+        };
+        let h = [("content-type", "application/cloudevents-batch+json")];
+        let r = serve.request("POST", "/default/default", &h, &batch(10, "big"));
+        assert_eq!(r.status, 413, "{flags:?}: {}", r.text());
+        assert!(r.text().contains(limit), "{flags:?}: {}", r.text());
+        let r = serve.request("POST", "/default/default", &h, &batch(3, "small"));
+        assert_eq!(r.status, 202, "{flags:?}: {}", r.text());
+        let got = sub.wait("/all", 3);
+        assert!(
+            got.iter().all(|c| c.headers["ce-id"].starts_with("small-")),
+            "{flags:?}: nothing of the refused batch was delivered"
+        );
+    }
+}
+
 pub(crate) fn a_full_store_answers_429(flags: &[&str]) {
     let sub = Capture::start(|_| {
         std::thread::sleep(std::time::Duration::from_millis(200));

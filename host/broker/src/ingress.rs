@@ -175,7 +175,7 @@ async fn handle(
                 .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
             r
         }
-        Err(e @ PublishError::Log(LogError::TooLarge(_))) => {
+        Err(e @ (PublishError::Log(LogError::TooLarge(_)) | PublishError::TooLarge(_))) => {
             error(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string())
         }
         Err(e @ PublishError::Log(LogError::Io(_))) => {

@@ -45,8 +45,9 @@ pub enum LogError {
     /// The disk refused (full, unwritable, failing): 503, and nothing was acknowledged.
     #[error("the event log cannot write: {0}")]
     Io(String),
-    /// The event is larger than the store takes at all (NATS' `max_payload`): 413.
-    #[error("the event is too large for the event store: {0}")]
+    /// The request is larger than the store takes at all (NATS' `max_payload`, more events or
+    /// bytes than the log's limits): 413.
+    #[error("too large for the event store: {0}")]
     TooLarge(String),
 }
 
@@ -329,6 +330,14 @@ impl DurableLog {
     }
 
     fn check_capacity(&self, adding: u64, adding_bytes: u64) -> Result<(), LogError> {
+        // A request the log could not hold even empty would be refused forever: 413, not 429.
+        if adding > self.config.max_events || adding_bytes > self.config.max_bytes {
+            return Err(LogError::TooLarge(format!(
+                "the request has {adding} events ({adding_bytes} bytes), more than the log \
+                 holds at all ({} events, {} bytes); send fewer at a time",
+                self.config.max_events, self.config.max_bytes
+            )));
+        }
         let events = self.events.load(Ordering::Relaxed);
         let bytes = self.bytes.load(Ordering::Relaxed);
         if events + adding > self.config.max_events {

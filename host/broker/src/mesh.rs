@@ -320,6 +320,10 @@ pub enum PublishError {
     TtlExhausted,
     #[error("trigger {0} is full; retry later")]
     Full(String),
+    /// A request that can never fit (more events for one trigger than its queue holds): 413,
+    /// so that the producer sends fewer at a time instead of retrying forever.
+    #[error("{0}")]
+    TooLarge(String),
     #[error(transparent)]
     Log(#[from] LogError),
 }
@@ -977,14 +981,28 @@ impl Mesh {
         let mut permits = Vec::new();
         for (env, triggers) in &prepared {
             for trigger in triggers {
-                match trigger.lanes.for_event(&env.event).try_reserve() {
+                let lane = trigger.lanes.for_event(&env.event);
+                match lane.try_reserve() {
                     Ok(permit) => permits.push((permit, env.clone())),
                     Err(_) => {
                         let spec = trigger.spec.load();
-                        return Err(PublishError::Full(format!(
-                            "{}/{}",
-                            spec.namespace, spec.name
-                        )));
+                        let name = format!("{}/{}", spec.namespace, spec.name);
+                        // A batch with more events for this queue than it ever holds.
+                        let wanted = prepared
+                            .iter()
+                            .filter(|(e, ts)| {
+                                ts.iter().any(|t| Arc::ptr_eq(t, trigger))
+                                    && trigger.lanes.for_event(&e.event).same_channel(lane)
+                            })
+                            .count();
+                        if wanted > lane.max_capacity() {
+                            return Err(PublishError::TooLarge(format!(
+                                "the request has {wanted} events for trigger {name}, whose queue \
+                                 holds {} (--queue); send at most that many at a time",
+                                lane.max_capacity()
+                            )));
+                        }
+                        return Err(PublishError::Full(name));
                     }
                 }
             }
@@ -1547,7 +1565,7 @@ impl Mesh {
                 Err(PublishError::Log(e @ LogError::Full(_))) => {
                     Outcome::Retry(Failure::message(Some(429), e.to_string()))
                 }
-                Err(PublishError::Log(e @ LogError::TooLarge(_))) => {
+                Err(e @ (PublishError::Log(LogError::TooLarge(_)) | PublishError::TooLarge(_))) => {
                     Outcome::Fail(Failure::message(Some(413), e.to_string()))
                 }
                 Err(PublishError::Log(e)) => {

@@ -439,7 +439,7 @@ impl NatsStore {
             let max_payload = self.client.max_payload();
             if max_payload > 0 && header_bytes + payload.len() > max_payload {
                 return Err(LogError::TooLarge(format!(
-                    "{} bytes as a NATS message, and the server takes at most {max_payload} (its max_payload)",
+                    "an event of {} bytes as a NATS message, and the server takes at most {max_payload} (its max_payload)",
                     header_bytes + payload.len()
                 )));
             }
