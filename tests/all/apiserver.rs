@@ -136,7 +136,14 @@ impl Setup {
 
     /// `wasmesh serve` of the directory against the fake API server (again after a stop).
     fn serve(&self) -> Serve {
-        Serve::start_at(self.dir.path(), &["--kubeconfig", &self.kubeconfig])
+        self.serve_with(&[])
+    }
+
+    /// The same, with more flags.
+    fn serve_with(&self, extra: &[&str]) -> Serve {
+        let mut flags = vec!["--kubeconfig", self.kubeconfig.as_str()];
+        flags.extend_from_slice(extra);
+        Serve::start_at(self.dir.path(), &flags)
     }
 }
 
@@ -295,17 +302,7 @@ fn a_batch_larger_than_a_trigger_queue_still_gets_through() {
     let sub = Capture::ok();
     let fake = FakeApiServer::start(1);
     let setup = Setup::new(&fake, &pods_yaml(&sub));
-    let serve = Serve::start_at(
-        setup.dir.path(),
-        &[
-            "--kubeconfig",
-            &setup.kubeconfig,
-            "--store",
-            "memory",
-            "--queue",
-            "50",
-        ],
-    );
+    let serve = setup.serve_with(&["--store", "memory", "--queue", "50"]);
     wait_for("the watch", WAIT, || fake.watchers() >= 1);
     sentinel(&fake, &sub, "s0");
     let mut want: Vec<(String, String)> = (0..300)
@@ -509,4 +506,32 @@ fn the_sources_filters_keep_what_they_match() {
         seen(&sub)
     );
     drop(serve);
+}
+
+/// An object whose event the broker can never take (larger than `--log-max-bytes`) is dropped
+/// with an error naming it, and the changes after it still flow: before, the source sent it
+/// again and again and every later change waited behind it.
+#[test]
+fn an_event_the_sink_never_takes_does_not_hold_the_source() {
+    let sub = Capture::ok();
+    let fake = FakeApiServer::start(1);
+    let yaml = pods_yaml(&sub).replace("  mode: Reference\n", "  mode: Resource\n");
+    let setup = Setup::new(&fake, &yaml);
+    let serve = setup.serve_with(&["--log-max-bytes", "20000"]);
+    wait_for("the watch", WAIT, || fake.watchers() >= 1);
+    let mut huge = pod("huge", "demo");
+    huge["metadata"]["annotations"] = json!({ "blob": "x".repeat(40_000) });
+    fake.add("pods", huge, false);
+    fake.add("pods", pod("after", "demo"), false);
+    wait_for("the change after it", WAIT, || {
+        seen(&sub).iter().any(|(_, n)| n == "after")
+    });
+    assert!(!seen(&sub).iter().any(|(_, n)| n == "huge"));
+    assert!(
+        serve
+            .stderr()
+            .contains("event refused for good by the sink: dropped"),
+        "{}",
+        serve.stderr()
+    );
 }

@@ -17,7 +17,7 @@ mod wal;
 
 pub use delivery::DeliveryPolicy;
 pub use ingress::{IngressConfig, serve};
-pub use mesh::{BrokerKey, Mesh, MeshConfig, PublishError, TriggerSpecRuntime};
+pub use mesh::{BrokerKey, Mesh, MeshConfig, PublishError, SendToError, TriggerSpecRuntime};
 pub use output::FunctionOutput;
 pub use sink::Sink;
 pub use slot::{FunctionSlot, RolloutPolicy, Version};

@@ -328,6 +328,38 @@ pub enum PublishError {
     Log(#[from] LogError),
 }
 
+impl PublishError {
+    /// Whether sending the same again can never succeed (too large, TTL spent), as opposed to
+    /// a broker that is full, unwritable or not declared yet.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            PublishError::TooLarge(_)
+                | PublishError::TtlExhausted
+                | PublishError::Log(LogError::TooLarge(_))
+        )
+    }
+}
+
+/// Why [`Mesh::send_to`] did not deliver an event.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct SendToError {
+    pub message: String,
+    /// Sending the same again cannot help (a refusal Knative does not retry, more than the
+    /// sink takes at all).
+    pub permanent: bool,
+}
+
+impl From<PublishError> for SendToError {
+    fn from(e: PublishError) -> Self {
+        SendToError {
+            permanent: e.is_permanent(),
+            message: e.to_string(),
+        }
+    }
+}
+
 /// The data plane: brokers, triggers, their queues and delivery workers.
 pub struct Mesh {
     brokers: RwLock<HashMap<BrokerKey, Arc<BrokerRuntime>>>,
@@ -1103,13 +1135,18 @@ impl Mesh {
 
     /// Sends one event from a source to a sink, once: into a broker of this process (no HTTP
     /// hop), to a Function, or to an HTTP endpoint. The source decides about retries.
-    pub async fn send_to(&self, sink: &Sink, namespace: &str, event: Event) -> Result<(), String> {
+    pub async fn send_to(
+        &self,
+        sink: &Sink,
+        namespace: &str,
+        event: Event,
+    ) -> Result<(), SendToError> {
         let outcome = match sink {
             Sink::Broker(key) => {
                 return self
                     .publish(key, vec![event])
                     .await
-                    .map_err(|e| e.to_string());
+                    .map_err(SendToError::from);
             }
             Sink::Function(f) => {
                 sink::send_function(f, Arc::new(event), &self.config.output, None).await
@@ -1126,15 +1163,20 @@ impl Mesh {
                 sink::send_http(client, uri, &event, &none, options).await
             }
         };
-        match outcome {
-            Outcome::Delivered(_) => Ok(()),
-            Outcome::Retry(f) | Outcome::Fail(f) => Err(format!(
+        let (f, permanent) = match outcome {
+            Outcome::Delivered(_) => return Ok(()),
+            Outcome::Retry(f) => (f, false),
+            Outcome::Fail(f) => (f, true),
+        };
+        Err(SendToError {
+            message: format!(
                 "{} answered {}: {}",
                 sink.describe(),
                 f.code.map_or("no response".to_string(), |c| c.to_string()),
                 String::from_utf8_lossy(&f.data)
-            )),
-        }
+            ),
+            permanent,
+        })
     }
 
     /// Stops taking events and waits (up to `grace`) for queued and in-flight deliveries.

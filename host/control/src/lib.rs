@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use wasmesh_broker::{Mesh, Sink};
 use wasmesh_core::{Event, event};
-use wasmesh_sources::Emit;
 use wasmesh_sources::apiserver::{Seen, SeenStore};
+use wasmesh_sources::{Emit, EmitError};
 
 /// The labels that give a namespace its `default` broker: the seed's, and current Knative's.
 pub const INJECTION_LABELS: [&str; 2] = [
@@ -149,14 +149,17 @@ struct SinkEmit {
 
 #[async_trait::async_trait]
 impl Emit for SinkEmit {
-    async fn emit(&self, ev: Event) -> Result<(), String> {
-        event::validate(&ev).map_err(|e| e.to_string())?;
-        self.mesh.send_to(&self.sink, &self.namespace, ev).await
+    async fn emit(&self, ev: Event) -> Result<(), EmitError> {
+        event::validate(&ev).map_err(|e| EmitError::Never(e.to_string()))?;
+        self.mesh
+            .send_to(&self.sink, &self.namespace, ev)
+            .await
+            .map_err(emit_error)
     }
 
-    async fn emit_all(&self, events: Vec<Event>) -> Result<(), String> {
+    async fn emit_all(&self, events: Vec<Event>) -> Result<(), EmitError> {
         for ev in &events {
-            event::validate(ev).map_err(|e| e.to_string())?;
+            event::validate(ev).map_err(|e| EmitError::Never(e.to_string()))?;
         }
         match &self.sink {
             // One append, one group commit, for the whole batch.
@@ -164,13 +167,25 @@ impl Emit for SinkEmit {
                 .mesh
                 .publish(key, events)
                 .await
-                .map_err(|e| e.to_string()),
+                .map_err(|e| emit_error(e.into())),
             _ => {
                 for ev in events {
-                    self.mesh.send_to(&self.sink, &self.namespace, ev).await?;
+                    self.mesh
+                        .send_to(&self.sink, &self.namespace, ev)
+                        .await
+                        .map_err(emit_error)?;
                 }
                 Ok(())
             }
         }
+    }
+}
+
+/// A refusal sending again cannot help is `Never`, any other `Later`.
+fn emit_error(e: wasmesh_broker::SendToError) -> EmitError {
+    if e.permanent {
+        EmitError::Never(e.message)
+    } else {
+        EmitError::Later(e.message)
     }
 }

@@ -1150,7 +1150,7 @@ struct TickRecorder {
 
 #[async_trait::async_trait]
 impl Emit for TickRecorder {
-    async fn emit(&self, ev: wasmesh_core::Event) -> Result<(), String> {
+    async fn emit(&self, ev: wasmesh_core::Event) -> Result<(), wasmesh_sources::EmitError> {
         let tick = wasmesh_core::AttributesReader::time(&ev).copied();
         self.inner.emit(ev).await?;
         if let Some(t) = tick {

@@ -21,7 +21,7 @@ use wasmesh_core::resources::{
 };
 use wasmesh_core::{Event, EventBuilder, EventBuilderV10};
 
-use crate::Emit;
+use crate::{Emit, EmitError};
 
 /// What a source last saw of one object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -496,7 +496,16 @@ impl ApiServerSource {
                     at = end;
                     wait = Duration::from_millis(50);
                 }
-                Err(e) => {
+                // One event the sink will never take (more than it holds at all): sending it
+                // again would hold every change after it forever. Dropped and said, as
+                // Knative drops what its retries cannot send.
+                Err(EmitError::Never(e)) if end - at == 1 => {
+                    tracing::error!(source = %self.id(), error = %e, subject = ?wasmesh_core::AttributesReader::subject(&events[at]), "event refused for good by the sink: dropped");
+                    at = end;
+                }
+                // A batch that holds such an event: smaller batches, at once.
+                Err(EmitError::Never(_)) => size = (size / 2).max(1),
+                Err(EmitError::Later(e)) => {
                     tracing::warn!(source = %self.id(), error = %e, events = end - at, "events refused by the sink; retrying");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));

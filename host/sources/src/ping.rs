@@ -198,6 +198,10 @@ impl PingSource {
             for attempt in 1..=5 {
                 match emit.emit(event.clone()).await {
                     Ok(()) => break,
+                    Err(crate::EmitError::Never(e)) => {
+                        tracing::error!(source = %self.source(), error = %e, "ping event refused for good by the sink");
+                        break;
+                    }
                     Err(e) if attempt == 5 => {
                         tracing::error!(source = %self.source(), error = %e, "ping event not delivered");
                     }
