@@ -738,6 +738,12 @@ fn a_full_stream_refuses_new_events_and_drops_none_it_accepted() {
             accepted.iter().all(|id| arrived.contains(id))
         },
     );
+    // An event larger than the stream holds even empty: 413, not 429 forever.
+    let mut h = ce_headers("too-big", "t");
+    h.push(("content-type", "text/plain"));
+    let r = serve.request("POST", "/default/default", &h, &[b'a'; 3000]);
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(r.text().contains("--log-max-bytes"), "{}", r.text());
 }
 
 /// An event larger than the NATS server takes (its max_payload, 1 MiB by default, under

@@ -369,7 +369,17 @@ impl NatsStore {
     /// `--log-max-bytes`, on a server that cannot be trusted to (`exact_byte_limit`).
     async fn make_room(&self, key: &BrokerKey, adding: u64) -> Result<(), LogError> {
         let max = u64::try_from(self.config.max_bytes).unwrap_or(u64::MAX);
-        if self.config.max_bytes <= 0 || self.exact_byte_limit() {
+        if self.config.max_bytes <= 0 {
+            return Ok(());
+        }
+        // More than the stream holds even empty: refused for good (413), not full (429).
+        if adding > max {
+            return Err(LogError::TooLarge(format!(
+                "the request needs {adding} bytes of the broker's stream, which holds at most \
+                 {max} (--log-max-bytes); send fewer at a time"
+            )));
+        }
+        if self.exact_byte_limit() {
             return Ok(());
         }
         let name = Self::stream_name(key);
