@@ -498,3 +498,27 @@ fn a_graceful_stop_delivers_what_memory_still_queues() {
         "every accepted event delivered before the process ended"
     );
 }
+
+/// When the grace ends with deliveries still in flight, the log says what becomes of them: with
+/// `--store memory`, that the events still queued are lost.
+#[test]
+fn a_stop_past_the_grace_says_what_memory_loses() {
+    let sub = crate::harness::HoldingSubscriber::start(Duration::from_secs(30));
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        crate::harness::slow_trigger(&sub, "  delivery: {concurrency: 1}\n"),
+    )
+    .expect("yaml");
+    let serve = Serve::start_at(dir.path(), &["--store", "memory"]);
+    crate::harness::send_keyed(&[&serve], "l", &["k"], 3);
+    wait_for(
+        "the first delivery under way",
+        Duration::from_secs(20),
+        || !sub.arrived.lock().expect("lock").is_empty(),
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &serve.pid().to_string()])
+        .status();
+    serve.wait_log("with --store memory, the events still queued are lost");
+}

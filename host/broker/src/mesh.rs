@@ -1190,10 +1190,19 @@ impl Mesh {
             std::mem::take(&mut *self.workers.lock().unwrap_or_else(PoisonError::into_inner));
         let all = futures_join(workers);
         if tokio::time::timeout(grace, all).await.is_err() {
-            tracing::warn!(
-                "shutdown: deliveries still in flight after {} ms",
-                grace.as_millis()
-            );
+            if self.config.log.is_none() && self.config.nats.is_none() {
+                tracing::error!(
+                    "shutdown: deliveries still in flight after {} ms; with --store memory, the \
+                     events still queued are lost",
+                    grace.as_millis()
+                );
+            } else {
+                tracing::warn!(
+                    "shutdown: deliveries still in flight after {} ms; the store keeps them for \
+                     the next start",
+                    grace.as_millis()
+                );
+            }
         }
     }
 
