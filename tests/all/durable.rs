@@ -499,8 +499,8 @@ fn a_graceful_stop_delivers_what_memory_still_queues() {
     );
 }
 
-/// When the grace ends with deliveries still in flight, the log says what becomes of them: with
-/// `--store memory`, that the events still queued are lost.
+/// When the grace (`--shutdown-grace`) ends with deliveries still in flight, the log says what
+/// becomes of them: with `--store memory`, that the events still queued are lost.
 #[test]
 fn a_stop_past_the_grace_says_what_memory_loses() {
     let sub = crate::harness::HoldingSubscriber::start(Duration::from_secs(30));
@@ -510,7 +510,7 @@ fn a_stop_past_the_grace_says_what_memory_loses() {
         crate::harness::slow_trigger(&sub, "  delivery: {concurrency: 1}\n"),
     )
     .expect("yaml");
-    let serve = Serve::start_at(dir.path(), &["--store", "memory"]);
+    let serve = Serve::start_at(dir.path(), &["--store", "memory", "--shutdown-grace", "1s"]);
     crate::harness::send_keyed(&[&serve], "l", &["k"], 3);
     wait_for(
         "the first delivery under way",
@@ -520,5 +520,8 @@ fn a_stop_past_the_grace_says_what_memory_loses() {
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &serve.pid().to_string()])
         .status();
-    serve.wait_log("with --store memory, the events still queued are lost");
+    serve.wait_log(
+        "shutdown: deliveries still in flight after 1000 ms; with --store memory, the events \
+         still queued are lost",
+    );
 }

@@ -71,6 +71,10 @@ pub(crate) struct ServeArgs {
     /// Events older than this are dropped from the log even if undelivered (e.g. 7d, 12h, 30m).
     #[arg(long, default_value = "7d", value_parser = parse_age)]
     retention: Duration,
+    /// On SIGTERM or Ctrl-C, how long queued and in-flight deliveries may take to finish (with
+    /// `--store memory`, what is still queued after it is lost; the other stores keep it).
+    #[arg(long, default_value = "5s", value_parser = parse_age)]
+    shutdown_grace: Duration,
     /// Apply changes to the files while running; a change that does not parse or build is
     /// reported and leaves the running state as it was.
     #[arg(long)]
@@ -109,8 +113,11 @@ fn parse_age(s: &str) -> Result<Duration, String> {
         _ => return Err(format!("`{s}`: use a number and d, h, m or s (e.g. 7d)")),
     };
     num.parse::<u64>()
-        .map(|n| Duration::from_secs(n * mult))
-        .map_err(|_| format!("`{s}`: use a number and d, h, m or s (e.g. 7d)"))
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .map(Duration::from_secs)
+        .filter(|d| *d <= wasmesh_core::duration::LONGEST)
+        .ok_or_else(|| format!("`{s}`: use a number and d, h, m or s (e.g. 7d), at most 292 years"))
 }
 
 /// The YAML files the paths name: files as given, directories' *.yaml and *.yml in name order.
@@ -380,12 +387,12 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
     shutdown_signal().await;
     eprintln!("wasmesh: shutting down");
     let _ = stop_tx.send(true);
-    controller.stop_sources(Duration::from_secs(5)).await;
+    controller.stop_sources(args.shutdown_grace).await;
     let _ = server.await;
     for t in tasks {
         let _ = t.await;
     }
-    mesh.shutdown(Duration::from_secs(5)).await;
+    mesh.shutdown(args.shutdown_grace).await;
     if let Some(log) = mesh.log() {
         log.checkpoint().await;
     }
