@@ -1039,7 +1039,8 @@ spec:
 }
 
 /// `--advertise-url`: the URL a Broker's `status.address.url` starts with, as a Kubernetes
-/// Service in front of the replicas would be; anything but an http(s) URL with a host is refused.
+/// Service in front of the replicas would be; anything but an http(s) URL with a host is refused,
+/// as are durations that are not ones (or overflow).
 #[test]
 fn advertise_url_is_each_brokers_address() {
     let base = "http://wasmesh-ingress.wasmesh.svc.cluster.local";
@@ -1054,7 +1055,13 @@ fn advertise_url_is_each_brokers_address() {
         format!("{base}/default/default"),
         "{v}"
     );
-    for bad in ["wasmesh-ingress", "ftp://host/", "http://"] {
+    for (flag, bad) in [
+        ("--advertise-url", "wasmesh-ingress"),
+        ("--advertise-url", "ftp://host/"),
+        ("--advertise-url", "http://"),
+        ("--retention", "999999999999999999d"),
+        ("--shutdown-grace", "soon"),
+    ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmesh"))
             .args([
                 "serve",
@@ -1063,13 +1070,13 @@ fn advertise_url_is_each_brokers_address() {
                 "--listen",
                 "127.0.0.1:0",
             ])
-            .args(["--admin-listen", "off", "--advertise-url", bad])
+            .args(["--admin-listen", "off", flag, bad])
             .output()
             .expect("runs");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
-            !out.status.success() && err.contains("--advertise-url"),
-            "{bad}: {err}"
+            !out.status.success() && err.contains(flag) && !err.contains("panicked"),
+            "{flag} {bad}: {err}"
         );
     }
 }
