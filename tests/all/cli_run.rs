@@ -109,3 +109,26 @@ fn run_reports_failures_clearly() {
         String::from_utf8_lossy(&missing.stderr).contains("cannot read /nonexistent/plugin.wasm")
     );
 }
+
+/// A `--memory` too large for the host is refused by name, even one whose bytes do not fit a
+/// number (it used to wrap around to 1 MiB and run).
+#[test]
+fn run_refuses_a_memory_limit_past_the_hosts() {
+    let seed = root().join("tests/data/seed-event.json");
+    let out = wasmesh()
+        .args([
+            "run",
+            plugins::EVENT_DISPLAY,
+            "--memory",
+            "17592186044417",
+            "--event",
+        ])
+        .arg(&seed)
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("above the host's maximum"),
+        "{err}"
+    );
+}

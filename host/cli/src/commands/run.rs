@@ -64,7 +64,8 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let settings = FunctionSettings {
         config: args.config.into_iter().collect(),
         limits: Limits {
-            memory_bytes: args.memory << 20,
+            // Past usize, as far past the host's maximum as can be: refused by name below.
+            memory_bytes: args.memory.checked_mul(1 << 20).unwrap_or(usize::MAX),
             timeout: Duration::from_millis(args.timeout),
         },
         isolation: Isolation::Fresh,
