@@ -65,7 +65,7 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         config: args.config.into_iter().collect(),
         limits: Limits {
             // Past usize, as far past the host's maximum as can be: refused by name below.
-            memory_bytes: args.memory.checked_mul(1 << 20).unwrap_or(usize::MAX),
+            memory_bytes: args.memory.saturating_mul(1 << 20),
             timeout: Duration::from_millis(args.timeout),
         },
         isolation: Isolation::Fresh,
