@@ -166,6 +166,13 @@ fn parse_document(file: &str, first_line: usize, doc: &str) -> Result<Option<Res
             ))
         }
     };
+    if let Some(why) = ignored_reason(&kind, &api_version) {
+        return Ok(Some(Resource::Ignored {
+            kind,
+            name: name_of(map),
+            why,
+        }));
+    }
     let resource = match kind.as_str() {
         "Namespace" => {
             typed(NAMESPACE)?;
@@ -229,43 +236,6 @@ fn parse_document(file: &str, first_line: usize, doc: &str) -> Result<Option<Res
             }
             Resource::ApiServerSource(s)
         }
-        "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding" => {
-            Resource::Ignored {
-                kind,
-                name: name_of(map),
-                why: "only meaningful inside Kubernetes",
-            }
-        }
-        // Knative's event registry: descriptions of event types, with no effect on delivery.
-        "EventType" if api_version.starts_with("eventing.knative.dev/") => Resource::Ignored {
-            kind,
-            name: name_of(map),
-            why: "an entry of Knative's event registry, which wasmesh does not keep",
-        },
-        // A Broker's `spec.config` names a ConfigMap of Knative's own settings (its channel, its
-        // class's defaults); wasmesh's flags say what those would.
-        "ConfigMap" if api_version == "v1" => Resource::Ignored {
-            kind,
-            name: name_of(map),
-            why: "configures Knative's own components inside Kubernetes",
-        },
-        "Secret" if api_version == "v1" => Resource::Ignored {
-            kind,
-            name: name_of(map),
-            why: "only meaningful inside Kubernetes",
-        },
-        "Service" if api_version.starts_with("serving.knative.dev/") => Resource::Ignored {
-            kind,
-            name: name_of(map),
-            why: "a Knative Service runs a container; wasmesh runs a Function of the same name",
-        },
-        // A plain Kubernetes Service in front of a Deployment, as Knative's samples deploy
-        // event-display: a Trigger's ref to it resolves to the Function of the same name.
-        "Service" if api_version == "v1" => Resource::Ignored {
-            kind,
-            name: name_of(map),
-            why: "a Kubernetes Service fronts containers; wasmesh runs a Function of the same name",
-        },
         other => {
             let containers = matches!(
                 other,
@@ -298,6 +268,35 @@ fn line_of(doc: &str, text: &str) -> (usize, usize) {
         .enumerate()
         .find_map(|(i, l)| l.find(text).map(|c| (i + 1, c + 1)))
         .unwrap_or((1, 1))
+}
+
+/// Why a kind that only means something inside Kubernetes is accepted and not run; `None` for
+/// the kinds wasmesh runs and those it refuses.
+fn ignored_reason(kind: &str, api_version: &str) -> Option<&'static str> {
+    Some(match kind {
+        "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding" => {
+            "only meaningful inside Kubernetes"
+        }
+        // Knative's event registry: descriptions of event types, with no effect on delivery.
+        "EventType" if api_version.starts_with("eventing.knative.dev/") => {
+            "an entry of Knative's event registry, which wasmesh does not keep"
+        }
+        // A Broker's `spec.config` names a ConfigMap of Knative's own settings (its channel, its
+        // class's defaults); wasmesh's flags say what those would.
+        "ConfigMap" if api_version == "v1" => {
+            "configures Knative's own components inside Kubernetes"
+        }
+        "Secret" if api_version == "v1" => "only meaningful inside Kubernetes",
+        "Service" if api_version.starts_with("serving.knative.dev/") => {
+            "a Knative Service runs a container; wasmesh runs a Function of the same name"
+        }
+        // A plain Kubernetes Service in front of a Deployment, as Knative's samples deploy
+        // event-display: a Trigger's ref to it resolves to the Function of the same name.
+        "Service" if api_version == "v1" => {
+            "a Kubernetes Service fronts containers; wasmesh runs a Function of the same name"
+        }
+        _ => return None,
+    })
 }
 
 fn name_of(map: &serde_yaml_ng::Mapping) -> String {
