@@ -417,6 +417,17 @@ fn refused_uploads_and_tokens_change_nothing() {
     let revisions = json(&serve.admin("GET", "/v1/functions/default/sub/revisions", b""));
     assert_eq!(revisions["live"], 1, "{revisions}");
     assert_eq!(revisions["revisions"].as_array().map(Vec::len), Some(1));
+    // Paths the API does not have are 404; its paths asked with another method, 405.
+    for (method, path, code) in [
+        ("GET", "/v1/triggers/default/all/extra", 404),
+        ("GET", "/v1/triggers/default", 404),
+        ("POST", "/v1/functions/default/nope/undo", 404),
+        ("PUT", "/v1/apply", 405),
+        ("DELETE", "/v1/functions/default/sub/revisions", 405),
+    ] {
+        let r = serve.admin(method, path, b"");
+        assert_eq!(r.status, code, "{method} {path}: {}", r.text());
+    }
     let r = serve.request("POST", "/default/default", &ce_headers("still", "t"), b"{}");
     assert_eq!(r.status, 202);
     wait_for(

@@ -302,6 +302,12 @@ async fn handle(req: Request<Incoming>, c: &Controller, config: &AdminConfig) ->
             }
         }
         (Method::POST, ["v1", "functions", ns, name, "undo"]) => {
+            if !c.has_function(ns, name).await {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!("Function {ns}/{name} not found"),
+                );
+            }
             let to = match query(&req, "to").map(|v| v.parse::<u32>()) {
                 None => None,
                 Some(Ok(n)) => Some(n),
@@ -321,7 +327,11 @@ async fn handle(req: Request<Incoming>, c: &Controller, config: &AdminConfig) ->
             let follow = query(&req, "follow").is_some_and(|v| v == "true" || v == "1");
             logs(config, &format!("{ns}/{name}"), follow)
         }
-        (_, ["v1", ..]) => error(
+        // A path the API has, asked with another method.
+        (
+            _,
+            ["v1", _] | ["v1", _, _, _] | ["v1", "functions", _, _, "revisions" | "undo" | "logs"],
+        ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{} {path} is not an admin API call", req.method()),
         ),
