@@ -1706,3 +1706,34 @@ fn retry_after_is_read_as_knative_reads_it() {
     // A 500's Retry-After is not read: the retry came after the 10 ms backoff, not in an hour
     // (`sub.wait` above gives up after seconds).
 }
+
+/// The same object in two files: the last declaration counts (as `kubectl apply` of both
+/// files would leave it), with a warning naming both places; a file named twice is read once.
+#[test]
+fn an_object_declared_twice_keeps_its_last_declaration_and_says_so() {
+    let sub = Capture::ok();
+    let first = broker_with_triggers(&[("all", "", &sub.url("/first"))]);
+    let second = "apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {name: all, namespace: default}\nspec:\n  subscriber:\n    uri: "
+        .to_string()
+        + &sub.url("/second")
+        + "\n";
+    let serve = Serve::start(&[("a.yaml", &first), ("b.yaml", &second)], &[]);
+    let warned = serve.stderr().lines().any(|l| {
+        l.contains("Trigger/default/all is declared twice (")
+            && l.contains("a.yaml:7 and ")
+            && l.contains("b.yaml:1); the last declaration counts")
+    });
+    assert!(warned, "{}", serve.stderr());
+    let r = serve.request(
+        "POST",
+        "/default/default",
+        &ce_headers("twice-1", "t"),
+        b"{}",
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    sub.wait("/second", 1);
+    assert!(
+        sub.on("/first").is_empty(),
+        "the first declaration is not running"
+    );
+}

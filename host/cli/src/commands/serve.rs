@@ -141,7 +141,10 @@ pub(crate) fn yaml_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 
 /// Reads every declaration file; all errors of all files are reported together.
 pub(crate) fn load(paths: &[PathBuf]) -> anyhow::Result<Result<Vec<Located>, YamlErrors>> {
-    let files = yaml_files(paths)?;
+    let mut files = yaml_files(paths)?;
+    // A file named twice (`-f a.yaml -f a.yaml`, a file and its directory) is read once.
+    let mut read = std::collections::HashSet::new();
+    files.retain(|f| read.insert(std::fs::canonicalize(f).unwrap_or_else(|_| f.clone())));
     let mut all = Vec::new();
     let mut errors = Vec::new();
     for f in files {
@@ -153,10 +156,45 @@ pub(crate) fn load(paths: &[PathBuf]) -> anyhow::Result<Result<Vec<Located>, Yam
         }
     }
     Ok(if errors.is_empty() {
-        Ok(all)
+        Ok(last_declarations(all))
     } else {
         Err(YamlErrors(errors))
     })
+}
+
+/// An object declared more than once keeps its last declaration, as `kubectl apply` of the same
+/// files would leave it, and a warning names both places.
+fn last_declarations(all: Vec<Located>) -> Vec<Located> {
+    let mut last: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (i, l) in all.iter().enumerate() {
+        if matches!(
+            l.resource,
+            wasmesh_core::resources::Resource::Ignored { .. }
+        ) {
+            continue;
+        }
+        if let Some(before) = last.insert(l.resource.id(), i) {
+            let b = &all[before];
+            tracing::warn!(
+                "{} is declared twice ({}:{} and {}:{}); the last declaration counts",
+                l.resource.id(),
+                b.file,
+                b.line,
+                l.file,
+                l.line
+            );
+        }
+    }
+    all.into_iter()
+        .enumerate()
+        .filter(|(i, l)| {
+            matches!(
+                l.resource,
+                wasmesh_core::resources::Resource::Ignored { .. }
+            ) || last.get(&l.resource.id()) == Some(i)
+        })
+        .map(|(_, l)| l)
+        .collect()
 }
 
 fn display(p: &Path) -> String {
