@@ -479,13 +479,8 @@ fn a_trigger_taken_off_and_put_back_under_load_delivers_each_event_once_in_order
 #[test]
 fn a_graceful_stop_delivers_what_memory_still_queues() {
     let sub = crate::harness::HoldingSubscriber::start(Duration::from_millis(200));
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("b.yaml"),
-        crate::harness::slow_trigger(&sub, "  delivery: {concurrency: 1}\n"),
-    )
-    .expect("yaml");
-    let serve = Serve::start_at(dir.path(), &["--store", "memory"]);
+    let yaml = crate::harness::slow_trigger(&sub, "  delivery: {concurrency: 1}\n");
+    let serve = Serve::start(&[("b.yaml", &yaml)], &["--store", "memory"]);
     crate::harness::send_keyed(&[&serve], "s", &["k"], 15);
     assert!(
         sub.done.load(std::sync::atomic::Ordering::SeqCst) < 15,
@@ -504,13 +499,11 @@ fn a_graceful_stop_delivers_what_memory_still_queues() {
 #[test]
 fn a_stop_past_the_grace_says_what_memory_loses() {
     let sub = crate::harness::HoldingSubscriber::start(Duration::from_secs(30));
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("b.yaml"),
-        crate::harness::slow_trigger(&sub, "  delivery: {concurrency: 1}\n"),
-    )
-    .expect("yaml");
-    let serve = Serve::start_at(dir.path(), &["--store", "memory", "--shutdown-grace", "1s"]);
+    let yaml = crate::harness::slow_trigger(&sub, "  delivery: {concurrency: 1}\n");
+    let serve = Serve::start(
+        &[("b.yaml", &yaml)],
+        &["--store", "memory", "--shutdown-grace", "1s"],
+    );
     crate::harness::send_keyed(&[&serve], "l", &["k"], 3);
     wait_for(
         "the first delivery under way",
