@@ -1,6 +1,6 @@
-//! The wasmesh broker: CloudEvents ingress over HTTP, per-trigger queues (the seam the durable
-//! log replaces), native and Wasm filters, delivery with retries and backoff, dead letters and
-//! replies.
+//! The wasmesh broker: CloudEvents ingress over HTTP, the data plane (`mesh`: where events wait,
+//! in memory, in the durable log or in JetStream, behind one seam; native and Wasm filters;
+//! delivery with retries and backoff; dead letters and replies).
 
 pub mod codec;
 pub mod delivery;

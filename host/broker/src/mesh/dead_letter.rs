@@ -1,0 +1,92 @@
+//! A delivery that failed for good goes to the dead-letter sink with Knative's error
+//! extensions, or is counted as dropped when there is none.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use wasmesh_core::filter::Filter;
+use wasmesh_core::{AttributesReader, Event, ExtensionValue};
+
+use crate::metrics;
+use crate::passthrough::Passthrough;
+use crate::sink::{Failure, Reply, Sink};
+
+use super::{Envelope, Mesh, TriggerSpecRuntime, retry_loop};
+
+impl Mesh {
+    /// To a dead-letter sink: with the trigger's retries, its answer's body ignored.
+    async fn send_with_retries(
+        &self,
+        t: &TriggerSpecRuntime,
+        sink: &Sink,
+        event: &Arc<Event>,
+        headers: &Passthrough,
+    ) -> Result<Option<Reply>, Failure> {
+        retry_loop(
+            &t.policy,
+            &t.name,
+            0,
+            |_| async {},
+            || self.send_once(t, sink, event, headers, false),
+        )
+        .await
+    }
+
+    /// After the last retry: the event, with Knative's error extensions, to the dead-letter sink.
+    pub(super) async fn dead_letter(
+        &self,
+        t: &TriggerSpecRuntime,
+        env: &Envelope,
+        dest: &Sink,
+        failure: Failure,
+    ) {
+        let event = &env.event;
+        let Some(dls) = &t.policy.dead_letter else {
+            metrics::add(&t.stats.dropped, 1);
+            tracing::error!(
+                trigger = %t.name, event = %event.id(), destination = %dest.describe(),
+                code = ?failure.code, "delivery failed and no dead-letter sink is set: event dropped"
+            );
+            return;
+        };
+        let mut dead = (**event).clone();
+        dead.set_extension("knativeerrordest", dest.describe());
+        if let Some(code) = failure.code {
+            dead.set_extension("knativeerrorcode", ExtensionValue::Integer(i64::from(code)));
+        }
+        if !failure.data.is_empty() {
+            let mut data = base64::engine::general_purpose::STANDARD.encode(&failure.data);
+            data.truncate(1024);
+            dead.set_extension("knativeerrordata", data);
+        }
+        let dead = Arc::new(dead);
+        let mut policy_less = TriggerSpecRuntime {
+            namespace: t.namespace.clone(),
+            name: t.name.clone(),
+            broker: t.broker.clone(),
+            filter: Filter::True,
+            wasm_filter: None,
+            subscriber: dls.clone(),
+            policy: t.policy.clone(),
+            // Its retries count as the dead-letter sink's, not the trigger's.
+            stats: Arc::default(),
+        };
+        policy_less.policy.dead_letter = None;
+        match self
+            .send_with_retries(&policy_less, dls, &dead, &env.headers)
+            .await
+        {
+            Ok(_) => {
+                metrics::add(&t.stats.dead_lettered, 1);
+                tracing::info!(trigger = %t.name, event = %event.id(), sink = %dls.describe(), "dead-lettered")
+            }
+            Err(f) => {
+                metrics::add(&t.stats.dropped, 1);
+                tracing::error!(
+                trigger = %t.name, event = %event.id(), sink = %dls.describe(), code = ?f.code,
+                "the dead-letter sink failed too: event dropped"
+                )
+            }
+        }
+    }
+}
