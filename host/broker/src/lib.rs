@@ -11,9 +11,9 @@ pub mod metrics;
 pub mod nats;
 pub mod output;
 pub mod passthrough;
+mod record;
 pub mod sink;
 pub mod slot;
-mod wal;
 
 pub use delivery::DeliveryPolicy;
 pub use ingress::{IngressConfig, serve};

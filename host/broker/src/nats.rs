@@ -18,9 +18,10 @@ use async_nats::jetstream::{self, consumer, kv, stream};
 use futures_util::StreamExt as _;
 use wasmesh_core::Event;
 
-use crate::log::{self, LogError};
+use crate::log::LogError;
 use crate::mesh::BrokerKey;
 use crate::passthrough::Passthrough;
+use crate::record;
 
 /// How to reach NATS and how to keep events there.
 #[derive(Debug, Clone)]
@@ -442,7 +443,7 @@ impl NatsStore {
                 wasmesh_core::AttributesReader::id(&*event)
             );
             headers.insert("Nats-Msg-Id", msg_id.as_str());
-            let payload = log::encode_record(&event, ttl, &passthrough);
+            let payload = record::encode_record(&event, ttl, &passthrough);
             let header_bytes = 12 + TTL_HEADER.len() + ttl_text.len() + 11 + msg_id.len() + 8;
             // NATS takes no message past the server's max_payload: refused for good (413),
             // not as if the store were failing (503, tried again forever).
@@ -619,7 +620,7 @@ pub(crate) async fn pull<Fut>(
                 started: AtomicBool::new(false),
             });
             waiting.add(&acker);
-            match log::decode_record(&msg.payload) {
+            match record::decode_record(&msg.payload) {
                 Ok((event, ttl, headers)) => {
                     let pulled = Pulled {
                         event,

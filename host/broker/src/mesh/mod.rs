@@ -2,7 +2,7 @@
 //!
 //! One file a step: [`publish`](Mesh::publish) (`publish.rs`) stamps an event, applies the TTL
 //! rules and the triggers' native filters, and puts it where events wait: a bounded in-memory
-//! queue per trigger, the durable log (`log.rs`) or JetStream (`nats.rs`), the seam between
+//! queue per trigger, the durable log (`log/`) or JetStream (`nats.rs`), the seam between
 //! ingress and delivery. `feed.rs` reads the log or JetStream into each trigger's queue;
 //! `dispatch.rs` runs a trigger's workers (Wasm filter, subscriber, retries); `reply.rs` and
 //! `dead_letter.rs` take what a delivery ends with. `triggers.rs` creates, changes and removes
