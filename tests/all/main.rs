@@ -9,6 +9,7 @@ mod cli_run;
 mod durable;
 mod fake_apiserver;
 mod harness;
+mod listeners;
 mod manifests;
 mod nats;
 mod robustness;

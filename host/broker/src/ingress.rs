@@ -4,18 +4,19 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::codec;
+use crate::listen::{Acceptor, DEFAULT_READ_TIMEOUT, http1_builder};
 use crate::log::LogError;
 use crate::mesh::{BrokerKey, Mesh, PublishError};
 use crate::passthrough::Passthrough;
@@ -25,12 +26,16 @@ use crate::passthrough::Passthrough;
 pub struct IngressConfig {
     /// Bodies above this size are refused with 413.
     pub max_body_bytes: usize,
+    /// How long a client may take to send a request's header, and then its body (408 after
+    /// it); a connection idle this long is closed.
+    pub read_timeout: Duration,
 }
 
 impl Default for IngressConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: 4 << 20,
+            read_timeout: DEFAULT_READ_TIMEOUT,
         }
     }
 }
@@ -45,20 +50,16 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let config = Arc::new(config);
+    let mut acceptor = Acceptor::new(listener, "ingress");
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
+            accepted = acceptor.accept() => accepted,
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
         let mesh = Arc::clone(&mesh);
         let config = Arc::clone(&config);
+        let read_timeout = config.read_timeout;
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let mesh = Arc::clone(&mesh);
@@ -69,7 +70,7 @@ pub async fn serve(
                     Ok::<_, Infallible>(response)
                 }
             });
-            if let Err(e) = http1::Builder::new()
+            if let Err(e) = http1_builder(read_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
@@ -138,10 +139,24 @@ async fn handle(
         return too_big();
     }
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, config.max_body_bytes).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return too_big(),
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("reading the body: {e}")),
+    let reading = Limited::new(body, config.max_body_bytes).collect();
+    let body = match tokio::time::timeout(config.read_timeout, reading).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_big(),
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, &format!("reading the body: {e}")),
+        Err(_) => {
+            let mut r = error(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "the body did not arrive within {} s (serve --read-timeout)",
+                    config.read_timeout.as_secs_f64()
+                ),
+            );
+            // What was not read of the body would be taken for the next request.
+            r.headers_mut()
+                .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+            return r;
+        }
     };
     let mut events = match codec::decode(&parts.headers, body) {
         Ok(events) => events,
@@ -208,15 +223,10 @@ pub async fn serve_metrics(
     mesh: Arc<Mesh>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut acceptor = Acceptor::new(listener, "metrics");
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    continue;
-                }
-            },
+        let (stream, _) = tokio::select! {
+            accepted = acceptor.accept() => accepted,
             _ = stop.changed() => break,
         };
         let mesh = Arc::clone(&mesh);
@@ -238,7 +248,7 @@ pub async fn serve_metrics(
                     Ok::<_, Infallible>(response)
                 }
             });
-            let _ = http1::Builder::new()
+            let _ = http1_builder(DEFAULT_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

@@ -5,6 +5,7 @@
 pub mod codec;
 pub mod delivery;
 pub mod ingress;
+pub mod listen;
 pub mod log;
 pub mod mesh;
 pub mod metrics;

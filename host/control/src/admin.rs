@@ -28,8 +28,10 @@ use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
+use tokio::time::timeout;
 use tokio_rustls::rustls;
 use tokio_stream::StreamExt as _;
+use wasmesh_broker::listen::{Acceptor, DEFAULT_READ_TIMEOUT, http1_builder};
 use wasmesh_broker::output::{LogBook, LogEntry};
 use wasmesh_core::yaml::{Located, parse_documents};
 
@@ -122,18 +124,11 @@ pub async fn serve(
 ) {
     let acceptor = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let config = Arc::new(config);
+    let mut listener = Acceptor::new(listener, "admin API");
     loop {
-        let accepted = tokio::select! {
+        let (stream, _) = tokio::select! {
             a = listener.accept() => a,
             _ = stop.changed() => return,
-        };
-        let (stream, _) = match accepted {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
         };
         let (controller, config, acceptor) = (
             Arc::clone(&controller),
@@ -145,15 +140,22 @@ pub async fn serve(
                 let (controller, config) = (Arc::clone(&controller), Arc::clone(&config));
                 async move { Ok::<_, Infallible>(handle(req, &controller, &config).await) }
             });
-            let builder = hyper::server::conn::http1::Builder::new();
+            let builder = http1_builder(DEFAULT_READ_TIMEOUT);
             let result = match acceptor {
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(tls) => builder.serve_connection(TokioIo::new(tls), service).await,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "admin TLS handshake failed");
-                        return;
+                // A client that never finishes its handshake does not hold the connection.
+                Some(acceptor) => {
+                    match timeout(DEFAULT_READ_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => builder.serve_connection(TokioIo::new(tls), service).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "admin TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("admin TLS handshake timed out");
+                            return;
+                        }
                     }
-                },
+                }
                 None => {
                     builder
                         .serve_connection(TokioIo::new(stream), service)

@@ -35,6 +35,11 @@ pub(crate) struct ServeArgs {
     /// Largest accepted request body, in bytes (413 above it).
     #[arg(long, default_value_t = 4 << 20)]
     max_body: usize,
+    /// How long a client may take to send a request's header, and then its body (408 after
+    /// it), as Go's `http.Server.ReadTimeout`; a connection idle this long is closed, so idle
+    /// clients cannot use up the file descriptors.
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
+    read_timeout: Duration,
     /// Events each trigger may queue before ingress answers 429.
     #[arg(long, default_value_t = 1024)]
     queue: usize,
@@ -118,6 +123,15 @@ fn parse_age(s: &str) -> Result<Duration, String> {
         .map(Duration::from_secs)
         .filter(|d| *d <= wasmesh_core::duration::LONGEST)
         .ok_or_else(|| format!("`{s}`: use a number and d, h, m or s (e.g. 7d), at most 292 years"))
+}
+
+/// A duration as [`parse_age`] reads it, longer than zero.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_age(s)?;
+    if d.is_zero() {
+        return Err(format!("`{s}`: must be longer than zero"));
+    }
+    Ok(d)
 }
 
 /// The YAML files the paths name: files as given, directories' *.yaml and *.yml in name order.
@@ -419,6 +433,7 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
         Arc::clone(&mesh),
         IngressConfig {
             max_body_bytes: args.max_body,
+            read_timeout: args.read_timeout,
         },
         stop_rx,
     ));
