@@ -196,7 +196,12 @@ impl PingSource {
             let event = self.event(next);
             let mut delay = Duration::from_millis(50);
             for attempt in 1..=5 {
-                match emit.emit(event.clone()).await {
+                // A stop ends a send in progress too (a sink that does not answer).
+                let sent = tokio::select! {
+                    sent = emit.emit(event.clone()) => sent,
+                    _ = stop.changed() => return,
+                };
+                match sent {
                     Ok(()) => break,
                     Err(crate::EmitError::Never(e)) => {
                         tracing::error!(source = %self.source(), error = %e, "ping event refused for good by the sink");
@@ -207,7 +212,10 @@ impl PingSource {
                     }
                     Err(e) => {
                         tracing::warn!(source = %self.source(), error = %e, attempt, "ping event refused; retrying");
-                        tokio::time::sleep(delay).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = stop.changed() => return,
+                        }
                         delay *= 2;
                     }
                 }
@@ -276,6 +284,36 @@ mod tests {
         assert!(e.contains("`Mars/Olympus` is not a known time zone"), "{e}");
         let e = PingSource::new(&meta(), &spec("@every 10s")).expect_err("@every");
         assert!(e.contains("@every descriptor is not supported"), "{e}");
+    }
+
+    /// A sink that takes every event and never answers.
+    struct Silent(std::sync::atomic::AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl crate::Emit for Silent {
+        async fn emit(&self, _event: wasmesh_core::Event) -> Result<(), crate::EmitError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::future::pending().await
+        }
+    }
+
+    /// A stop ends the source even while a send hangs (it used to wait for the send).
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_ends_a_send_that_hangs() {
+        let p = PingSource::new(&meta(), &spec("* * * * *")).expect("valid");
+        let silent = Arc::new(Silent(Default::default()));
+        let (stop, stop_rx) = watch::channel(false);
+        let past = Utc::now() - chrono::Duration::minutes(3);
+        let run = tokio::spawn(p.run_from(silent.clone(), stop_rx, past));
+        while silent.0.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.send(true).expect("stop");
+        tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("the source stops while its send hangs")
+            .expect("no panic");
+        assert_eq!(silent.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     fn spec_yaml(yaml: &str) -> PingSourceSpec {

@@ -37,6 +37,7 @@ mod triggers;
 
 pub(crate) use dispatch::retry_loop;
 use feed::Feeder;
+pub use publish::SOURCE_SEND_TIMEOUT;
 pub use triggers::TriggerChange;
 use triggers::{Retired, Shape};
 

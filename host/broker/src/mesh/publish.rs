@@ -2,6 +2,7 @@
 //! queues, the durable log or JetStream), and what sources send to sinks.
 
 use std::sync::{Arc, PoisonError};
+use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
 use wasmesh_core::{Event, ExtensionValue};
@@ -15,6 +16,11 @@ use super::{
     BrokerKey, DEFAULT_TTL, Envelope, Mesh, PublishError, Routed, SendToError, TTL_EXTENSION,
     TriggerRuntime,
 };
+
+/// How long a source's send to an HTTP sink may take before it counts as failed (and is tried
+/// again by the source): a sink that accepts the connection and never answers would otherwise
+/// stop the source for good.
+pub const SOURCE_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Mesh {
     /// Sets `knativearrivaltime`, applies the TTL rules and finds, for each event, the triggers
@@ -216,7 +222,7 @@ impl Mesh {
                 let client = own.as_deref().unwrap_or(&self.client);
                 let options = sink::SendOptions {
                     namespace,
-                    timeout: None,
+                    timeout: Some(SOURCE_SEND_TIMEOUT),
                     structured: false,
                     replies: false,
                 };
@@ -246,5 +252,47 @@ fn parse_ttl(v: &ExtensionValue) -> Option<i32> {
         ExtensionValue::Integer(i) => i32::try_from(*i).ok(),
         ExtensionValue::String(s) => s.trim().parse().ok(),
         ExtensionValue::Boolean(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wasmesh_core::EventBuilder as _;
+    use wasmesh_core::EventBuilderV10;
+
+    use super::*;
+    use crate::MeshConfig;
+
+    /// A sink that accepts connections and never answers: a source's send gives up after
+    /// `SOURCE_SEND_TIMEOUT` (paused time: no real wait) and may be tried again.
+    #[tokio::test(start_paused = true)]
+    async fn a_source_send_to_a_sink_that_never_answers_fails_and_can_be_retried() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                open.push(s);
+            }
+        });
+        let mesh = Mesh::new(MeshConfig::default());
+        let uri: http::Uri = format!("http://{addr}/").parse().expect("uri");
+        let event = EventBuilderV10::new()
+            .id("1")
+            .source("/ping")
+            .ty("t")
+            .build()
+            .expect("event");
+        let sent = tokio::time::timeout(
+            SOURCE_SEND_TIMEOUT * 4,
+            mesh.send_to(&Sink::Http(uri, None), "default", event),
+        )
+        .await
+        .expect("the send ends instead of waiting for good");
+        let e = sent.expect_err("nothing answered");
+        assert!(!e.permanent, "a time-out is worth another try: {e}");
+        assert!(e.message.contains("timed out"), "{e}");
     }
 }
