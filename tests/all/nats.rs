@@ -235,6 +235,48 @@ fn a_swap_through_one_replica_is_live_on_all() {
     assert!(!all.contains("id: sw-"), "no event on the old version");
 }
 
+/// The replicas' watch of the shared control state outlives a NATS restart: a change made
+/// through one replica afterwards is live on the other.
+#[test]
+fn a_change_after_nats_restarted_still_reaches_every_replica() {
+    let mut n = NatsServer::start();
+    let yaml = function_subscriber("builtin:event-display", "new");
+    let files = files_with(&yaml);
+    let rs = replicas(&n, &files, 2);
+    n.restart(Duration::from_secs(3));
+    let bytes = std::fs::read(wasmesh_plugins::FIXTURE_TAG).expect("built");
+    // The first replica may need a moment to reconnect before it takes the change.
+    let mut digest = String::new();
+    wait_for(
+        "the swap accepted after the restart",
+        Duration::from_secs(30),
+        || {
+            let r = rs[0].admin("POST", "/v1/modules", &bytes);
+            if r.status != 201 {
+                return false;
+            }
+            digest = serde_json::from_slice::<serde_json::Value>(&r.body).expect("json")["digest"]
+                .as_str()
+                .expect("digest")
+                .to_string();
+            let body = serde_json::json!({
+                "apiVersion": "wasmesh.dev/v1alpha1", "kind": "Function",
+                "metadata": {"name": "sub", "namespace": "default"},
+                "spec": {"module": digest, "config": {"tag": "new"}},
+            });
+            rs[0]
+                .admin("POST", "/v1/apply", body.to_string().as_bytes())
+                .status
+                == 200
+        },
+    );
+    wait_for(
+        "the new revision on the other replica",
+        Duration::from_secs(30),
+        || rs[1].sub_runs(&digest),
+    );
+}
+
 #[test]
 fn the_ping_source_fails_over_without_a_gap_or_a_double() {
     let n = NatsServer::start();

@@ -420,48 +420,74 @@ impl Controller {
         };
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            let mut watch = match shared.watch_overlay().await {
-                Ok(w) => w,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot watch the shared control state");
-                    return;
+            // Waits a second before trying again after a failure; false once stopped.
+            let pause = |mut stop: watch::Receiver<bool>| async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => true,
+                    _ = stop.changed() => false,
                 }
             };
-            // A change saved between start-up and the watch: look once now.
-            let mut first = true;
             loop {
-                let revision = if std::mem::take(&mut first) {
-                    Some(u64::MAX)
-                } else {
-                    tokio::select! {
-                        r = crate::shared::next_revision(&mut watch) => r,
-                        _ = stop.changed() => return,
-                    }
-                };
-                let Some(revision) = revision else { return };
-                let mut st = this.state.lock().await;
-                if revision <= st.overlay_revision {
-                    continue;
-                }
-                let (overlay, revision) = match shared.load_overlay().await {
-                    Ok(o) => o,
+                let mut watch = match shared.watch_overlay().await {
+                    Ok(w) => w,
                     Err(e) => {
-                        tracing::error!("{e}");
+                        tracing::error!(error = %e, "cannot watch the shared control state; trying again in 1 s");
+                        if !pause(stop.clone()).await {
+                            return;
+                        }
                         continue;
                     }
                 };
-                if revision <= st.overlay_revision {
-                    continue;
-                }
-                st.overlay = overlay;
-                st.overlay_revision = revision;
-                match merge(&st.files, &st.overlay) {
-                    Ok(desired) => {
-                        // Another replica validated it: what cannot run here becomes a status.
-                        let _ = this.reconcile(&mut st, desired, false).await;
-                        tracing::info!(revision, "applied a change made on another replica");
+                // A change saved before the watch started: look once now (and again after a
+                // failed read, without waiting for the next change).
+                let mut look = true;
+                loop {
+                    let revision = if std::mem::take(&mut look) {
+                        Some(u64::MAX)
+                    } else {
+                        tokio::select! {
+                            r = crate::shared::next_revision(&mut watch) => r,
+                            _ = stop.changed() => return,
+                        }
+                    };
+                    let Some(revision) = revision else {
+                        tracing::warn!(
+                            "the watch of the shared control state ended; watching again in 1 s"
+                        );
+                        if !pause(stop.clone()).await {
+                            return;
+                        }
+                        break;
+                    };
+                    let mut st = this.state.lock().await;
+                    if revision <= st.overlay_revision {
+                        continue;
                     }
-                    Err(e) => tracing::error!("the shared control state cannot be read: {e}"),
+                    let (overlay, revision) = match shared.load_overlay().await {
+                        Ok(o) => o,
+                        Err(e) => {
+                            drop(st);
+                            tracing::error!("{e}; trying again in 1 s");
+                            if !pause(stop.clone()).await {
+                                return;
+                            }
+                            look = true;
+                            continue;
+                        }
+                    };
+                    if revision <= st.overlay_revision {
+                        continue;
+                    }
+                    st.overlay = overlay;
+                    st.overlay_revision = revision;
+                    match merge(&st.files, &st.overlay) {
+                        Ok(desired) => {
+                            // Another replica validated it: what cannot run here becomes a status.
+                            let _ = this.reconcile(&mut st, desired, false).await;
+                            tracing::info!(revision, "applied a change made on another replica");
+                        }
+                        Err(e) => tracing::error!("the shared control state cannot be read: {e}"),
+                    }
                 }
             }
         });
