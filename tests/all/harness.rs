@@ -192,8 +192,21 @@ impl Serve {
     /// `config`; returns the module's digest.
     #[allow(dead_code)]
     pub(crate) fn swap_sub(&self, module: &[u8], config: serde_json::Value) -> String {
+        self.try_swap_sub(module, config)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`swap_sub`](Self::swap_sub), saying what the admin API answered when it refused.
+    #[allow(dead_code)]
+    pub(crate) fn try_swap_sub(
+        &self,
+        module: &[u8],
+        config: serde_json::Value,
+    ) -> Result<String, String> {
         let r = self.admin("POST", "/v1/modules", module);
-        assert_eq!(r.status, 201, "{}", r.text());
+        if r.status != 201 {
+            return Err(format!("upload: {} {}", r.status, r.text()));
+        }
         let digest = serde_json::from_slice::<serde_json::Value>(&r.body).expect("json")["digest"]
             .as_str()
             .expect("digest")
@@ -204,8 +217,10 @@ impl Serve {
             "spec": {"module": digest, "config": config},
         });
         let r = self.admin("POST", "/v1/apply", body.to_string().as_bytes());
-        assert_eq!(r.status, 200, "{}", r.text());
-        digest
+        if r.status != 200 {
+            return Err(format!("apply: {} {}", r.status, r.text()));
+        }
+        Ok(digest)
     }
 
     /// True once Function `default/sub` runs the module `digest`.

@@ -250,24 +250,12 @@ fn a_change_after_nats_restarted_still_reaches_every_replica() {
     wait_for(
         "the swap accepted after the restart",
         Duration::from_secs(30),
-        || {
-            let r = rs[0].admin("POST", "/v1/modules", &bytes);
-            if r.status != 201 {
-                return false;
+        || match rs[0].try_swap_sub(&bytes, serde_json::json!({"tag": "new"})) {
+            Ok(d) => {
+                digest = d;
+                true
             }
-            digest = serde_json::from_slice::<serde_json::Value>(&r.body).expect("json")["digest"]
-                .as_str()
-                .expect("digest")
-                .to_string();
-            let body = serde_json::json!({
-                "apiVersion": "wasmesh.dev/v1alpha1", "kind": "Function",
-                "metadata": {"name": "sub", "namespace": "default"},
-                "spec": {"module": digest, "config": {"tag": "new"}},
-            });
-            rs[0]
-                .admin("POST", "/v1/apply", body.to_string().as_bytes())
-                .status
-                == 200
+            Err(_) => false,
         },
     );
     wait_for(
