@@ -535,3 +535,51 @@ fn an_event_the_sink_never_takes_does_not_hold_the_source() {
         serve.stderr()
     );
 }
+
+/// An ApiServerSource whose sink keeps refusing a batch holds it, and takes a stop only between
+/// batches. Replaced (its sink changed through the admin API), it used to run on beside its
+/// successor for good, retrying, its watch open; now it is cancelled after 5 s, and its
+/// successor sends the change it could not.
+#[test]
+fn a_replaced_source_stuck_on_a_refusing_sink_is_cancelled() {
+    let refusing = Capture::start(|_| (500, Vec::new(), b"down".to_vec()));
+    let ok = Capture::ok();
+    let fake = FakeApiServer::start(1);
+    let source = |uri: &str| {
+        format!(
+            "apiVersion: sources.knative.dev/v1\nkind: ApiServerSource\nmetadata: {{name: pods, namespace: default}}\n\
+             spec:\n  mode: Reference\n  resources:\n  - apiVersion: v1\n    kind: Pod\n  sink:\n    uri: '{uri}'\n"
+        )
+    };
+    let setup = Setup::new(&fake, &source(&refusing.url("/down")));
+    let serve = setup.serve();
+    wait_for("the watch", WAIT, || fake.watchers() >= 1);
+    fake.add("pods", pod("p1", "demo"), false);
+    refusing.wait("/down", 2);
+
+    let r = serve.admin("POST", "/v1/apply", source(&ok.url("/ok")).as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let names = || -> Vec<String> {
+        ok.on("/ok")
+            .iter()
+            .filter_map(|c| c.headers.get("ce-name").cloned())
+            .collect()
+    };
+    wait_for("the successor sends p1", WAIT, || {
+        names().contains(&"p1".to_string())
+    });
+    serve.wait_log("a replaced source did not stop within 5 s: cancelled");
+    wait_for("only the successor's watch open", WAIT, || {
+        fake.watchers() == 1
+    });
+    let refused = refusing.on("/down").len();
+    fake.add("pods", pod("p2", "demo"), false);
+    wait_for("the successor sends p2", WAIT, || {
+        names().contains(&"p2".to_string())
+    });
+    assert_eq!(
+        refusing.on("/down").len(),
+        refused,
+        "the old source no longer sends"
+    );
+}

@@ -15,6 +15,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event as WatchEvent};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use wasmesh_core::filter::Filter;
 use wasmesh_core::resources::{
     ApiServerMode, ApiServerSourceSpec, LabelSelector, ObjectMeta, SelectorOperator,
@@ -185,7 +186,8 @@ impl ApiServerSource {
         stop: watch::Receiver<bool>,
     ) {
         let this = Arc::new(self);
-        let mut tasks = Vec::new();
+        // A set: when this future is dropped (a source cancelled), its watches end with it.
+        let mut tasks = JoinSet::new();
         for (i, r) in this.spec.resources.iter().enumerate() {
             let this = Arc::clone(&this);
             let client = client.clone();
@@ -194,7 +196,7 @@ impl ApiServerSource {
             let mut stop = stop.clone();
             let r = r.clone();
             let api_server = api_server.clone();
-            tasks.push(tokio::spawn(async move {
+            tasks.spawn(async move {
                 let key = format!("{}#{i}", this.id());
                 loop {
                     if *stop.borrow() {
@@ -215,11 +217,9 @@ impl ApiServerSource {
                         }
                     }
                 }
-            }));
+            });
         }
-        for t in tasks {
-            let _ = t.await;
-        }
+        while tasks.join_next().await.is_some() {}
     }
 
     async fn watch_resource(
@@ -250,6 +250,8 @@ impl ApiServerSource {
         // followed as labels change (a namespace watch with the selector: one that stops
         // matching comes as a delete).
         let mut namespaces: Option<Arc<std::sync::RwLock<HashSet<String>>>> = None;
+        // The namespace watch lives as long as this one (a retry starts a new one).
+        let mut follower = JoinSet::new();
         let api: Api<DynamicObject> = match &self.spec.namespace_selector {
             Some(sel) if sel.match_labels.is_empty() && sel.match_expressions.is_empty() => {
                 Api::all_with(client.clone(), &ar)
@@ -257,6 +259,7 @@ impl ApiServerSource {
             Some(sel) => {
                 let set = Arc::new(std::sync::RwLock::new(HashSet::new()));
                 let ready = follow_namespaces(
+                    &mut follower,
                     client.clone(),
                     selector_string(sel),
                     Arc::clone(&set),
@@ -565,16 +568,17 @@ impl ApiServerSource {
     }
 }
 
-/// Keeps `set` equal to the names of the namespaces matching `selector`, until `stop`. The
-/// returned future resolves once the first listing is in (or fails).
+/// Keeps `set` equal to the names of the namespaces matching `selector`, until `stop`, on a task
+/// of `tasks`. The returned future resolves once the first listing is in (or fails).
 fn follow_namespaces(
+    tasks: &mut JoinSet<()>,
     client: Client,
     selector: String,
     set: Arc<std::sync::RwLock<HashSet<String>>>,
     mut stop: watch::Receiver<bool>,
 ) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
         let stream =
             watcher::watcher(api, watcher::Config::default().labels(&selector)).default_backoff();

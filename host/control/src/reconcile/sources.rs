@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use wasmesh_broker::Sink;
 use wasmesh_core::resources::Resource;
 use wasmesh_sources::Emit;
@@ -182,7 +183,9 @@ async fn leased(
         };
         tracing::info!(source = %id, replica = %shared.replica, "holds the lease: the source runs here");
         let (inner_stop, inner_rx) = watch::channel(false);
-        let mut task = tokio::spawn(run(inner_rx));
+        // In a set, so that the source is cancelled with this task (a stop that timed out).
+        let mut task = JoinSet::new();
+        task.spawn(run(inner_rx));
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(period) => match shared.renew(&id, revision).await {
@@ -190,17 +193,17 @@ async fn leased(
                     None => {
                         tracing::warn!(source = %id, "lost the lease: the source stops here");
                         let _ = inner_stop.send(true);
-                        let _ = (&mut task).await;
+                        let _ = task.join_next().await;
                         break;
                     }
                 },
                 _ = stop.changed() => {
                     let _ = inner_stop.send(true);
-                    let _ = (&mut task).await;
+                    let _ = task.join_next().await;
                     shared.release(&id, revision).await;
                     return;
                 }
-                _ = &mut task => {
+                _ = task.join_next() => {
                     shared.release(&id, revision).await;
                     return;
                 }
@@ -234,12 +237,18 @@ impl Emit for TickRecorder {
     }
 }
 
+/// Stops a source that is replaced or removed. One that does not stop within 5 s (an
+/// ApiServerSource takes a stop between batches, and a sink that keeps refusing a batch holds
+/// it) is cancelled, so that it does not run on beside its successor; the successor sends again
+/// what it had not recorded as sent.
 pub(super) async fn stop_source(run: SourceRun) {
     let _ = run.stop.send(true);
-    if tokio::time::timeout(Duration::from_secs(5), run.handle)
+    let mut handle = run.handle;
+    if tokio::time::timeout(Duration::from_secs(5), &mut handle)
         .await
         .is_err()
     {
-        tracing::warn!("a replaced source did not stop within 5 s");
+        handle.abort();
+        tracing::warn!("a replaced source did not stop within 5 s: cancelled");
     }
 }
