@@ -96,3 +96,16 @@ fn bad_yaml_gets_golden_errors() {
     }
     assert!(cases >= 8, "found {cases} cases");
 }
+
+/// `serve -f` of a directory with no declarations in it (a wrong path, or files named
+/// `.txt`) says so instead of sitting idle without a word.
+#[test]
+fn serving_a_directory_without_declarations_says_so() {
+    let serve = crate::harness::Serve::start(&[("broker.txt", "kind: Broker\n")], &[]);
+    serve.wait_log("nothing is declared in");
+    assert!(
+        serve.stderr().contains("a .yaml or .yml file"),
+        "{}",
+        serve.stderr()
+    );
+}

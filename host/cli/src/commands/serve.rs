@@ -233,6 +233,15 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
+    if resources.is_empty() {
+        // A wrong directory, or files with another extension: say so rather than sit idle.
+        let named: Vec<String> = args.files.iter().map(|p| p.display().to_string()).collect();
+        tracing::warn!(
+            "nothing is declared in {}: no object in a .yaml or .yml file there (objects can \
+             still be applied through the admin API)",
+            named.join(", ")
+        );
+    }
     std::fs::create_dir_all(&args.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
