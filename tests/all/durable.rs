@@ -518,3 +518,67 @@ fn a_stop_past_the_grace_says_what_memory_loses() {
          still queued are lost",
     );
 }
+
+/// One request on an open keep-alive connection; the status and body of its answer.
+fn post_on(stream: &mut std::net::TcpStream, id: &str) -> (u16, String) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let req = format!(
+        "POST /default/default HTTP/1.1\r\nHost: x\r\nce-specversion: 1.0\r\nce-id: {id}\r\n\
+         ce-source: /test\r\nce-type: t\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
+    );
+    stream.write_all(req.as_bytes()).expect("write");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).expect("status line");
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {status_line:?}"));
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("header");
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().expect("length");
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).expect("body");
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// While the brokers stop (SIGTERM, deliveries finishing within the grace), a request on a
+/// connection still open gets 503 with `Retry-After`, to be sent again elsewhere or later; it
+/// used to get 404 "broker does not exist" once the brokers were gone.
+#[test]
+fn requests_during_a_stop_get_503_not_404() {
+    let sub = crate::harness::HoldingSubscriber::start(Duration::from_secs(30));
+    let yaml = crate::harness::slow_trigger(&sub, "  delivery: {concurrency: 1}\n");
+    let serve = Serve::start(
+        &[("b.yaml", &yaml)],
+        &["--store", "memory", "--shutdown-grace", "10s"],
+    );
+    let mut open = std::net::TcpStream::connect(serve.addr).expect("connect");
+    assert_eq!(post_on(&mut open, "before").0, 202);
+    wait_for("the delivery under way", Duration::from_secs(20), || {
+        !sub.arrived.lock().expect("lock").is_empty()
+    });
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &serve.pid().to_string()])
+        .status();
+    serve.wait_log("wasmesh: shutting down");
+    let mut answer = (202, String::new());
+    for i in 0..100 {
+        answer = post_on(&mut open, &format!("during-{i}"));
+        if answer.0 != 202 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(answer.0, 503, "{}", answer.1);
+    assert!(answer.1.contains("shutting down"), "{}", answer.1);
+}

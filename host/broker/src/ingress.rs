@@ -2,7 +2,6 @@
 //! oversized bodies and 429 when a trigger's queue is full.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,7 +41,9 @@ impl Default for IngressConfig {
 
 type Body = Full<Bytes>;
 
-/// Serves ingress on `listener` until `stop` turns true; connections in progress finish.
+/// Serves ingress on `listener` until `stop` turns true. From then on, requests on connections
+/// still open are answered 503 (send again, elsewhere or later) rather than taken while the
+/// brokers are being stopped.
 pub async fn serve(
     listener: TcpListener,
     mesh: Arc<Mesh>,
@@ -60,12 +61,14 @@ pub async fn serve(
         let mesh = Arc::clone(&mesh);
         let config = Arc::clone(&config);
         let read_timeout = config.read_timeout;
+        let stopped = stop.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let mesh = Arc::clone(&mesh);
                 let config = Arc::clone(&config);
+                let stopping = *stopped.borrow();
                 async move {
-                    let response = handle(req, &mesh, &config, peer).await;
+                    let response = handle(req, &mesh, &config, stopping).await;
                     mesh.ingress_stats().count(response.status().as_u16());
                     Ok::<_, Infallible>(response)
                 }
@@ -84,7 +87,7 @@ async fn handle(
     req: Request<Incoming>,
     mesh: &Mesh,
     config: &IngressConfig,
-    _peer: SocketAddr,
+    stopping: bool,
 ) -> Response<Body> {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
@@ -117,6 +120,17 @@ async fn handle(
                 .body(Body::default())
                 .unwrap_or_default();
         }
+    }
+    if stopping {
+        // The brokers are going away: not "does not exist", but "not here, not now".
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "wasmesh is shutting down; send again (to another replica, or once it is back)",
+        );
+        let headers = r.headers_mut();
+        headers.insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        headers.insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+        return r;
     }
     if !mesh.has_broker(&key) {
         return error(
