@@ -549,31 +549,14 @@ fn http_subscriber_replies_go_back_into_the_broker() {
 pub(crate) fn http_subscriber_replies_go_back_into_the_broker_on(store: &[&str]) {
     let sub = Capture::start(|c| {
         if c.path == "/replier" {
-            let headers = vec![
-                ("ce-specversion".to_string(), "1.0".to_string()),
-                ("ce-id".to_string(), format!("reply-{}", c.headers["ce-id"])),
-                ("ce-source".to_string(), "/replier".to_string()),
-                ("ce-type".to_string(), "com.example.response".to_string()),
-                ("content-type".to_string(), "application/json".to_string()),
-                ("x-request-id".to_string(), "resp-42".to_string()),
-            ];
+            let mut headers = crate::harness::response_headers(c);
+            headers.push(("x-request-id".to_string(), "resp-42".to_string()));
             (200, headers, b"{\"answer\":42}".to_vec())
         } else {
             (202, Vec::new(), Vec::new())
         }
     });
-    let yaml = broker_with_triggers(&[
-        (
-            "requests",
-            "  filters:\n  - exact: {type: com.example.request}\n",
-            &sub.url("/replier"),
-        ),
-        (
-            "responses",
-            "  filters:\n  - exact: {type: com.example.response}\n",
-            &sub.url("/sink"),
-        ),
-    ]);
+    let yaml = crate::harness::request_response_triggers(&sub.url("/replier"), &sub.url("/sink"));
     let serve = Serve::start(&[("b.yaml", &yaml)], store);
     let mut h = ce_headers("q1", "com.example.request");
     h.push((

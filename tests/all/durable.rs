@@ -582,3 +582,76 @@ fn requests_during_a_stop_get_503_not_404() {
     assert_eq!(answer.0, 503, "{}", answer.1);
     assert!(answer.1.contains("shutting down"), "{}", answer.1);
 }
+
+/// Serves `yaml` (its triggers to `sub`), sends one `com.example.request`, stops wasmesh
+/// (SIGTERM) while `sub` holds that delivery, then starts it again on the same data; returns
+/// the running server and how many times `sub` was called before the restart.
+fn stop_during_a_delivery(yaml: &str, calls: &AtomicUsize) -> (Serve, usize, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("b.yaml"), yaml).expect("yaml");
+    let serve = Serve::start_at(dir.path(), &["--shutdown-grace", "10s"]);
+    let h = ce_headers("q1", "com.example.request");
+    assert_eq!(
+        serve.request("POST", "/default/default", &h, b"{}").status,
+        202
+    );
+    wait_for("the delivery under way", Duration::from_secs(20), || {
+        calls.load(Ordering::SeqCst) >= 1
+    });
+    serve.stop();
+    let before = calls.load(Ordering::SeqCst);
+    (Serve::start_at(dir.path(), &[]), before, dir)
+}
+
+/// A subscriber that counts its calls and holds each 2 s (long enough for a stop to come
+/// meanwhile) before answering `status`, with a reply event when `reply`.
+fn held_subscriber(status: u16, reply: bool) -> (Capture, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let sub = Capture::start(move |c| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_secs(2));
+        if !reply {
+            return (status, Vec::new(), Vec::new());
+        }
+        (status, crate::harness::response_headers(c), b"{}".to_vec())
+    });
+    (sub, calls)
+}
+
+/// A reply that comes back while wasmesh stops finds the brokers gone. It used to be lost, and
+/// the event that caused it acknowledged; now the event stays owed, is delivered again at the
+/// next start, and that reply goes in.
+#[test]
+fn a_reply_during_a_stop_is_not_lost() {
+    let (replier, calls) = held_subscriber(200, true);
+    let sink = Capture::ok();
+    let yaml =
+        crate::harness::request_response_triggers(&replier.url("/replier"), &sink.url("/sink"));
+    let (_again, before, _dir) = stop_during_a_delivery(&yaml, &calls);
+    assert_eq!(before, 1);
+    let got = sink.wait("/sink", 1);
+    assert_eq!(got[0].headers["ce-id"], "reply-q1");
+    assert!(calls.load(Ordering::SeqCst) >= 2, "delivered again");
+}
+
+/// A delivery that fails while wasmesh stops, with no retry left and no dead-letter sink, is
+/// not dropped (the failure may be the stop's own) but left owed: it is delivered again at the
+/// next start.
+#[test]
+fn a_failure_during_a_stop_is_left_for_the_next_start() {
+    let (failing, calls) = held_subscriber(500, false);
+    let yaml = broker_with_triggers(&[(
+        "requests",
+        "  delivery: {retry: 0}\n",
+        &failing.url("/failing"),
+    )]);
+    let (again, before, _dir) = stop_during_a_delivery(&yaml, &calls);
+    assert_eq!(before, 1);
+    wait_for(
+        "delivered again after the restart",
+        Duration::from_secs(20),
+        || calls.load(Ordering::SeqCst) >= 2,
+    );
+    again.wait_log("event dropped");
+}

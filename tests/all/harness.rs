@@ -536,6 +536,37 @@ impl Capture {
     }
 }
 
+/// The headers of a binary-mode `com.example.response` replying to the request `c` (id
+/// `reply-<its id>`, JSON data).
+#[allow(dead_code)]
+pub(crate) fn response_headers(c: &Captured) -> Vec<(String, String)> {
+    vec![
+        ("ce-specversion".to_string(), "1.0".to_string()),
+        ("ce-id".to_string(), format!("reply-{}", c.headers["ce-id"])),
+        ("ce-source".to_string(), "/replier".to_string()),
+        ("ce-type".to_string(), "com.example.response".to_string()),
+        ("content-type".to_string(), "application/json".to_string()),
+    ]
+}
+
+/// A default broker with two triggers: `com.example.request` events to `replier`, and
+/// `com.example.response` events (its replies) to `sink`.
+#[allow(dead_code)]
+pub(crate) fn request_response_triggers(replier: &str, sink: &str) -> String {
+    broker_with_triggers(&[
+        (
+            "requests",
+            "  filters:\n  - exact: {type: com.example.request}\n",
+            replier,
+        ),
+        (
+            "responses",
+            "  filters:\n  - exact: {type: com.example.response}\n",
+            sink,
+        ),
+    ])
+}
+
 /// A default broker in namespace `default` and triggers to the given URIs: (name, filter YAML
 /// under `spec:`, subscriber URI).
 pub(crate) fn broker_with_triggers(triggers: &[(&str, &str, &str)]) -> String {

@@ -32,22 +32,28 @@ impl Mesh {
         .await
     }
 
-    /// After the last retry: the event, with Knative's error extensions, to the dead-letter sink.
+    /// After the last retry: the event, with Knative's error extensions, to the dead-letter
+    /// sink. True when the event is settled (dead-lettered, or dropped for good); false while
+    /// wasmesh stops, when the event would be dropped: it stays owed for the next start, as
+    /// the failure may be the stop's own (a broker of this process that is gone).
     pub(super) async fn dead_letter(
         &self,
         t: &TriggerSpecRuntime,
         env: &Envelope,
         dest: &Sink,
         failure: Failure,
-    ) {
+    ) -> bool {
         let event = &env.event;
         let Some(dls) = &t.policy.dead_letter else {
+            if self.kept_for_next_start(t, event) {
+                return false;
+            }
             metrics::add(&t.stats.dropped, 1);
             tracing::error!(
                 trigger = %t.name, event = %event.id(), destination = %dest.describe(),
                 code = ?failure.code, "delivery failed and no dead-letter sink is set: event dropped"
             );
-            return;
+            return true;
         };
         let mut dead = (**event).clone();
         dead.set_extension("knativeerrordest", dest.describe());
@@ -78,15 +84,28 @@ impl Mesh {
         {
             Ok(_) => {
                 metrics::add(&t.stats.dead_lettered, 1);
-                tracing::info!(trigger = %t.name, event = %event.id(), sink = %dls.describe(), "dead-lettered")
+                tracing::info!(trigger = %t.name, event = %event.id(), sink = %dls.describe(), "dead-lettered");
+                true
             }
+            Err(_) if self.kept_for_next_start(t, event) => false,
             Err(f) => {
                 metrics::add(&t.stats.dropped, 1);
                 tracing::error!(
                 trigger = %t.name, event = %event.id(), sink = %dls.describe(), code = ?f.code,
                 "the dead-letter sink failed too: event dropped"
-                )
+                );
+                true
             }
         }
+    }
+
+    /// While wasmesh stops, an event that would be dropped is left unacknowledged instead (said
+    /// in the log): the durable log or JetStream delivers it again at the next start.
+    fn kept_for_next_start(&self, t: &TriggerSpecRuntime, event: &Event) -> bool {
+        if !self.is_stopping() {
+            return false;
+        }
+        tracing::info!(trigger = %t.name, event = %event.id(), "stopping: a failed delivery is not dropped but left unacknowledged (the durable log or JetStream delivers it again; with --store memory it is lost)");
+        true
     }
 }

@@ -15,6 +15,7 @@ use crate::metrics;
 use crate::passthrough::Passthrough;
 use crate::sink::{self, Failure, Outcome, Reply, Sink};
 
+use super::reply::AfterReply;
 use super::{Envelope, Mesh, PublishError, TriggerSpecRuntime, Worker, wait_for_gate};
 
 /// Attempts a delivery until it succeeds, fails for good, or the policy's retries are spent;
@@ -158,9 +159,12 @@ impl Mesh {
                     let failure = Failure::message(Some(500), e.to_string());
                     let (mesh, t, wf) = (Arc::clone(self), Arc::clone(t), Arc::clone(wf));
                     later(Box::pin(async move {
-                        mesh.dead_letter(&t, &env, &Sink::Function(wf), failure)
-                            .await;
-                        mesh.done(&env);
+                        if mesh
+                            .dead_letter(&t, &env, &Sink::Function(wf), failure)
+                            .await
+                        {
+                            mesh.done(&env);
+                        }
                     }));
                     return;
                 }
@@ -184,18 +188,25 @@ impl Mesh {
                 metrics::add(&t.stats.delivered, 1);
                 let (reply, headers) = Self::reply_of(reply, &env);
                 let result = self.publish_blocking(&t.broker, vec![reply.clone()], headers.clone());
-                if !Self::again(t, &reply, result, 0) {
-                    self.done(&env);
-                    return;
+                match self.after_reply(t, &reply, result, 0) {
+                    AfterReply::Settled => {
+                        self.done(&env);
+                        return;
+                    }
+                    AfterReply::Unsettled => return,
+                    AfterReply::Again => {}
                 }
                 // The broker is full: the reply is published again after a backoff, off this
                 // thread (for an ordered trigger, its lane waits), and the event acknowledged then.
                 let ordered = t.policy.ordered_by.is_some();
                 let (mesh, t) = (Arc::clone(self), Arc::clone(t));
                 let retry = async move {
-                    mesh.publish_reply(&t, reply, headers, 1, env.acker.as_deref())
-                        .await;
-                    mesh.done(&env);
+                    if mesh
+                        .publish_reply(&t, reply, headers, 1, env.acker.as_deref())
+                        .await
+                    {
+                        mesh.done(&env);
+                    }
                 };
                 if ordered {
                     runtime.block_on(retry);
@@ -275,9 +286,12 @@ impl Mesh {
                     self.config.output.write(wf.name(), &e.output);
                     tracing::warn!(trigger = %t.name, error = %e, "wasm filter failed");
                     let failure = Failure::message(Some(500), e.to_string());
-                    self.dead_letter(t, &env, &Sink::Function(Arc::clone(wf)), failure)
-                        .await;
-                    self.done(&env);
+                    if self
+                        .dead_letter(t, &env, &Sink::Function(Arc::clone(wf)), failure)
+                        .await
+                    {
+                        self.done(&env);
+                    }
                     return;
                 }
                 // Shutting down: the event stays owed (durable mode) for the next start.
@@ -287,9 +301,12 @@ impl Mesh {
                 Err(e) => {
                     tracing::error!(trigger = %t.name, error = %e, "wasm filter aborted");
                     let failure = Failure::message(Some(500), format!("wasm filter aborted: {e}"));
-                    self.dead_letter(t, &env, &Sink::Function(Arc::clone(wf)), failure)
-                        .await;
-                    self.done(&env);
+                    if self
+                        .dead_letter(t, &env, &Sink::Function(Arc::clone(wf)), failure)
+                        .await
+                    {
+                        self.done(&env);
+                    }
                     return;
                 }
             }
@@ -346,14 +363,16 @@ impl Mesh {
         if result.is_ok() {
             metrics::add(&t.stats.delivered, 1);
         }
-        match result {
+        let settled = match result {
             Ok(Some(reply)) => self.reply(t, reply, &env).await,
-            Ok(None) => {}
+            Ok(None) => true,
             // Neither dead-lettered nor acknowledged: the next holder has it.
             Err(_) if env.abandoned() => return,
             Err(failure) => self.dead_letter(t, &env, &t.subscriber, failure).await,
+        };
+        if settled {
+            self.done(&env);
         }
-        self.done(&env);
     }
 
     /// JetStream, unordered: one attempt here; a retryable failure is NAKed with the trigger's
@@ -373,11 +392,12 @@ impl Mesh {
                     .await
             }
         };
-        match outcome {
+        let settled = match outcome {
             Outcome::Delivered(reply) => {
                 metrics::add(&t.stats.delivered, 1);
-                if let Some(reply) = reply {
-                    self.reply(t, reply, &env).await;
+                match reply {
+                    Some(reply) => self.reply(t, reply, &env).await,
+                    None => true,
                 }
             }
             Outcome::Retry(f) if env.attempts < t.policy.retry => {
@@ -398,8 +418,10 @@ impl Mesh {
             Outcome::Retry(f) | Outcome::Fail(f) => {
                 self.dead_letter(t, &env, &t.subscriber, f).await
             }
+        };
+        if settled {
+            self.done(&env);
         }
-        self.done(&env);
     }
 
     /// The delivery is finished (delivered, filtered out, or dead-lettered): the log no longer
@@ -456,6 +478,10 @@ impl Mesh {
                 }
                 Err(PublishError::Log(e)) => {
                     Outcome::Retry(Failure::message(Some(503), e.to_string()))
+                }
+                // Gone because wasmesh is stopping, not removed: worth another try later.
+                Err(e @ PublishError::UnknownBroker(_)) if self.is_stopping() => {
+                    Outcome::Retry(Failure::message(Some(503), format!("stopping: {e}")))
                 }
                 Err(e) => Outcome::Fail(Failure::message(Some(400), e.to_string())),
             },

@@ -439,9 +439,16 @@ impl Mesh {
         });
     }
 
+    /// Whether [`shutdown`](Self::shutdown) has begun: the brokers are gone because wasmesh
+    /// stops, and what cannot be finished is left for the next start.
+    pub fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
     /// Stops taking events and waits (up to `grace`) for queued and in-flight deliveries.
     pub async fn shutdown(&self, grace: Duration) {
-        let _ = self.stopping.send(true);
+        // `send_replace`: the flag must read true even when nothing subscribes to it.
+        self.stopping.send_replace(true);
         self.brokers
             .write()
             .unwrap_or_else(PoisonError::into_inner)

@@ -17,11 +17,12 @@ impl Mesh {
     /// On a worker thread (`blocking`) it is appended with a blocking call.
     /// A broker that cannot take the reply yet (full, or its store cannot write) gets it again
     /// after the trigger's backoff, up to its retry count; the caller acknowledges the event
-    /// that caused the reply only after this.
-    pub(super) async fn reply(&self, t: &TriggerSpecRuntime, reply: Reply, env: &Envelope) {
+    /// that caused the reply only after this, and only when this returns true (false: wasmesh
+    /// is stopping and the reply could not go in, so the event stays owed for the next start).
+    pub(super) async fn reply(&self, t: &TriggerSpecRuntime, reply: Reply, env: &Envelope) -> bool {
         let (reply, headers) = Self::reply_of(reply, env);
         self.publish_reply(t, reply, headers, 0, env.acker.as_deref())
-            .await;
+            .await
     }
 
     /// A reply to `env`'s event as it goes back into the broker: with the envelope's TTL, and
@@ -38,8 +39,9 @@ impl Mesh {
         (event, headers)
     }
 
-    /// Publishes `reply`, `tries` having been made before. Over JetStream the event that caused
-    /// it is reported in progress while the reply waits, so that it does not come again.
+    /// Publishes `reply`, `tries` having been made before; true once the reply is settled (see
+    /// [`reply`](Self::reply)). Over JetStream the event that caused it is reported in progress
+    /// while the reply waits, so that it does not come again.
     pub(super) async fn publish_reply(
         &self,
         t: &TriggerSpecRuntime,
@@ -47,7 +49,7 @@ impl Mesh {
         headers: Passthrough,
         mut tries: u32,
         acker: Option<&crate::nats::AckHandle>,
-    ) {
+    ) -> bool {
         loop {
             if tries > 0 {
                 let until = tokio::time::Instant::now() + t.policy.backoff(tries);
@@ -66,42 +68,60 @@ impl Mesh {
             let result = self
                 .publish_with(&t.broker, vec![reply.clone()], headers.clone())
                 .await;
-            if !Self::again(t, &reply, result, tries) {
-                return;
+            match self.after_reply(t, &reply, result, tries) {
+                AfterReply::Settled => return true,
+                AfterReply::Unsettled => return false,
+                AfterReply::Again => tries += 1,
             }
-            tries += 1;
         }
     }
 
-    /// Counts or logs what became of a reply; true when it should be published again.
-    pub(super) fn again(
+    /// Counts or logs what became of one attempt to publish a reply.
+    pub(super) fn after_reply(
+        &self,
         t: &TriggerSpecRuntime,
         reply: &Event,
         result: Result<(), PublishError>,
         tries: u32,
-    ) -> bool {
+    ) -> AfterReply {
         let id = reply.id().to_string();
         match result {
             Ok(()) => {
                 metrics::add(&t.stats.replies, 1);
                 tracing::debug!(trigger = %t.name, reply = %id, "reply published");
-                false
+                AfterReply::Settled
             }
             Err(PublishError::TtlExhausted) => {
                 tracing::info!(trigger = %t.name, reply = %id, "reply dropped: TTL exhausted (a reply loop ends here)");
-                false
+                AfterReply::Settled
+            }
+            // The brokers are gone because wasmesh is stopping, not because they were removed.
+            Err(PublishError::UnknownBroker(_)) if self.is_stopping() => {
+                tracing::info!(trigger = %t.name, reply = %id, "stopping: the reply is not published, and the event that caused it is left unacknowledged (the durable log or JetStream delivers it again; with --store memory it is lost)");
+                AfterReply::Unsettled
             }
             Err(
                 e
                 @ (PublishError::Full(_) | PublishError::Log(LogError::Full(_) | LogError::Io(_))),
             ) if tries < t.policy.retry => {
                 tracing::info!(trigger = %t.name, reply = %id, retry = tries + 1, error = %e, "the broker cannot take the reply yet; trying it again");
-                true
+                AfterReply::Again
             }
             Err(e) => {
                 tracing::error!(trigger = %t.name, reply = %id, error = %e, tries = tries + 1, "reply lost");
-                false
+                AfterReply::Settled
             }
         }
     }
+}
+
+/// What follows one attempt to publish a reply.
+pub(super) enum AfterReply {
+    /// Published, or lost for good: the event that caused it may be acknowledged.
+    Settled,
+    /// The broker cannot take it yet: publish it again after the backoff.
+    Again,
+    /// wasmesh is stopping: leave the event that caused it unacknowledged (the store keeps it
+    /// for the next start, or another replica).
+    Unsettled,
 }
