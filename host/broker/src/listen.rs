@@ -36,6 +36,7 @@ pub struct Acceptor {
 }
 
 impl Acceptor {
+    /// Accepts on `listener`; `name` says which listener in the log.
     pub fn new(listener: TcpListener, name: &'static str) -> Self {
         Self {
             listener,
