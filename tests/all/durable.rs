@@ -655,3 +655,45 @@ fn a_failure_during_a_stop_is_left_for_the_next_start() {
     );
     again.wait_log("event dropped");
 }
+
+/// A second SIGTERM (or Ctrl-C) ends the process at once instead of waiting out the grace for
+/// a delivery that takes long; what was accepted stays in the durable log and is delivered again
+/// at the next start.
+#[test]
+fn a_second_stop_signal_ends_the_drain_at_once() {
+    let sub = crate::harness::HoldingSubscriber::start(Duration::from_secs(60));
+    let yaml = crate::harness::slow_trigger(&sub, "  delivery: {concurrency: 1}\n");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("b.yaml"), &yaml).expect("yaml");
+    let mut serve = Serve::start_at(dir.path(), &["--shutdown-grace", "120s"]);
+    crate::harness::send_keyed(&[&serve], "x", &["k"], 2);
+    wait_for("a delivery under way", Duration::from_secs(20), || {
+        !sub.arrived.lock().expect("lock").is_empty()
+    });
+    serve.signal("TERM");
+    serve.wait_log("wasmesh: shutting down");
+    assert!(
+        !serve.exits_within(Duration::from_millis(500)),
+        "the first signal drains: the delivery holds it"
+    );
+    serve.signal("TERM");
+    assert!(
+        serve.exits_within(Duration::from_secs(10)),
+        "the second signal does not wait for the 60 s delivery"
+    );
+    assert!(
+        serve
+            .stderr()
+            .contains("stopping now, without waiting for deliveries in flight"),
+        "{}",
+        serve.stderr()
+    );
+    drop(serve);
+    let before = sub.arrived.lock().expect("lock").len();
+    let _again = Serve::start_at(dir.path(), &[]);
+    wait_for(
+        "the event delivered again after the restart",
+        Duration::from_secs(30),
+        || sub.arrived.lock().expect("lock").len() > before,
+    );
+}

@@ -282,6 +282,27 @@ impl Serve {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` (`TERM`, `INT`, ...) without waiting.
+    #[allow(dead_code)]
+    pub(crate) fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Whether the process has ended within `limit`.
+    #[allow(dead_code)]
+    pub(crate) fn exits_within(&mut self, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// SIGKILL: no shutdown, no flush.
     pub(crate) fn kill(mut self) {
         let _ = self.child.kill();

@@ -448,6 +448,13 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
     ));
     shutdown_signal().await;
     eprintln!("wasmesh: shutting down");
+    // A second Ctrl-C or SIGTERM does not wait for the drain: what was accepted and not yet
+    // delivered stays in the durable store, as after a crash (with --store memory it is lost).
+    tokio::spawn(async {
+        shutdown_signal().await;
+        eprintln!("wasmesh: stopping now, without waiting for deliveries in flight");
+        std::process::exit(130);
+    });
     let _ = stop_tx.send(true);
     controller.stop_sources(args.shutdown_grace).await;
     let _ = server.await;
