@@ -161,10 +161,59 @@ fn lex(text: &str) -> Result<Vec<(Tok, usize)>, ParseError> {
     Ok(out)
 }
 
+/// The deepest expression tree accepted. Parsing, compiling, evaluating and dropping a tree
+/// recurse once a level, so an expression from outside (`a + a + ...` a hundred thousand times,
+/// or as many parentheses) must not overflow the stack of the thread that handles it.
+pub(super) const MAX_DEPTH: usize = 64;
+
 struct Parser<'m> {
     toks: Vec<(Tok, usize)>,
     at: usize,
     missing: &'m mut Vec<String>,
+    /// Calls of `expr` and `prefix` in progress (parentheses and prefix operators nest them
+    /// before any node is built).
+    nesting: usize,
+}
+
+fn too_deep(column: usize) -> ParseError {
+    err(
+        column,
+        format!(
+            "the expression nests more than {MAX_DEPTH} levels deep (each AND, OR or operator \
+             in a chain is a level: for a list of values use IN (...))"
+        ),
+    )
+}
+
+/// A node just built, refused when the tree under it is too deep (the walk goes no deeper
+/// than the limit).
+fn checked(node: Node, column: usize) -> Result<Node, ParseError> {
+    if deeper_than(&node, MAX_DEPTH) {
+        return Err(too_deep(column));
+    }
+    Ok(node)
+}
+
+/// Whether `node` is more than `limit` levels deep; recurses at most `limit` levels.
+fn deeper_than(node: &Node, limit: usize) -> bool {
+    if limit == 0 {
+        return true;
+    }
+    let below = limit - 1;
+    match node {
+        Node::Not(x) | Node::Neg(x) | Node::Like { expr: x, .. } => deeper_than(x, below),
+        Node::Binary(_, l, r) => deeper_than(l, below) || deeper_than(r, below),
+        Node::In { expr, set, .. } => {
+            deeper_than(expr, below) || set.iter().any(|n| deeper_than(n, below))
+        }
+        Node::Call(_, args) => args.iter().any(|n| deeper_than(n, below)),
+        Node::Bool(_)
+        | Node::Int(_)
+        | Node::Str(_)
+        | Node::Attr(_)
+        | Node::Exists(_)
+        | Node::MissingFunction => false,
+    }
 }
 
 /// Parses `text`; calls of functions that do not exist are noted in `missing`.
@@ -173,6 +222,7 @@ pub(super) fn parse(text: &str, missing: &mut Vec<String>) -> Result<Node, Parse
         toks: lex(text)?,
         at: 0,
         missing,
+        nesting: 0,
     };
     let node = p.expr(0)?;
     match p.peek() {
@@ -220,7 +270,24 @@ impl Parser<'_> {
         }
     }
 
+    /// Guards a recursive step: refuses to nest deeper than the tree may be (each level of
+    /// tree is at most three calls: `prefix`, `expr` and `prefix` again for parentheses).
+    fn enter(&mut self) -> Result<(), ParseError> {
+        self.nesting += 1;
+        if self.nesting > 3 * MAX_DEPTH {
+            return Err(too_deep(self.col()));
+        }
+        Ok(())
+    }
+
     fn expr(&mut self, min_bp: u8) -> Result<Node, ParseError> {
+        self.enter()?;
+        let result = self.expr_in(min_bp);
+        self.nesting -= 1;
+        result
+    }
+
+    fn expr_in(&mut self, min_bp: u8) -> Result<Node, ParseError> {
         let mut lhs = self.prefix()?;
         loop {
             let t = self.peek().clone();
@@ -243,8 +310,9 @@ impl Parser<'_> {
             if bp < min_bp {
                 break;
             }
+            let col = self.col();
             if bp == 5 {
-                lhs = self.postfix(lhs)?;
+                lhs = checked(self.postfix(lhs)?, col)?;
                 continue;
             }
             self.next();
@@ -265,7 +333,7 @@ impl Parser<'_> {
                 _ if t.keyword("OR") => BinOp::Or,
                 _ => BinOp::Xor,
             };
-            lhs = Node::Binary(op, Box::new(lhs), Box::new(rhs));
+            lhs = checked(Node::Binary(op, Box::new(lhs), Box::new(rhs)), col)?;
         }
         Ok(lhs)
     }
@@ -317,6 +385,14 @@ impl Parser<'_> {
     }
 
     fn prefix(&mut self) -> Result<Node, ParseError> {
+        let col = self.col();
+        self.enter()?;
+        let result = self.prefix_in();
+        self.nesting -= 1;
+        checked(result?, col)
+    }
+
+    fn prefix_in(&mut self) -> Result<Node, ParseError> {
         let col = self.col();
         let t = self.next();
         match t {

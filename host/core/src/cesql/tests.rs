@@ -137,3 +137,47 @@ fn the_borrowed_text_of_an_event_agrees_with_its_values() {
         }
     }
 }
+
+/// Expressions from outside nest as deep as they like; the parser refuses those deeper than
+/// `MAX_DEPTH` with an error instead of overflowing the stack. Everything runs on a thread with
+/// 2 MiB of stack (a Tokio worker's), in a debug build's larger frames too.
+#[test]
+fn deep_nesting_is_refused_not_a_stack_overflow() {
+    let run = || {
+        let deep = parse::MAX_DEPTH;
+        let refused = [
+            format!("{}1 = 1{}", "(".repeat(50_000), ")".repeat(50_000)),
+            format!("{}TRUE", "NOT ".repeat(50_000)),
+            format!("{}1", "-".repeat(50_000)),
+            vec!["TRUE"; 100_000].join(" AND "),
+            format!("1{} = 5", " + 1".repeat(100_000)),
+            format!("{}1{}", "ABS(".repeat(50_000), ")".repeat(50_000)),
+            format!("1 IN ({}1{})", "(".repeat(50_000), ")".repeat(50_000)),
+            format!("1{} = 5", " + 1".repeat(deep)),
+        ];
+        for text in &refused {
+            let e = Expression::parse(text)
+                .err()
+                .unwrap_or_else(|| panic!("accepted: {}...", &text[..40.min(text.len())]));
+            assert!(e.to_string().contains("levels deep"), "{e}");
+        }
+        // As deep as allowed: parsed, compiled, evaluated and dropped.
+        let ok = [
+            format!("1{} = {}", " + 1".repeat(deep - 2), deep - 1),
+            format!("{}TRUE", "NOT ".repeat(deep - 1 - (deep - 1) % 2)),
+            vec!["TRUE"; deep / 2].join(" AND "),
+            format!("{}1 = 1{}", "(".repeat(deep), ")".repeat(deep)),
+        ];
+        for text in &ok {
+            let e = Expression::parse(text)
+                .unwrap_or_else(|err| panic!("{}...: {err}", &text[..40.min(text.len())]));
+            assert!(e.matches(&event()), "{}...", &text[..40.min(text.len())]);
+        }
+    };
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(run)
+        .expect("thread")
+        .join()
+        .expect("no overflow, no failed assertion");
+}
