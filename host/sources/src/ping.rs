@@ -105,7 +105,7 @@ impl PingSource {
             })?),
             _ => data,
         };
-        Ok(Self {
+        let source = Self {
             namespace: meta.namespace().to_string(),
             name: meta.name.clone(),
             cron,
@@ -118,7 +118,15 @@ impl PingSource {
                 .flat_map(|o| o.extensions.iter())
                 .map(|(k, v)| (k.as_str().to_string(), v.clone()))
                 .collect(),
-        })
+        };
+        // A valid schedule may still name a day that never comes (`* * 31 2 *`): say so now
+        // rather than report the source ready and never fire.
+        if source.next_after(Utc::now()).is_none() {
+            return Err(format!(
+                "spec.schedule: `{schedule}` never fires (no such date)"
+            ));
+        }
+        Ok(source)
     }
 
     /// `/apis/v1/namespaces/<ns>/pingsources/<name>`.
@@ -284,6 +292,8 @@ mod tests {
         assert!(e.contains("`Mars/Olympus` is not a known time zone"), "{e}");
         let e = PingSource::new(&meta(), &spec("@every 10s")).expect_err("@every");
         assert!(e.contains("@every descriptor is not supported"), "{e}");
+        let e = PingSource::new(&meta(), &spec("0 0 31 2 *")).expect_err("February 31st");
+        assert!(e.contains("never fires"), "{e}");
     }
 
     /// A sink that takes every event and never answers.
