@@ -74,6 +74,32 @@ const APISERVER: &[&str] = &[
     "sources.eventing.knative.dev/v1alpha1",
 ];
 
+/// Deeper flow nesting is refused before the YAML parser sees it: libyaml's scanner spends time
+/// quadratic in the nesting (a 4 MiB document of `[` would take minutes), and the parser refuses
+/// more than 128 levels anyway.
+const MAX_FLOW_NESTING: usize = 1000;
+
+/// Where `[` and `{` first nest more than `limit` deep, counting every bracket (those inside
+/// strings and comments too: a document needs that many unclosed ones to be refused by mistake).
+fn flow_nesting_beyond(doc: &str, limit: usize) -> Option<(usize, usize)> {
+    let mut depth = 0usize;
+    for (i, line) in doc.lines().enumerate() {
+        for (j, c) in line.chars().enumerate() {
+            match c {
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > limit {
+                        return Some((i + 1, j + 1));
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    None
+}
+
 /// Parses every document of one file. `file` is how errors name it.
 pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Located>, YamlErrors> {
     let mut out = Vec::new();
@@ -123,6 +149,14 @@ fn parse_document(file: &str, first_line: usize, doc: &str) -> Result<Option<Res
         path: path.to_string(),
         message,
     };
+    if let Some((line, column)) = flow_nesting_beyond(doc, MAX_FLOW_NESTING) {
+        return Err(err_at(
+            line,
+            column,
+            "",
+            format!("`[` and `{{` nest more than {MAX_FLOW_NESTING} levels deep"),
+        ));
+    }
     let value: serde_yaml_ng::Value = match serde_yaml_ng::from_str(doc) {
         Ok(v) => v,
         Err(e) => {
