@@ -1720,3 +1720,35 @@ fn an_object_declared_twice_keeps_its_last_declaration_and_says_so() {
         "the first declaration is not running"
     );
 }
+
+/// JSON data nested deeper than anyone writes: event-display's indentation (which grows with
+/// the square of the depth) used to exhaust the function's 16 MiB on every attempt, so the
+/// event was retried and dropped; now it prints the data as it came, as Go's event-display does
+/// once its JSON scanner gives up.
+#[test]
+fn event_display_prints_deeply_nested_json_as_it_came() {
+    let yaml = crate::harness::function_subscriber("builtin:event-display", "x");
+    let serve = Serve::start(&[("b.yaml", &yaml)], &[]);
+    let depth = 20_000;
+    let data = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    let r = serve.request(
+        "POST",
+        "/default/default",
+        &ce_headers("deep-1", "t"),
+        data.as_bytes(),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    crate::harness::wait_for("event-display's output", Duration::from_secs(20), || {
+        serve.stdout().contains("  id: deep-1\n")
+    });
+    let out = serve.stdout();
+    assert!(
+        out.contains(&format!("Data,\n  {data}")),
+        "the data as it came"
+    );
+    assert!(
+        !serve.stderr().contains("memory limit"),
+        "{}",
+        serve.stderr()
+    );
+}

@@ -159,11 +159,31 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 /// Go's `json.Indent(dst, src, "  ", "  ")`: only whitespace changes, keys keep their order and
-/// numbers their spelling. Returns false (writing nothing) when `src` is not valid JSON.
+/// numbers their spelling. Returns false (leaving `out` as it was) when `src` is not valid JSON,
+/// nests deeper than Go's JSON scanner allows (10,000 levels; Go's event-display then prints the
+/// data as it is, and so does the caller), or would come out larger than 4 MiB: indentation
+/// grows with the square of the nesting, and a function has 16 MiB by default.
 pub fn indent_json(src: &str, out: &mut String) -> bool {
     if serde_json::from_str::<serde::de::IgnoredAny>(src).is_err() {
         return false;
     }
+    let start = out.len();
+    if indent_within(src, out, start + MAX_INDENTED) {
+        return true;
+    }
+    out.truncate(start);
+    false
+}
+
+/// Go's `maxNestingDepth` (encoding/json's scanner).
+const MAX_JSON_DEPTH: usize = 10_000;
+
+/// The largest indented JSON `indent_json` writes.
+const MAX_INDENTED: usize = 4 << 20;
+
+/// Indents valid JSON `src` onto `out`; false as soon as it nests deeper than `MAX_JSON_DEPTH`
+/// or `out` grows past `limit` bytes.
+fn indent_within(src: &str, out: &mut String, limit: usize) -> bool {
     const PREFIX: &str = "  ";
     const INDENT: &str = "  ";
     let newline = |out: &mut String, depth: usize| {
@@ -172,8 +192,10 @@ pub fn indent_json(src: &str, out: &mut String) -> bool {
         for _ in 0..depth {
             out.push_str(INDENT);
         }
+        out.len() <= limit
     };
     let mut depth = 0usize;
+    let mut open = 0usize;
     let mut need_indent = false;
     let mut chars = src.trim_start().chars();
     while let Some(c) = chars.next() {
@@ -183,7 +205,9 @@ pub fn indent_json(src: &str, out: &mut String) -> bool {
         if need_indent && c != ']' && c != '}' {
             need_indent = false;
             depth += 1;
-            newline(out, depth);
+            if !newline(out, depth) {
+                return false;
+            }
         }
         match c {
             '"' => {
@@ -201,21 +225,30 @@ pub fn indent_json(src: &str, out: &mut String) -> bool {
                 }
             }
             '{' | '[' => {
+                open += 1;
+                if open > MAX_JSON_DEPTH {
+                    return false;
+                }
                 out.push(c);
                 need_indent = true;
             }
             ',' => {
                 out.push(c);
-                newline(out, depth);
+                if !newline(out, depth) {
+                    return false;
+                }
             }
             ':' => out.push_str(": "),
             '}' | ']' => {
+                open = open.saturating_sub(1);
                 if need_indent {
                     // An empty object or array stays on one line.
                     need_indent = false;
                 } else {
                     depth = depth.saturating_sub(1);
-                    newline(out, depth);
+                    if !newline(out, depth) {
+                        return false;
+                    }
                 }
                 out.push(c);
             }
@@ -256,6 +289,27 @@ mod tests {
         let mut bad = String::new();
         assert!(!indent_json("{nope", &mut bad));
         assert!(bad.is_empty());
+    }
+
+    /// Deep nesting: past Go's 10,000 levels, or past 4 MiB of indentation (which grows with
+    /// the square of the depth: 100,000 levels would be 10 GB), the data is left as it is.
+    #[test]
+    fn indent_refuses_what_go_refuses_or_what_would_not_fit() {
+        for depth in [20_000, 3_000] {
+            let deep = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            let mut out = String::new();
+            assert!(!indent_json(&deep, &mut out), "depth {depth}");
+            assert!(out.is_empty());
+        }
+        let mut out = String::new();
+        let fine = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+        assert!(indent_json(&fine, &mut out));
+        assert_eq!(out.lines().count(), 201);
+        // What was in `out` before stays, and nothing is added when the JSON is refused.
+        let mut out = String::from("Data,\n  ");
+        let deep = format!("{}{}", "[".repeat(3_000), "]".repeat(3_000));
+        assert!(!indent_json(&deep, &mut out));
+        assert_eq!(out, "Data,\n  ");
     }
 
     #[test]
