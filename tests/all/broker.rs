@@ -1752,3 +1752,66 @@ fn event_display_prints_deeply_nested_json_as_it_came() {
         serve.stderr()
     );
 }
+
+/// A subscriber that answers 307 or 308 gets the event again at its `Location` (method and
+/// body kept), as Go's client delivers it for Knative, up to 10 redirects; 301, 302 and 303,
+/// which Go would follow as a bodiless GET, stay failures and go to the dead-letter sink.
+#[test]
+fn deliveries_follow_307_and_308() {
+    let sub = Capture::start(|c| {
+        let to = |code: u16, location: &str| {
+            (
+                code,
+                vec![("location".to_string(), location.to_string())],
+                Vec::new(),
+            )
+        };
+        match c.path.as_str() {
+            "/moved" => to(308, "/new"),
+            "/loop" => to(307, "/loop"),
+            "/gone" => to(301, "/new"),
+            _ => (200, Vec::new(), Vec::new()),
+        }
+    });
+    let dls = format!(
+        "  delivery: {{retry: 0, deadLetterSink: {{uri: '{}'}}}}\n",
+        sub.url("/dls")
+    );
+    let filtered = |ty: &str, more: &str| format!("  filters: [{{exact: {{type: {ty}}}}}]\n{more}");
+    let yaml = broker_with_triggers(&[
+        ("moved", &filtered("a", ""), &sub.url("/moved")),
+        ("loop", &filtered("b", &dls), &sub.url("/loop")),
+        ("gone", &filtered("c", &dls), &sub.url("/gone")),
+    ]);
+    let serve = Serve::start(&[("b.yaml", &yaml)], &[]);
+    for (id, ty) in [("m1", "a"), ("l1", "b"), ("g1", "c")] {
+        let r = serve.request(
+            "POST",
+            "/default/default",
+            &ce_headers(id, ty),
+            b"{\"n\":1}",
+        );
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    let got = sub.wait("/new", 1);
+    assert_eq!(got[0].headers["ce-id"], "m1");
+    assert_eq!(got[0].body, b"{\"n\":1}", "the body went along");
+    let dead = sub.wait("/dls", 2);
+    let code = |id: &str| {
+        dead.iter()
+            .find(|c| c.headers["ce-id"] == id)
+            .map(|c| c.headers.get("ce-knativeerrorcode").cloned())
+    };
+    assert_eq!(code("g1"), Some(Some("301".to_string())), "{dead:?}");
+    assert_eq!(
+        code("l1"),
+        Some(None),
+        "a redirect loop is a transport error"
+    );
+    assert_eq!(
+        sub.on("/loop").len(),
+        11,
+        "the first request and 10 redirects"
+    );
+    assert_eq!(sub.on("/new").len(), 1, "the 301 was not followed");
+}

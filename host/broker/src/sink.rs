@@ -164,6 +164,26 @@ pub fn system_roots() -> Result<rustls::RootCertStore, String> {
         .unwrap_or_default())
 }
 
+/// Redirects followed before a delivery counts as failed (Go's client's limit).
+const MAX_REDIRECTS: usize = 10;
+
+/// Where a 307 or 308 response sends the request again (its `Location`, relative to `from`);
+/// `None` for any other response, or a `Location` that is not an http(s) URL.
+fn redirect(from: &http::Uri, status: StatusCode, headers: &HeaderMap) -> Option<http::Uri> {
+    if status != StatusCode::TEMPORARY_REDIRECT && status != StatusCode::PERMANENT_REDIRECT {
+        return None;
+    }
+    let location = headers.get(http::header::LOCATION)?.to_str().ok()?;
+    let next = url::Url::parse(&from.to_string())
+        .ok()?
+        .join(location)
+        .ok()?;
+    if next.scheme() != "http" && next.scheme() != "https" {
+        return None;
+    }
+    next.as_str().parse().ok()
+}
+
 /// The most of a response body kept for a reply or for `knativeerrordata`.
 const MAX_RESPONSE: usize = 4 << 20;
 
@@ -197,49 +217,69 @@ pub async fn send_http(
         structured,
         replies,
     } = options;
-    let mut headers = HeaderMap::new();
-    passthrough.add_to(&mut headers);
-    let body = if structured {
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/cloudevents+json"),
-        );
-        codec::encode_structured(event)
-    } else {
-        codec::encode_binary(event, &mut headers)
-    };
-    for trace in ["traceparent", "tracestate"] {
-        if let Some(v) = event.extension(trace) {
-            headers.insert(trace, codec::encode_value(&v.to_string()));
+    // The request's headers and body, built again for each redirect (rare) rather than copied
+    // for each delivery.
+    let request = |target: &http::Uri| {
+        let mut headers = HeaderMap::new();
+        passthrough.add_to(&mut headers);
+        let body = if structured {
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/cloudevents+json"),
+            );
+            codec::encode_structured(event)
+        } else {
+            codec::encode_binary(event, &mut headers)
+        };
+        for trace in ["traceparent", "tracestate"] {
+            if let Some(v) = event.extension(trace) {
+                headers.insert(trace, codec::encode_value(&v.to_string()));
+            }
         }
-    }
-    if let Ok(ns) = HeaderValue::from_str(namespace) {
-        headers.insert("kn-namespace", ns);
-    }
-    if replies {
-        headers.insert(
-            http::header::HeaderName::from_static("prefer"),
-            HeaderValue::from_static("reply"),
-        );
-    }
-    let mut req = match Request::builder()
-        .method(Method::POST)
-        .uri(uri.clone())
-        .body(Full::new(body))
-    {
-        Ok(r) => r,
-        Err(e) => return Outcome::Fail(Failure::message(None, format!("bad request: {e}"))),
+        if let Ok(ns) = HeaderValue::from_str(namespace) {
+            headers.insert("kn-namespace", ns);
+        }
+        if replies {
+            headers.insert(
+                http::header::HeaderName::from_static("prefer"),
+                HeaderValue::from_static("reply"),
+            );
+        }
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(target.clone())
+            .body(Full::new(body))
+            .map_err(|e| format!("bad request: {e}"))?;
+        req.headers_mut().extend(headers);
+        Ok::<_, String>(req)
     };
-    req.headers_mut().extend(headers);
     let call = async {
-        let resp = client.request(req).await.map_err(|e| format!("{e}"))?;
-        let (parts, body) = resp.into_parts();
-        let bytes = Limited::new(body, MAX_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the response: {e}"))?
-            .to_bytes();
-        Ok::<_, String>((parts, bytes))
+        let mut target = uri.clone();
+        let mut redirects = 0;
+        loop {
+            let resp = client
+                .request(request(&target)?)
+                .await
+                .map_err(|e| format!("{e}"))?;
+            // 307 and 308 keep the method and the body: followed, as Go's client (Knative's)
+            // follows them, up to its 10. (Go turns a POST into a bodiless GET on 301, 302 and
+            // 303, which loses the event: those stay failures.)
+            if let Some(next) = redirect(&target, resp.status(), resp.headers()) {
+                redirects += 1;
+                if redirects > MAX_REDIRECTS {
+                    return Err(format!("stopped after {MAX_REDIRECTS} redirects"));
+                }
+                target = next;
+                continue;
+            }
+            let (parts, body) = resp.into_parts();
+            let bytes = Limited::new(body, MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| format!("reading the response: {e}"))?
+                .to_bytes();
+            return Ok::<_, String>((parts, bytes));
+        }
     };
     let result = match timeout {
         Some(t) => match tokio::time::timeout(t, call).await {
