@@ -247,11 +247,26 @@ fn compiled_components_are_cached_on_disk_across_restarts() {
     .expect("loads from the cache");
     assert!(f.matches(&seed_event()).expect("runs").value);
     // A corrupt artifact is ignored and the component recompiled.
-    for entry in std::fs::read_dir(dir.path().join("components")).expect("cache dir") {
-        std::fs::write(entry.expect("entry").path(), b"garbage").expect("corrupt");
-    }
+    let artifacts: Vec<_> = std::fs::read_dir(dir.path().join("components"))
+        .expect("cache dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+    let artifact = &artifacts[0];
+    let good = std::fs::read(artifact).expect("artifact");
+    std::fs::write(artifact, b"garbage").expect("corrupt");
     let engine = PluginEngine::new(EngineConfig::with_data_dir(dir.path())).expect("engine");
     assert!(engine.load("type-filter", &bytes).is_ok());
+    assert_eq!(std::fs::read(artifact).expect("rewritten"), good);
+    // So is one with a single byte flipped in the middle, where wasmtime checks nothing (its
+    // machine code): it is never deserialized, and the artifact is written again.
+    let mut flipped = good.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x40;
+    std::fs::write(artifact, &flipped).expect("flip a byte");
+    let engine = PluginEngine::new(EngineConfig::with_data_dir(dir.path())).expect("engine");
+    assert!(engine.load("type-filter", &bytes).is_ok());
+    assert_eq!(std::fs::read(artifact).expect("rewritten"), good);
 }
 
 #[test]

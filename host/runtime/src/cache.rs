@@ -3,12 +3,20 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
+
+/// The artifact in a cache file (its bytes followed by their sha256), if the checksum matches.
+fn checked(file: &[u8]) -> Option<&[u8]> {
+    let split = file.len().checked_sub(32)?;
+    let (bytes, sum) = file.split_at(split);
+    (Sha256::digest(bytes).as_slice() == sum).then_some(bytes)
+}
 
 /// The hex sha256 of a module's bytes: its identity everywhere in wasmesh.
 pub fn digest(bytes: &[u8]) -> String {
@@ -74,12 +82,20 @@ impl ComponentCache {
 
     fn load_from_disk(&self, engine: &Engine, digest: &str) -> Option<Component> {
         let path = self.path(digest)?;
-        let bytes = std::fs::read(&path).ok()?;
+        let file = std::fs::read(&path).ok()?;
+        // Machine code is about to run from these bytes: they must be exactly what
+        // `store_on_disk` wrote, not a torn write or a flipped bit (wasmtime checks the header
+        // only).
+        let Some(bytes) = checked(&file) else {
+            tracing::warn!(path = %path.display(), "ignoring a cached artifact whose checksum does not match; compiling again");
+            let _ = std::fs::remove_file(&path);
+            return None;
+        };
         // SAFETY: the artifact was written by `store_on_disk` below, by this wasmtime build (the
-        // file name carries the engine's compatibility hash) into the host's own data directory;
-        // wasmtime also checks the header and refuses artifacts of another version or config.
+        // file name carries the engine's compatibility hash) into the host's own data directory,
+        // and its checksum matches; wasmtime also refuses artifacts of another version or config.
         #[allow(unsafe_code)]
-        match unsafe { Component::deserialize(engine, &bytes) } {
+        match unsafe { Component::deserialize(engine, bytes) } {
             Ok(c) => Some(c),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "ignoring a cached artifact");
@@ -99,9 +115,13 @@ impl ComponentCache {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir)?;
                 }
-                // Write then rename, so that a crash never leaves half an artifact under the name.
+                // Write (with the checksum), sync, then rename, so that a crash never leaves
+                // half an artifact under the name.
                 let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-                std::fs::write(&tmp, bytes)?;
+                let mut file = std::fs::File::create(&tmp)?;
+                file.write_all(&bytes)?;
+                file.write_all(&Sha256::digest(&bytes))?;
+                file.sync_all()?;
                 std::fs::rename(&tmp, &path)
             });
         if let Err(e) = result {
