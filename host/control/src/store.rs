@@ -52,12 +52,20 @@ impl ModuleStore {
         let path = self
             .path(hex)
             .ok_or_else(|| format!("`{digest}` is not a sha256 digest (sha256:<64 hex digits>)"))?;
-        std::fs::read(&path).map_err(|e| match e.kind() {
+        let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => format!(
                 "no uploaded module {digest}: upload it first (wasmesh push function NAME FILE.wasm)"
             ),
             _ => format!("cannot read {}: {e}", path.display()),
-        })
+        })?;
+        // The digest names what runs: bytes that changed on disk are not that module.
+        if wasmesh_runtime::digest(&bytes) != hex {
+            return Err(format!(
+                "{} is corrupt: its bytes are not module {digest} any more (upload it again)",
+                path.display()
+            ));
+        }
+        Ok(bytes)
     }
 }
 
@@ -111,5 +119,26 @@ impl Overlay {
         f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_module_changed_on_disk_is_refused_not_run() {
+        let dir = std::env::temp_dir().join(format!("wasmesh-store-{}", std::process::id()));
+        let store = ModuleStore::new(&dir);
+        let hex = store.put(b"\0asm module bytes").expect("put");
+        assert_eq!(
+            store.get(&format!("sha256:{hex}")).expect("get"),
+            b"\0asm module bytes"
+        );
+        let path = store.path(&hex).expect("path");
+        std::fs::write(&path, b"\0asm other bytes").expect("corrupt");
+        let e = store.get(&hex).expect_err("corrupt");
+        assert!(e.contains("is corrupt"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
