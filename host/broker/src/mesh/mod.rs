@@ -449,6 +449,18 @@ impl Mesh {
     pub async fn shutdown(&self, grace: Duration) {
         // `send_replace`: the flag must read true even when nothing subscribes to it.
         self.stopping.send_replace(true);
+        // What waits in the memory queues now, and how much is finished so far: at the end of
+        // the grace, what was queued and not finished since is what memory loses.
+        let (queued, finished_before, stats) = {
+            let brokers = self.brokers.read().unwrap_or_else(PoisonError::into_inner);
+            let triggers: Vec<_> = brokers.values().flat_map(|b| b.triggers.iter()).collect();
+            let queued: u64 = triggers.iter().map(|t| t.queued()).sum();
+            let stats: Vec<_> = triggers
+                .iter()
+                .map(|t| t.spec.load().stats.clone())
+                .collect();
+            (queued, finished(&stats), stats)
+        };
         self.brokers
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -458,9 +470,11 @@ impl Mesh {
         let all = futures_join(workers);
         if tokio::time::timeout(grace, all).await.is_err() {
             if self.config.log.is_none() && self.config.nats.is_none() {
+                let lost = queued.saturating_sub(finished(&stats).saturating_sub(finished_before));
                 tracing::error!(
+                    lost_at_least = lost,
                     "shutdown: deliveries still in flight after {} ms; with --store memory, the \
-                     events still queued are lost",
+                     events still queued are lost: at least {lost}",
                     grace.as_millis()
                 );
             } else {
@@ -472,6 +486,18 @@ impl Mesh {
             }
         }
     }
+}
+
+/// Deliveries the triggers with these counters have finished (delivered, dead-lettered,
+/// dropped or filtered out).
+fn finished(stats: &[Arc<TriggerStats>]) -> u64 {
+    stats
+        .iter()
+        .map(|s| {
+            let c = s.counts(0);
+            c.delivered + c.dead_lettered + c.dropped + c.filtered
+        })
+        .sum()
 }
 
 async fn futures_join(handles: Vec<JoinHandle<()>>) {
