@@ -1815,3 +1815,26 @@ fn deliveries_follow_307_and_308() {
     );
     assert_eq!(sub.on("/new").len(), 1, "the 301 was not followed");
 }
+
+/// An extension named `data` (`ce-data` in binary mode) is refused with 400: in the JSON format
+/// the event's data is kept under that name, so the event could not be delivered in structured
+/// mode, where its two `data` members would collide.
+#[test]
+fn an_extension_named_data_is_refused() {
+    let sub = Capture::ok();
+    let yaml = broker_with_triggers(&[("all", "", &sub.url("/all"))]);
+    let serve = Serve::start(&[("b.yaml", &yaml)], &[]);
+    let mut h = ce_headers("d1", "t");
+    h.push(("ce-data", "oops"));
+    let r = serve.request("POST", "/default/default", &h, b"{}");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("extension name `data` is reserved"),
+        "{}",
+        r.text()
+    );
+    let mut h = ce_headers("d2", "t");
+    h.push(("ce-datax", "fine"));
+    let r = serve.request("POST", "/default/default", &h, b"{}");
+    assert_eq!(r.status, 202, "{}", r.text());
+}

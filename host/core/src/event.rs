@@ -13,9 +13,9 @@ pub enum EventError {
     /// A required attribute is empty.
     #[error("attribute `{0}` must not be empty")]
     EmptyAttribute(&'static str),
-    /// An extension name breaks the CloudEvents naming rules.
-    #[error("extension name `{0}` is invalid: use lower-case letters a-z and digits 0-9 only")]
-    ExtensionName(String),
+    /// An extension name breaks the CloudEvents naming rules: the name and why.
+    #[error("extension name `{0}` {1}")]
+    ExtensionName(String, &'static str),
 }
 
 /// Reads one event in the JSON format (structured mode) and checks it.
@@ -116,8 +116,8 @@ pub fn validate(event: &Event) -> Result<(), EventError> {
         return Err(EventError::EmptyAttribute("type"));
     }
     for (name, _) in event.iter_extensions() {
-        if !is_valid_extension_name(name) {
-            return Err(EventError::ExtensionName(name.to_string()));
+        if let Some(why) = extension_name_problem(name) {
+            return Err(EventError::ExtensionName(name.to_string(), why));
         }
     }
     Ok(())
@@ -131,12 +131,26 @@ pub fn is_json_media_type(ct: &str) -> bool {
         || media.eq_ignore_ascii_case("text/json")
 }
 
-/// CloudEvents attribute names: lower-case ASCII letters and digits, not empty.
+/// CloudEvents attribute names: lower-case ASCII letters and digits, not empty; and not `data`,
+/// which the JSON format holds the data in (`data_base64` is refused by the first rule), so that
+/// an event read in binary mode can be written in structured mode.
 pub fn is_valid_extension_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
+    extension_name_problem(name).is_none()
+}
+
+/// What is wrong with an extension name, said after it (`extension name `x` ...`).
+pub fn extension_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty()
+        || !name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Some("is invalid: use lower-case letters a-z and digits 0-9 only");
+    }
+    if name == "data" {
+        return Some("is reserved: the JSON format keeps the event's data under it");
+    }
+    None
 }
 
 /// The event's data as bytes, as it would travel in binary mode.

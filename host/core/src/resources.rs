@@ -395,6 +395,35 @@ impl From<AttributeName> for String {
     }
 }
 
+/// The name of an extension a source sets (`ceOverrides`): an attribute name, and not `data`
+/// (see [`crate::event::is_valid_extension_name`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ExtensionName(AttributeName);
+
+impl ExtensionName {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl TryFrom<String> for ExtensionName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if let Some(why) = crate::event::extension_name_problem(&s) {
+            return Err(format!("extension name `{s}` {why}"));
+        }
+        AttributeName::try_from(s).map(Self)
+    }
+}
+
+impl From<ExtensionName> for String {
+    fn from(e: ExtensionName) -> String {
+        e.0.into()
+    }
+}
+
 /// `Trigger.spec`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -568,7 +597,7 @@ pub struct PingSourceSpec {
 #[serde(deny_unknown_fields)]
 pub struct CeOverrides {
     #[serde(default)]
-    pub extensions: BTreeMap<AttributeName, String>,
+    pub extensions: BTreeMap<ExtensionName, String>,
 }
 
 /// A label selector (`matchLabels`, `matchExpressions`).

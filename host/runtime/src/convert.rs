@@ -135,11 +135,8 @@ pub(crate) fn from_wit(ev: types::Event) -> Result<Event, ReplyError> {
         b = b.time(t);
     }
     for ext in a.extensions {
-        if !wasmesh_core::event::is_valid_extension_name(&ext.name) {
-            return Err(ReplyError(format!(
-                "extension name `{}` is invalid: use lower-case letters a-z and digits 0-9 only",
-                ext.name
-            )));
+        if let Some(why) = wasmesh_core::event::extension_name_problem(&ext.name) {
+            return Err(ReplyError(format!("extension name `{}` {why}", ext.name)));
         }
         b = b.extension(&ext.name, extension_from_wit(ext.value));
     }

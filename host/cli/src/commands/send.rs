@@ -59,8 +59,8 @@ pub(crate) fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         b = b.subject(s.clone());
     }
     for (k, v) in &args.extensions {
-        if !wasmesh_core::event::is_valid_extension_name(k) {
-            bail!("--ext {k}: extension names are lower-case letters a-z and digits 0-9");
+        if let Some(why) = wasmesh_core::event::extension_name_problem(k) {
+            bail!("--ext {k}: extension name `{k}` {why}");
         }
         b = b.extension(k, v.clone());
     }
