@@ -480,8 +480,13 @@ impl TryFrom<String> for Memory {
         };
         let bytes = n
             .checked_mul(mult)
-            .filter(|b| *b > 0)
             .ok_or_else(|| format!("`{text}` is out of range"))?;
+        // Every module's memory comes in 64 KiB pages: less could never run a call.
+        if bytes < 64 << 10 {
+            return Err(format!(
+                "`{text}` is less than one WebAssembly memory page: use at least 64Ki"
+            ));
+        }
         Ok(Self { text, bytes })
     }
 }
