@@ -707,3 +707,38 @@ fn a_second_stop_signal_ends_the_drain_at_once() {
         || sub.arrived.lock().expect("lock").len() > before,
     );
 }
+
+/// Two servers on one data directory: the second stops at once and says why, before it touches
+/// the first one's write-ahead log.
+#[test]
+fn a_second_server_on_the_same_data_directory_says_it_is_in_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        broker_with_triggers(&[]).as_bytes(),
+    )
+    .expect("yaml");
+    let _first = Serve::start_at(dir.path(), &[]);
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_wasmesh"))
+        .arg("serve")
+        .arg("-f")
+        .arg(dir.path())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "off",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .output()
+        .expect("run wasmesh serve");
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains(
+            "is in use by another process (another `wasmesh serve` on the same --data-dir?)"
+        ),
+        "{err}"
+    );
+}

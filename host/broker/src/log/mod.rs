@@ -197,7 +197,14 @@ impl DurableLog {
     /// Opens (or creates) the log in `dir`, recovering to the last complete commit.
     pub fn open(dir: &Path, config: LogConfig) -> Result<Arc<Self>, LogError> {
         std::fs::create_dir_all(dir).map_err(io)?;
-        let db = Database::create(dir.join("broker.redb")).map_err(io)?;
+        let db = Database::create(dir.join("broker.redb")).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => LogError::Io(format!(
+                "{} is in use by another process (another `wasmesh serve` on the same \
+                 --data-dir?): each server needs a data directory of its own",
+                dir.display()
+            )),
+            other => io(other),
+        })?;
         let checkpoint = {
             let w = db.begin_write().map_err(io)?;
             let checkpoint = {
