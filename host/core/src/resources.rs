@@ -14,8 +14,15 @@ use crate::filter::FilterSpec;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ObjectMeta {
+    /// A DNS-1123 subdomain, as Kubernetes requires: it appears in URLs and paths.
+    #[serde(deserialize_with = "object_name")]
     pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// A DNS-1123 label, as Kubernetes requires.
+    #[serde(
+        default,
+        deserialize_with = "namespace_name",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub namespace: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
@@ -43,6 +50,64 @@ impl ObjectMeta {
     /// The namespace, `default` when unset (as `kubectl apply` does).
     pub fn namespace(&self) -> &str {
         self.namespace.as_deref().unwrap_or("default")
+    }
+}
+
+/// Why `name` is not a DNS-1123 label (lower-case letters, digits and `-`, starting and ending
+/// with a letter or digit, at most 63 characters); `None` when it is.
+pub fn dns_label_problem(name: &str) -> Option<String> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let ok_ends = !name.starts_with('-') && !name.ends_with('-');
+    if name.is_empty() {
+        Some("must not be empty".into())
+    } else if name.len() > 63 {
+        Some(format!("`{name}` is longer than 63 characters"))
+    } else if !ok_chars || !ok_ends {
+        Some(format!(
+            "`{name}` is not a DNS-1123 label: lower-case letters, digits and `-`, starting and \
+             ending with a letter or digit"
+        ))
+    } else {
+        None
+    }
+}
+
+/// Why `name` is not a DNS-1123 subdomain (DNS-1123 labels joined by `.`, at most 253
+/// characters), Kubernetes' rule for most object names; `None` when it is.
+pub fn dns_subdomain_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("must not be empty".into());
+    }
+    if name.len() > 253 {
+        return Some(format!("`{name}` is longer than 253 characters"));
+    }
+    if name
+        .split('.')
+        .any(|part| dns_label_problem(part).is_some())
+    {
+        return Some(format!(
+            "`{name}` is not a DNS-1123 subdomain: lower-case letters, digits, `-` and `.`, \
+             starting and ending with a letter or digit"
+        ));
+    }
+    None
+}
+
+fn object_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    match dns_subdomain_problem(&name) {
+        Some(why) => Err(serde::de::Error::custom(why)),
+        None => Ok(name),
+    }
+}
+
+fn namespace_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let name = Option::<String>::deserialize(d)?;
+    match name.as_deref().and_then(dns_label_problem) {
+        Some(why) => Err(serde::de::Error::custom(why)),
+        None => Ok(name),
     }
 }
 

@@ -210,7 +210,13 @@ fn parse_document(file: &str, first_line: usize, doc: &str) -> Result<Option<Res
     let resource = match kind.as_str() {
         "Namespace" => {
             typed(NAMESPACE)?;
-            Resource::Namespace(typed_parse::<NamespaceObject>(file, first_line, doc)?)
+            let ns = typed_parse::<NamespaceObject>(file, first_line, doc)?;
+            // A namespace's name is a DNS-1123 label (no dots), as other objects' namespace is.
+            if let Some(why) = crate::resources::dns_label_problem(&ns.metadata.name) {
+                let (line, column) = line_of(doc, "name");
+                return Err(err_at(line, column, "metadata.name", why));
+            }
+            Resource::Namespace(ns)
         }
         "Broker" => {
             typed(EVENTING)?;
