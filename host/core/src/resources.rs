@@ -528,24 +528,53 @@ impl Memory {
 
 impl TryFrom<String> for Memory {
     type Error = String;
+    /// A Kubernetes quantity, as a container's memory limit is written: digits with an
+    /// optional fraction, then a binary (`Ki`, `Mi`, `Gi`, `Ti`) or decimal (`k`, `M`, `G`, `T`)
+    /// suffix or none (bytes): `16Mi`, `0.5Gi`, `128M`.
     fn try_from(text: String) -> Result<Self, String> {
         let split = text
-            .find(|c: char| !c.is_ascii_digit())
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
             .unwrap_or(text.len());
         let (num, unit) = text.split_at(split);
-        let n: usize = num
-            .parse()
-            .map_err(|_| format!("`{text}` is not a memory size (e.g. 16Mi, 1Gi)"))?;
-        let mult = match unit {
+        let (whole, fraction) = num.split_once('.').unwrap_or((num, ""));
+        let not_a_size = || format!("`{text}` is not a memory size (e.g. 16Mi, 0.5Gi, 128M)");
+        if whole.is_empty() && fraction.is_empty() || fraction.contains('.') {
+            return Err(not_a_size());
+        }
+        let mult: u128 = match unit {
             "" => 1,
+            "k" => 1_000,
+            "M" => 1_000_000,
+            "G" => 1_000_000_000,
+            "T" => 1_000_000_000_000,
             "Ki" => 1 << 10,
             "Mi" => 1 << 20,
             "Gi" => 1 << 30,
-            _ => return Err(format!("`{text}`: use the units Ki, Mi or Gi")),
+            "Ti" => 1 << 40,
+            _ => {
+                return Err(format!(
+                    "`{text}`: use the units Ki, Mi, Gi, Ti (or k, M, G, T), as for a container"
+                ));
+            }
         };
-        let bytes = n
+        let digits = |s: &str| -> Result<u128, String> {
+            if s.is_empty() {
+                return Ok(0);
+            }
+            s.parse::<u128>().map_err(|_| not_a_size())
+        };
+        let out_of_range = || format!("`{text}` is out of range");
+        // Whole bytes of whole.fraction × mult, the fraction's remainder dropped.
+        let scale = 10u128
+            .checked_pow(u32::try_from(fraction.len()).map_err(|_| out_of_range())?)
+            .ok_or_else(out_of_range)?;
+        let (whole, fraction) = (digits(whole)?, digits(fraction)?);
+        let total = whole
             .checked_mul(mult)
-            .ok_or_else(|| format!("`{text}` is out of range"))?;
+            .zip(fraction.checked_mul(mult))
+            .and_then(|(w, f)| w.checked_add(f / scale))
+            .ok_or_else(out_of_range)?;
+        let bytes = usize::try_from(total).map_err(|_| out_of_range())?;
         // Every module's memory comes in 64 KiB pages: less could never run a call.
         if bytes < 64 << 10 {
             return Err(format!(
@@ -802,5 +831,35 @@ impl Resource {
             Resource::Ignored { kind, name, .. } => return format!("{kind}/{name}"),
         };
         format!("{kind}/{}/{}", meta.namespace(), meta.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(text: &str) -> Result<usize, String> {
+        Memory::try_from(text.to_string()).map(|m| m.bytes())
+    }
+
+    /// Memory limits are Kubernetes quantities, as a container's are.
+    #[test]
+    fn memory_limits_read_as_kubernetes_quantities() {
+        assert_eq!(bytes("16Mi"), Ok(16 << 20));
+        assert_eq!(bytes("0.5Gi"), Ok(512 << 20));
+        assert_eq!(bytes(".5Gi"), Ok(512 << 20));
+        assert_eq!(bytes("128M"), Ok(128_000_000));
+        assert_eq!(bytes("1.5k").unwrap_or_default(), 0, "below one page");
+        assert_eq!(bytes("65536"), Ok(65536));
+        assert_eq!(bytes("1Ti"), Ok(1 << 40));
+        for bad in ["", ".", "1.2.3", "16MB", "1e6", "-1Mi", "64Kix"] {
+            assert!(bytes(bad).is_err(), "{bad}");
+        }
+        assert!(
+            bytes("1Ki")
+                .expect_err("1Ki")
+                .contains("one WebAssembly memory page")
+        );
+        assert!(bytes("99999999999999999999999999999999999999999Ti").is_err());
     }
 }
