@@ -1,7 +1,7 @@
 //! The embedded durable log: events, and for each event the triggers that still owe a
 //! delivery. Group commit is ours: one writer thread (`writer.rs`) takes every request waiting,
-//! writes it to the write-ahead log (`wal.rs`) and syncs once, so concurrent producers share one fsync; that
-//! sync is what makes an event safe. New events then stay in memory (`Hot`) until delivered
+//! writes it to the write-ahead log (`wal.rs`) and syncs once, so concurrent producers share
+//! one fsync; that sync is what makes an event safe. New events then stay in memory (`Hot`) until delivered
 //! everywhere; what is still owed at a checkpoint goes to one redb database
 //! (`<data-dir>/broker.redb`).
 //!
