@@ -207,7 +207,7 @@ async fn handle(
         Err(e @ (PublishError::Log(LogError::TooLarge(_)) | PublishError::TooLarge(_))) => {
             error(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string())
         }
-        Err(e @ PublishError::Log(LogError::Io(_))) => {
+        Err(e @ PublishError::Log(LogError::Io(_) | LogError::Open(_))) => {
             tracing::error!(broker = %key, error = %e, "event refused: the log cannot write");
             let mut r = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
             r.headers_mut()

@@ -58,6 +58,9 @@ pub enum LogError {
     /// bytes than the log's limits): 413.
     #[error("too large for the event store: {0}")]
     TooLarge(String),
+    /// The log cannot be opened at all (in use, damaged): the server does not start.
+    #[error("{0}")]
+    Open(String),
 }
 
 /// Limits of the log.
@@ -196,14 +199,35 @@ fn io<E: std::fmt::Display>(e: E) -> LogError {
 impl DurableLog {
     /// Opens (or creates) the log in `dir`, recovering to the last complete commit.
     pub fn open(dir: &Path, config: LogConfig) -> Result<Arc<Self>, LogError> {
+        // redb panics (`unreachable!`) on some damaged pages rather than returning an error: a
+        // damaged file in the data directory must stop the start with a message, not a crash.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::open_unguarded(dir, config)
+        }))
+        .unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(LogError::Open(format!(
+                "{} is damaged and cannot be read (redb: {why}): restore it from a backup, \
+                 or move it away to start with an empty log (the events it still owes are \
+                 then lost)",
+                dir.join("broker.redb").display()
+            )))
+        })
+    }
+
+    fn open_unguarded(dir: &Path, config: LogConfig) -> Result<Arc<Self>, LogError> {
         std::fs::create_dir_all(dir).map_err(io)?;
         let db = Database::create(dir.join("broker.redb")).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => LogError::Io(format!(
+            redb::DatabaseError::DatabaseAlreadyOpen => LogError::Open(format!(
                 "{} is in use by another process (another `wasmesh serve` on the same \
                  --data-dir?): each server needs a data directory of its own",
                 dir.display()
             )),
-            other => io(other),
+            other => LogError::Open(format!("{}: {other}", dir.join("broker.redb").display())),
         })?;
         let checkpoint = {
             let w = db.begin_write().map_err(io)?;
@@ -663,6 +687,39 @@ mod tests {
             1,
             "2 is b's until collected"
         );
+    }
+
+    /// A damaged store stops the start with a message naming the file. redb panics on some
+    /// damaged pages (this one among them) instead of returning an error: caught.
+    #[tokio::test]
+    async fn a_damaged_store_is_an_error_not_a_crash() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let log = DurableLog::open(dir.path(), LogConfig::default()).expect("open");
+            let a = log.trigger_id("ns/a").expect("id");
+            let appends = (0..50)
+                .map(|i| Append {
+                    event: event(&i.to_string()),
+                    ttl: 255,
+                    headers: Passthrough::default(),
+                    triggers: vec![a],
+                })
+                .collect();
+            log.append(appends).await.expect("append");
+            log.checkpoint().await;
+        }
+        let path = dir.path().join("broker.redb");
+        let mut bytes = std::fs::read(&path).expect("read");
+        let n = bytes.len();
+        bytes[4096..n].fill(0xab);
+        std::fs::write(&path, &bytes).expect("write");
+        match DurableLog::open(dir.path(), LogConfig::default()) {
+            Err(LogError::Open(message)) => {
+                assert!(message.contains("broker.redb is damaged"), "{message}")
+            }
+            Err(other) => panic!("not the open error: {other}"),
+            Ok(_) => panic!("a damaged store opened"),
+        }
     }
 
     #[tokio::test]

@@ -4,9 +4,11 @@
 //! and writes redb without a sync, making it durable at each checkpoint; after a crash the
 //! records past the last checkpoint are replayed.
 //!
-//! A record is `[len u32][crc32 u32][lsn u64][kind u8][fields]`, little-endian. Reading stops
-//! at the first record whose length or checksum is wrong: a write torn by a crash is detected
-//! there and cut off (the file is truncated), never served.
+//! A record is `[len u32][crc32 u32][lsn u64][kind u8][fields]`, little-endian, and LSNs
+//! follow one another. A record whose length or checksum is wrong at the end of the newest
+//! segment is a write torn by a crash: it is detected there and cut off (zeroed), never
+//! served. Anywhere else it is damage: reading goes on at the next intact record and the LSNs
+//! skipped say how many records were lost.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -161,57 +163,140 @@ fn create_segment(path: &Path) -> std::io::Result<File> {
     Ok(file)
 }
 
+/// The smallest record: its header, LSN and kind, and an acknowledgement's two numbers.
+const MIN_RECORD: usize = 8 + 8 + 1 + 16;
+
+/// The first LSN of a segment, from its name.
+fn first_lsn(path: &Path) -> Option<u64> {
+    path.file_stem()?.to_str()?.parse().ok()
+}
+
+/// The record at `at` if it is there whole and intact: its LSN, the record and where the next
+/// one starts.
+fn record_at(bytes: &[u8], at: usize) -> Option<(u64, Record, usize)> {
+    let len = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
+    if len == 0 {
+        return None;
+    }
+    let crc = u32::from_le_bytes(bytes.get(at + 4..at + 8)?.try_into().ok()?);
+    let end = at.checked_add(8)?.checked_add(len)?;
+    let body = bytes.get(at + 8..end)?;
+    if crc32fast::hash(body) != crc {
+        return None;
+    }
+    let (lsn, record) = Record::decode(body)?;
+    Some((lsn, record, end))
+}
+
+/// Where reading can go on after unreadable bytes at `from`: the first intact record before
+/// `end` whose LSN can follow `prev`, that is above it by no more than the records that fit in
+/// the bytes skipped (counted from `named_prev`, the LSN before this segment, when that is
+/// further on). The LSN is checked before the checksum, so a scan costs little.
+fn next_intact(bytes: &[u8], from: usize, end: usize, prev: u64, named_prev: u64) -> Option<usize> {
+    (from + 1..end).find(|&at| {
+        let Some(lsn) = bytes
+            .get(at + 8..at + 16)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+        else {
+            return false;
+        };
+        let most = named_prev.saturating_add(((at - from) / MIN_RECORD) as u64 + 1);
+        lsn > prev && lsn <= most && record_at(bytes, at).is_some()
+    })
+}
+
+/// Reports the records between LSN `prev` and `next` (both excluded) that could not be read:
+/// those past the checkpoint `after_lsn` are lost (an event among them is not delivered; an
+/// acknowledgement among them means a delivery is repeated).
+fn report_unreadable(path: &Path, prev: u64, next: u64, after_lsn: u64) {
+    let first = prev.max(after_lsn) + 1;
+    if first < next {
+        tracing::error!(
+            file = %path.display(), first_lsn = first, last_lsn = next - 1,
+            records = next - first,
+            "write-ahead log records past the last checkpoint could not be read: the events \
+             among them are lost, even if they were acknowledged"
+        );
+    } else {
+        tracing::warn!(
+            file = %path.display(), first_lsn = prev + 1, last_lsn = next - 1,
+            "write-ahead log records could not be read; all were checkpointed, nothing is lost"
+        );
+    }
+}
+
 impl Wal {
     /// Opens the directory: reads every valid record in order (cutting a torn tail) and returns
     /// those after `after_lsn`, with the WAL ready to append after the last one.
+    ///
+    /// A crash can tear only the newest segment's last write (a segment is synced before the
+    /// next one is started, and each group before the next is written), so that is the one
+    /// place where unreadable bytes are cut as a torn write. Unreadable bytes anywhere else
+    /// are damage (or a write whose sync failed and was answered 503): reading goes on at the
+    /// next intact record, so the records written after it (acknowledged events) are still
+    /// delivered, and the records that could not be read are counted by their LSNs and
+    /// reported.
     pub(crate) fn open(dir: &Path, after_lsn: u64) -> std::io::Result<(Wal, Vec<(u64, Record)>)> {
         std::fs::create_dir_all(dir)?;
         let mut records = Vec::new();
-        let mut last_lsn = after_lsn;
         let files = segments(dir)?;
-        let mut cut = false;
+        // The LSN before the first record: the first segment's name says where it starts.
+        let mut prev = files
+            .first()
+            .and_then(|p| first_lsn(p))
+            .map_or(after_lsn, |first| first.saturating_sub(1));
         let mut current: Option<(PathBuf, u64)> = None;
-        for path in &files {
-            if cut {
-                // Everything after a torn record is unreachable: never served.
-                std::fs::remove_file(path)?;
-                continue;
-            }
+        for (i, path) in files.iter().enumerate() {
+            let newest = i + 1 == files.len();
             let mut bytes = Vec::new();
             File::open(path)?.read_to_end(&mut bytes)?;
-            let mut at = 0usize;
-            while at + 8 <= bytes.len() {
-                let len =
-                    u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default()) as usize;
-                if len == 0 {
-                    break;
-                }
-                let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap_or_default());
-                let Some(body) = bytes.get(at + 8..at + 8 + len) else {
-                    break;
-                };
-                if crc32fast::hash(body) != crc {
-                    break;
-                }
-                let Some((lsn, record)) = Record::decode(body) else {
-                    break;
-                };
-                if lsn > after_lsn {
-                    records.push((lsn, record));
-                }
-                last_lsn = last_lsn.max(lsn);
-                at += 8 + len;
-            }
             let garbage_end = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+            let named_prev = first_lsn(path).map_or(prev, |first| first.saturating_sub(1));
+            let mut at = 0usize;
+            loop {
+                if let Some((lsn, record, next)) = record_at(&bytes, at) {
+                    if lsn > prev + 1 {
+                        report_unreadable(path, prev, lsn, after_lsn);
+                    }
+                    if lsn > after_lsn {
+                        records.push((lsn, record));
+                    }
+                    prev = prev.max(lsn);
+                    at = next;
+                    continue;
+                }
+                if at >= garbage_end {
+                    break;
+                }
+                match next_intact(&bytes, at, garbage_end, prev, prev.max(named_prev)) {
+                    Some(next) => {
+                        tracing::warn!(
+                            file = %path.display(), from = at, to = next,
+                            "the write-ahead log has unreadable bytes; reading on after them"
+                        );
+                        at = next;
+                    }
+                    None => break,
+                }
+            }
             if garbage_end > at {
-                tracing::warn!(
-                    file = %path.display(), valid = at, dropped = garbage_end - at,
-                    "cut a torn write at the end of the write-ahead log"
-                );
-                let f = OpenOptions::new().write(true).open(path)?;
-                f.write_all_at(&vec![0u8; garbage_end - at], at as u64)?;
-                f.sync_all()?;
-                cut = true;
+                if newest {
+                    tracing::warn!(
+                        file = %path.display(), valid = at, dropped = garbage_end - at,
+                        "cut a torn write at the end of the write-ahead log"
+                    );
+                    let f = OpenOptions::new().write(true).open(path)?;
+                    f.write_all_at(&vec![0u8; garbage_end - at], at as u64)?;
+                    f.sync_all()?;
+                } else {
+                    // Synced before the next segment began: not a torn write. The records lost
+                    // are reported by their LSNs at the next intact record.
+                    tracing::error!(
+                        file = %path.display(), from = at, to = garbage_end,
+                        "the end of a write-ahead log segment is unreadable"
+                    );
+                }
             }
             current = Some((path.clone(), at as u64));
         }
@@ -221,7 +306,7 @@ impl Wal {
                 (path, file, len)
             }
             None => {
-                let path = dir.join(segment_name(last_lsn + 1));
+                let path = dir.join(segment_name(prev.max(after_lsn) + 1));
                 (path.clone(), create_segment(&path)?, 0)
             }
         };
@@ -231,7 +316,7 @@ impl Wal {
                 file,
                 path,
                 len,
-                next_lsn: last_lsn + 1,
+                next_lsn: prev.max(after_lsn) + 1,
             },
             records,
         ))
@@ -343,12 +428,72 @@ mod tests {
             vec![(4, Record::Ack { trigger: 4, seq: 1 })],
             "only past the checkpoint"
         );
-        // A flipped byte inside a record: the checksum stops reading there.
+        // A flipped byte inside the first record: that record is lost, the ones after it,
+        // acknowledged since, are still read.
         let mut bytes = std::fs::read(&seg).expect("read");
         bytes[12] ^= 0xff;
         std::fs::write(&seg, &bytes).expect("write");
-        let (_, none) = Wal::open(dir.path(), 0).expect("reopen");
-        assert!(none.is_empty());
+        let (_, rest) = Wal::open(dir.path(), 0).expect("reopen");
+        assert_eq!(
+            rest.iter().map(|(lsn, _)| *lsn).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        // The same with the record's length damaged, so that its end is unknown too.
+        bytes[0] ^= 0x40;
+        std::fs::write(&seg, &bytes).expect("write");
+        let (mut wal, rest) = Wal::open(dir.path(), 0).expect("reopen");
+        assert_eq!(
+            rest.iter().map(|(lsn, _)| *lsn).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        assert_eq!(
+            wal.append(&[Record::Ack { trigger: 4, seq: 2 }])
+                .expect("append"),
+            5
+        );
+    }
+
+    #[test]
+    fn damage_in_an_older_segment_loses_only_the_damaged_records() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ack = |seq| Record::Ack { trigger: 1, seq };
+        let (mut wal, _) = Wal::open(dir.path(), 0).expect("open");
+        wal.append(&[ack(1), ack(2), ack(3)]).expect("append");
+        wal.rotate().expect("rotate");
+        wal.append(&[ack(4), ack(5)]).expect("append");
+        wal.sync().expect("sync");
+        drop(wal);
+        let files = segments(dir.path()).expect("list");
+        assert_eq!(files.len(), 2);
+        // The older segment's last record is zeroed (say, a bad sector): it is not the tail of
+        // the log, so the newer segment is kept and read.
+        let mut bytes = std::fs::read(&files[0]).expect("read");
+        let end = bytes.iter().rposition(|b| *b != 0).expect("records") + 1;
+        bytes[end - 20..end].fill(0);
+        std::fs::write(&files[0], &bytes).expect("write");
+        let (_, back) = Wal::open(dir.path(), 0).expect("reopen");
+        assert_eq!(
+            back.iter().map(|(lsn, _)| *lsn).collect::<Vec<_>>(),
+            vec![1, 2, 4, 5]
+        );
+        assert_eq!(segments(dir.path()).expect("list").len(), 2);
+        // The middle record garbled as well: only it goes besides.
+        let second = {
+            let (_, _, next) = record_at(&bytes, 0).expect("first record");
+            next
+        };
+        bytes[second + 8..second + 12].copy_from_slice(&[9, 9, 9, 9]);
+        std::fs::write(&files[0], &bytes).expect("write");
+        let (wal, back) = Wal::open(dir.path(), 0).expect("reopen");
+        assert_eq!(
+            back.iter().map(|(lsn, _)| *lsn).collect::<Vec<_>>(),
+            vec![1, 4, 5]
+        );
+        assert_eq!(wal.last_lsn(), 5);
+        assert!(
+            std::fs::read(&files[0]).expect("read") == bytes,
+            "an older segment is left as it is"
+        );
     }
 
     #[test]
