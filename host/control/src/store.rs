@@ -43,6 +43,7 @@ impl ModuleStore {
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)?;
+        sync_dir(&self.dir)?;
         Ok(hex)
     }
 
@@ -118,8 +119,15 @@ impl Overlay {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &path)
+        std::fs::rename(&tmp, &path)?;
+        sync_dir(data_dir)
     }
+}
+
+/// Makes a rename in `dir` durable: until the directory itself is synced, a crash can bring
+/// back the old name (an applied change, or an uploaded module, the API answered for).
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
