@@ -29,7 +29,8 @@ pub(crate) struct ServeArgs {
     /// Kubernetes Service's); default `http://` and the address ingress listens on.
     #[arg(long, value_name = "URL")]
     advertise_url: Option<String>,
-    /// Where wasmesh keeps its state (compiled components, later the event log).
+    /// Where wasmesh keeps its state: the event log (`--store embedded`), uploaded modules, the
+    /// admin API's changes and token, compiled components.
     #[arg(long, default_value = ".wasmesh")]
     data_dir: PathBuf,
     /// Largest accepted request body, in bytes (413 above it).
