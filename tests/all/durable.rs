@@ -719,22 +719,7 @@ fn a_second_server_on_the_same_data_directory_says_it_is_in_use() {
     )
     .expect("yaml");
     let _first = Serve::start_at(dir.path(), &[]);
-    let second = std::process::Command::new(env!("CARGO_BIN_EXE_wasmesh"))
-        .arg("serve")
-        .arg("-f")
-        .arg(dir.path())
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "off",
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .output()
-        .expect("run wasmesh serve");
-    assert!(!second.status.success());
-    let err = String::from_utf8_lossy(&second.stderr);
+    let err = crate::harness::serve_refused(dir.path(), &[]);
     assert!(
         err.contains(
             "is in use by another process (another `wasmesh serve` on the same --data-dir?)"

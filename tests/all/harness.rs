@@ -27,6 +27,29 @@ pub(crate) fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> 
     }
 }
 
+/// Runs a `wasmesh serve` of `dir`'s YAML files (data in `dir/data`, admin API off) that is
+/// expected not to start, and returns what it wrote on stderr.
+pub(crate) fn serve_refused(dir: &Path, extra: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_wasmesh"))
+        .arg("serve")
+        .arg("-f")
+        .arg(dir)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "off",
+            "--data-dir",
+        ])
+        .arg(dir.join("data"))
+        .args(extra)
+        .output()
+        .expect("run wasmesh serve");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "it started: {err}");
+    err
+}
+
 /// A running `wasmesh serve`, stopped on drop.
 pub(crate) struct Serve {
     child: Child,

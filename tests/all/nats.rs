@@ -796,3 +796,22 @@ fn an_event_larger_than_nats_takes_is_refused_with_413() {
     assert_eq!(r.status, 202, "{}", r.text());
     assert_eq!(sub.wait("/all", 1)[0].headers["ce-id"], "small");
 }
+
+/// `--store` naming an address where no NATS server answers: the start fails saying so, not
+/// only with the time-out of the first JetStream request (the client connects in the
+/// background, so that is the first thing to fail).
+#[test]
+fn a_store_where_no_nats_answers_says_so() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("b.yaml"), broker_with_triggers(&[])).expect("yaml");
+    let url = format!("nats://127.0.0.1:{port}");
+    let err = crate::harness::serve_refused(dir.path(), &["--store", &url]);
+    assert!(
+        err.contains("no NATS server could be reached there"),
+        "{err}"
+    );
+}

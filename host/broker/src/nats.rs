@@ -268,6 +268,11 @@ impl NatsStore {
         &self.js
     }
 
+    /// Whether the client is connected to a server now.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     /// The client.
     pub fn client(&self) -> &async_nats::Client {
         &self.client

@@ -310,7 +310,19 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
         Some(n) => Some(
             wasmesh_control::shared::Shared::open(n, args.nats_replicas)
                 .await
-                .map_err(|e| anyhow::anyhow!("--store {}: {e}", args.store))?,
+                .map_err(|e| {
+                    if n.is_connected() {
+                        anyhow::anyhow!("--store {}: {e}", args.store)
+                    } else {
+                        // The client connects in the background: the first request is what
+                        // times out when nothing answers at that address.
+                        anyhow::anyhow!(
+                            "--store {}: no NATS server could be reached there (is nats-server \
+                             running, with JetStream on: `nats-server -js`?): {e}",
+                            args.store
+                        )
+                    }
+                })?,
         ),
         None => None,
     };
