@@ -21,7 +21,14 @@ fn ingress_answers_with_knatives_status_codes() {
     assert_eq!(ok.status, 202, "{}", ok.text());
     let slash = serve.request("POST", "/default/default/", &ce_headers("2", "t"), b"{}");
     assert_eq!(slash.status, 202, "a trailing slash is allowed");
-    sub.wait("/all", 2);
+    let encoded = serve.request("POST", "/default/def%61ult", &ce_headers("2e", "t"), b"{}");
+    assert_eq!(
+        encoded.status, 202,
+        "the path is percent-decoded, as Go's server does"
+    );
+    sub.wait("/all", 3);
+    let bad_utf8 = serve.request("POST", "/default/%ff", &ce_headers("2f", "t"), b"{}");
+    assert_eq!(bad_utf8.status, 400, "{}", bad_utf8.text());
 
     let get = serve.request("GET", "/default/default", &[], b"");
     assert_eq!(get.status, 405);
@@ -85,7 +92,7 @@ fn ingress_answers_with_knatives_status_codes() {
     let exhausted = serve.request("POST", "/default/default", &ttl, b"{}");
     assert_eq!(exhausted.status, 400);
     assert!(exhausted.text().contains("TTL"), "{}", exhausted.text());
-    assert_eq!(sub.on("/all").len(), 2, "refused events were not delivered");
+    assert_eq!(sub.on("/all").len(), 3, "refused events were not delivered");
 }
 
 #[test]

@@ -89,7 +89,15 @@ async fn handle(
     config: &IngressConfig,
     stopping: bool,
 ) -> Response<Body> {
-    let path = req.uri().path().trim_end_matches('/').to_string();
+    // Go's server (Knative's) routes on the decoded path: `/default/def%61ult` is broker
+    // default/default.
+    let Ok(path) = percent_encoding::percent_decode_str(req.uri().path()).decode_utf8() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the path is not valid UTF-8 once percent-decoded",
+        );
+    };
+    let path = path.trim_end_matches('/');
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     if path.is_empty() {
         return error(
