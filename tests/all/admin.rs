@@ -636,6 +636,33 @@ fn watch_applies_file_edits_and_keeps_running_through_a_broken_one() {
     });
 }
 
+/// `--watch` reports what changed in the objects' conditions: a trigger that is not ready is
+/// said once, not again at each unrelated edit, and said again when it becomes ready.
+#[test]
+fn watch_reports_a_condition_once_and_when_it_changes() {
+    let trigger = trigger_to_sub("all");
+    let serve = Serve::start(&[("b.yaml", BROKER), ("t.yaml", &trigger)], &["--watch"]);
+    serve.wait_log("Trigger/default/all: not ready");
+    let other = BROKER.replace("name: default", "name: other");
+    std::fs::write(serve.files_dir().join("o.yaml"), &other).expect("write");
+    serve.wait_log("--watch: Broker/default/other created");
+    // The Function the trigger names (`subscribed` declares the same trigger after it).
+    let with_function = subscribed("builtin:event-display", "");
+    let function = with_function
+        .rsplit_once("---\n")
+        .map_or(with_function.as_str(), |(before, _)| before);
+    std::fs::write(serve.files_dir().join("b.yaml"), function).expect("write");
+    serve.wait_log("--watch: Function/default/sub created");
+    serve.wait_log("--watch: Trigger/default/all: Ready");
+    let err = serve.stderr();
+    assert_eq!(
+        err.matches("--watch: Trigger/default/all: not ready")
+            .count(),
+        0,
+        "the unrelated edit did not repeat it: {err}"
+    );
+}
+
 /// A self-signed certificate for localhost and 127.0.0.1: `<name>.pem` and `<name>-key.pem`.
 pub(crate) fn self_signed(
     dir: &std::path::Path,

@@ -227,6 +227,8 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(url) = &args.advertise_url {
         advertised(url)?;
     }
+    // Taken before the files are read, so that `--watch` sees an edit made from then on.
+    let seen = fingerprint(&args.files);
     let resources = match load(&args.files)? {
         Ok(r) => r,
         Err(errors) => {
@@ -253,7 +255,7 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .thread_name("wasmesh")
         .build()?;
-    runtime.block_on(run(args, resources))
+    runtime.block_on(run(args, resources, seen))
 }
 
 /// `--advertise-url`, checked: an http or https URL with a host, without its trailing `/`.
@@ -267,7 +269,11 @@ fn advertised(url: &str) -> anyhow::Result<String> {
     Ok(url.trim_end_matches('/').to_string())
 }
 
-async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCode> {
+async fn run(
+    args: ServeArgs,
+    resources: Vec<Located>,
+    seen: Fingerprint,
+) -> anyhow::Result<ExitCode> {
     let engine = PluginEngine::new(EngineConfig::with_data_dir(&args.data_dir))
         .map_err(|e| anyhow::anyhow!("cannot start the Wasm engine: {e:#}"))?;
     let log = match args.store.as_str() {
@@ -446,6 +452,7 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
     if args.watch {
         tasks.push(tokio::spawn(watch_files(
             args.files.clone(),
+            seen,
             Arc::clone(&controller),
             stop_rx.clone(),
         )));
@@ -482,7 +489,9 @@ async fn run(args: ServeArgs, resources: Vec<Located>) -> anyhow::Result<ExitCod
 }
 
 /// What the watched paths look like now: every file's path, length and modification time.
-fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+type Fingerprint = Vec<(PathBuf, u64, Option<std::time::SystemTime>)>;
+
+fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
     let mut out = Vec::new();
     for p in paths {
         let entries: Vec<PathBuf> = if p.is_dir() {
@@ -505,14 +514,28 @@ fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, u64, Option<std::time::System
     out
 }
 
+/// The objects that are not ready, by id, as reported.
+async fn not_ready(controller: &Controller) -> std::collections::BTreeMap<String, String> {
+    controller
+        .statuses()
+        .await
+        .into_iter()
+        .filter(|s| !s.ready)
+        .map(|s| (s.id.clone(), s.to_string()))
+        .collect()
+}
+
 /// `--watch`: looks at the files twice a second; on a change, reads them all and hands them to
-/// the reconciler. Errors are reported and the running state stays as it was.
+/// the reconciler. Errors are reported and the running state stays as it was. Of the objects'
+/// conditions, what changed is reported: an object that is not ready is said once, not again
+/// at every edit, and when it becomes ready.
 async fn watch_files(
     paths: Vec<PathBuf>,
+    mut last: Fingerprint,
     controller: Arc<Controller>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut last = fingerprint(&paths);
+    let mut reported = not_ready(&controller).await;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -541,9 +564,18 @@ async fn watch_files(
                 for c in changes.iter().filter(|c| c.action != "unchanged") {
                     eprintln!("wasmesh: --watch: {} {}", c.id, c.action);
                 }
-                for s in controller.statuses().await.iter().filter(|s| !s.ready) {
-                    eprintln!("wasmesh: --watch: {s}");
+                let now = not_ready(&controller).await;
+                for (id, line) in &now {
+                    if reported.get(id) != Some(line) {
+                        eprintln!("wasmesh: --watch: {line}");
+                    }
                 }
+                for s in controller.statuses().await {
+                    if s.ready && reported.contains_key(&s.id) {
+                        eprintln!("wasmesh: --watch: {s}");
+                    }
+                }
+                reported = now;
             }
             Err(e) => eprintln!("wasmesh: --watch: {e}; the running state is unchanged"),
         }
