@@ -787,6 +787,35 @@ impl Cli {
         cli
     }
 
+    /// Starts `wasmesh logs function NAME -f`; what it prints gathers in the string.
+    fn follow_logs(&self, name: &str) -> (std::process::Child, Arc<Mutex<String>>) {
+        let mut follow = std::process::Command::new(env!("CARGO_BIN_EXE_wasmesh"))
+            .args(["logs", "function", name, "-f"])
+            .env("HOME", self.home.path())
+            .env_remove("WASMESH_TOKEN")
+            .env_remove("WASMESH_SERVER")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("logs -f");
+        let mut pipe = follow.stdout.take().expect("stdout");
+        let got = Arc::new(Mutex::new(String::new()));
+        let g = Arc::clone(&got);
+        std::thread::spawn(move || {
+            use std::io::Read as _;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                g.lock()
+                    .expect("lock")
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        (follow, got)
+    }
+
     /// (success, stdout, stderr)
     pub(crate) fn run(&self, args: &[&str]) -> (bool, String, String) {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmesh"))
@@ -899,27 +928,7 @@ fn the_cli_applies_gets_describes_pushes_rolls_back_and_shows_logs() {
         "{out}"
     );
     // logs -f streams lines as they come.
-    let mut follow = std::process::Command::new(env!("CARGO_BIN_EXE_wasmesh"))
-        .args(["logs", "function", "sub", "-f"])
-        .env("HOME", cli.home.path())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("logs -f");
-    let mut pipe = follow.stdout.take().expect("stdout");
-    let got = Arc::new(Mutex::new(String::new()));
-    let g = Arc::clone(&got);
-    std::thread::spawn(move || {
-        use std::io::Read as _;
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = pipe.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            g.lock()
-                .expect("lock")
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
+    let (mut follow, got) = cli.follow_logs("sub");
     wait_for("the past lines", Duration::from_secs(20), || {
         got.lock().expect("lock").contains("id: p2")
     });
@@ -950,6 +959,45 @@ fn the_cli_applies_gets_describes_pushes_rolls_back_and_shows_logs() {
     assert!(!ok && err.contains("refused the token"), "{err}");
     let (ok, _, err) = cli.run(&["get", "triggers", "--server", "http://127.0.0.1:9"]);
     assert!(!ok && err.contains("cannot reach the admin API"), "{err}");
+}
+
+/// `logs -f` ends, successfully, when the server stops (the server ends its answer as a whole),
+/// as `kubectl logs -f` does when its pod goes. It used to fail on a body cut mid-chunk.
+#[test]
+fn logs_follow_ends_cleanly_when_the_server_stops() {
+    let mut serve = Serve::start_dir(subscribed_dir());
+    let cli = Cli::login(&serve);
+    let (mut follow, got) = cli.follow_logs("sub");
+    // Following: a line printed now reaches it.
+    let r = serve.request("POST", "/default/default", &ce_headers("f1", "t"), b"{}");
+    assert_eq!(r.status, 202);
+    wait_for("the line streamed", Duration::from_secs(20), || {
+        got.lock().expect("lock").contains("id: f1")
+    });
+    serve.signal("TERM");
+    assert!(
+        serve.exits_within(Duration::from_secs(20)),
+        "the server stopped"
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = follow.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "logs -f ended with the server"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    use std::io::Read as _;
+    let _ = follow
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err);
+    assert!(status.success(), "logs -f failed: {err}");
 }
 
 #[test]

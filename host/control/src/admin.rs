@@ -130,15 +130,17 @@ pub async fn serve(
             a = listener.accept() => a,
             _ = stop.changed() => return,
         };
-        let (controller, config, acceptor) = (
+        let (controller, config, acceptor, stopped) = (
             Arc::clone(&controller),
             Arc::clone(&config),
             acceptor.clone(),
+            stop.clone(),
         );
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let (controller, config) = (Arc::clone(&controller), Arc::clone(&config));
-                async move { Ok::<_, Infallible>(handle(req, &controller, &config).await) }
+                let stopped = stopped.clone();
+                async move { Ok::<_, Infallible>(handle(req, &controller, &config, stopped).await) }
             });
             let builder = http1_builder(DEFAULT_READ_TIMEOUT);
             let result = match acceptor {
@@ -240,7 +242,12 @@ fn query(req: &Request<Incoming>, name: &str) -> Option<String> {
     })
 }
 
-async fn handle(req: Request<Incoming>, c: &Controller, config: &AdminConfig) -> Response<Body> {
+async fn handle(
+    req: Request<Incoming>,
+    c: &Controller,
+    config: &AdminConfig,
+    stopped: watch::Receiver<bool>,
+) -> Response<Body> {
     let path = req.uri().path().to_string();
     if path == "/healthz" {
         return full(StatusCode::OK, "text/plain", "ok\n");
@@ -327,7 +334,7 @@ async fn handle(req: Request<Incoming>, c: &Controller, config: &AdminConfig) ->
                 );
             }
             let follow = query(&req, "follow").is_some_and(|v| v == "true" || v == "1");
-            logs(config, &format!("{ns}/{name}"), follow)
+            logs(config, &format!("{ns}/{name}"), follow.then_some(stopped))
         }
         // A path the API has, asked with another method.
         (
@@ -467,20 +474,37 @@ fn render(entry: &LogEntry) -> String {
         .collect()
 }
 
-fn logs(config: &AdminConfig, function: &str, follow: bool) -> Response<Body> {
+/// A Function's recent output; with `follow` (the server's stop signal), what it prints from
+/// then on too, until the server stops: the body then ends as a whole, so that `logs -f` ends
+/// as `kubectl logs -f` does when its pod goes.
+fn logs(
+    config: &AdminConfig,
+    function: &str,
+    follow: Option<watch::Receiver<bool>>,
+) -> Response<Body> {
     let Some(book) = &config.book else {
         return error(StatusCode::NOT_FOUND, "this server keeps no function logs");
     };
     // Subscribe before reading the past, so that no line falls between the two.
-    let feed = follow.then(|| book.follow());
+    let feed = follow.map(|stop| (book.follow(), stop));
     let past: String = book.recent(function).iter().map(render).collect();
-    let Some(feed) = feed else {
+    let Some((feed, mut stop)) = feed else {
         return full(StatusCode::OK, "text/plain; charset=utf-8", past);
     };
     let name = function.to_string();
     let live = tokio_stream::wrappers::BroadcastStream::new(feed).filter_map(move |l| match l {
         Ok(entry) if *entry.function == *name => Some(Ok(Frame::data(Bytes::from(render(&entry))))),
-        _ => None,
+        Ok(_) => None,
+        // This follower fell behind the functions' output: say so rather than skip in silence.
+        Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+            Some(Ok(Frame::data(Bytes::from(format!(
+                "[wasmesh: {n} lines of output (of all functions) went by too fast to follow \
+                 here; `wasmesh logs` without -f shows the recent ones]\n"
+            )))))
+        }
+    });
+    let live = futures_util::StreamExt::take_until(live, async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
     });
     let first = tokio_stream::once(Ok(Frame::data(Bytes::from(past))));
     let body = StreamBody::new(first.chain(live));

@@ -174,7 +174,13 @@ impl Client {
                 bail!("{}", self.explain(status, &bytes));
             }
             while let Some(frame) = body.frame().await {
-                if let Ok(data) = frame?.into_data() {
+                let frame = frame.map_err(|e| {
+                    anyhow!(
+                        "the admin API at {} cut the answer short: {e} (did the server stop?)",
+                        self.url
+                    )
+                })?;
+                if let Ok(data) = frame.into_data() {
                     out.write_all(&data)?;
                     out.flush()?;
                 }
