@@ -834,17 +834,60 @@ impl Cli {
     }
 }
 
-#[test]
-fn the_cli_applies_gets_describes_pushes_rolls_back_and_shows_logs() {
+/// A server with the default broker, the CLI logged in to it, and a directory holding
+/// event-display as `display.wasm`.
+fn serve_and_cli_with_a_module() -> (Serve, Cli, tempfile::TempDir) {
     let serve = Serve::start(&[("b.yaml", BROKER)], &[]);
     let cli = Cli::login(&serve);
-    // apply -f: a directory with a Function whose module is a path (uploaded by the CLI).
     let files = tempfile::tempdir().expect("files");
     std::fs::copy(
         wasmesh_plugins::EVENT_DISPLAY,
         files.path().join("display.wasm"),
     )
     .expect("copy");
+    (serve, cli, files)
+}
+
+/// `wasmesh apply -f` of a `List` (`kubectl get -o yaml`) applies its items, uploading a
+/// Function's module given as a path as it does for a plain file.
+#[test]
+fn the_cli_applies_a_kubectl_list() {
+    let (_serve, cli, files) = serve_and_cli_with_a_module();
+    // The Function and the trigger of `subscribed`, as the items of a List.
+    let item = |doc: &str| {
+        doc.trim_start_matches("---\n")
+            .lines()
+            .enumerate()
+            .map(|(i, l)| format!("{}{l}\n", if i == 0 { "- " } else { "  " }))
+            .collect::<String>()
+    };
+    let with_function = subscribed("display.wasm", "").replace(BROKER, "");
+    let function = with_function
+        .trim_start_matches("---\n")
+        .split("---\n")
+        .next()
+        .expect("the Function");
+    let list = format!(
+        "apiVersion: v1\nkind: List\nitems:\n{}{}",
+        item(function),
+        item(&trigger_to_sub("all"))
+    );
+    std::fs::write(files.path().join("list.yaml"), list).expect("yaml");
+    let dir = files.path().to_str().expect("utf-8");
+    let (ok, out, err) = cli.run(&["apply", "-f", dir]);
+    assert!(ok, "{err}");
+    assert!(out.contains("Function/default/sub created"), "{out}");
+    assert!(out.contains("Trigger/default/all created"), "{out}");
+    assert!(err.is_empty(), "all ready: {err}");
+    let (ok, out, err) = cli.run(&["delete", "-f", dir]);
+    assert!(ok, "{err}");
+    assert!(out.contains("Trigger/default/all deleted"), "{out}");
+}
+
+#[test]
+fn the_cli_applies_gets_describes_pushes_rolls_back_and_shows_logs() {
+    // apply -f: a directory with a Function whose module is a path (uploaded by the CLI).
+    let (serve, cli, files) = serve_and_cli_with_a_module();
     std::fs::write(
         files.path().join("app.yaml"),
         subscribed("display.wasm", "")

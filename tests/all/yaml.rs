@@ -70,6 +70,84 @@ fn the_seeds_yaml_files_parse_unchanged() {
     );
 }
 
+/// What `kubectl get ... -o yaml` writes, a `v1` `List` of objects with their status and
+/// server-set metadata, is read as its items (as `kubectl apply -f` reads it): moving objects
+/// out of a cluster takes no editing. Each item is located where it is written; a List in JSON
+/// (flow style) works too.
+#[test]
+fn a_kubectl_list_is_read_as_its_items() {
+    let exported = r#"apiVersion: v1
+items:
+- apiVersion: eventing.knative.dev/v1
+  kind: Broker
+  metadata:
+    annotations:
+      eventing.knative.dev/broker.class: MTChannelBasedBroker
+    creationTimestamp: "2024-01-01T00:00:00Z"
+    generation: 1
+    name: default
+    namespace: default
+    resourceVersion: "12345"
+    uid: 0b7c1f2e-1111-2222-3333-444455556666
+  spec:
+    delivery:
+      retry: 10
+  status:
+    address:
+      url: http://broker-ingress.knative-eventing.svc.cluster.local/default/default
+    conditions:
+    - status: "True"
+      type: Ready
+
+- apiVersion: eventing.knative.dev/v1
+  kind: Trigger
+  metadata:
+    name: t
+    namespace: default
+  spec:
+    broker: default
+    subscriber:
+      uri: http://127.0.0.1:9/
+kind: List
+metadata:
+  resourceVersion: ""
+"#;
+    let docs = wasmesh_core::yaml::parse_documents("export.yaml", exported)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let found: Vec<(String, usize)> = docs.iter().map(|d| (d.resource.id(), d.line)).collect();
+    assert_eq!(
+        found,
+        [
+            ("Broker/default/default".to_string(), 3),
+            ("Trigger/default/t".to_string(), 24)
+        ]
+    );
+    // Items indented under `items:`, after another document.
+    let indented = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: other\n---\napiVersion: v1\nkind: List\nitems:\n  - apiVersion: eventing.knative.dev/v1\n    kind: Broker\n    metadata:\n      name: b\n      namespace: other\n";
+    let docs =
+        wasmesh_core::yaml::parse_documents("i.yaml", indented).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(docs[1].resource.id(), "Broker/other/b");
+    assert_eq!(docs[1].line, 9);
+    let json = r#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"eventing.knative.dev/v1","kind":"Broker","metadata":{"name":"j","namespace":"default"}}]}"#;
+    let docs =
+        wasmesh_core::yaml::parse_documents("j.json", json).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(docs[0].resource.id(), "Broker/default/j");
+    // An empty List declares nothing; items that are not a list are refused.
+    assert!(
+        wasmesh_core::yaml::parse_documents("e.yaml", "apiVersion: v1\nkind: List\nitems: []\n")
+            .expect("empty")
+            .is_empty()
+    );
+    let err =
+        wasmesh_core::yaml::parse_documents("x.yaml", "apiVersion: v1\nkind: List\nitems: 3\n")
+            .expect_err("refused");
+    assert!(
+        err.to_string()
+            .starts_with("x.yaml:3:1: items: expected a list"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_yaml_gets_golden_errors() {
     let dir = repo("tests/yaml/invalid");

@@ -105,14 +105,34 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Located>, YamlError
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for (first_line, doc) in split_documents(text) {
-        match parse_document(file, first_line, doc) {
-            Ok(Some(resource)) => out.push(Located {
-                file: file.to_string(),
-                line: first_line + 1,
-                resource,
-            }),
-            Ok(None) => {}
-            Err(e) => errors.push(e),
+        // A List's items are read as documents of their own, where they are written.
+        let parts = match list_items(doc) {
+            None => vec![(first_line, std::borrow::Cow::Borrowed(doc))],
+            Some(Ok(items)) => items
+                .into_iter()
+                .map(|(line, item)| (first_line + line, std::borrow::Cow::Owned(item)))
+                .collect(),
+            Some(Err((line, message))) => {
+                errors.push(YamlError {
+                    file: file.to_string(),
+                    line: first_line + line,
+                    column: 1,
+                    path: "items".into(),
+                    message,
+                });
+                continue;
+            }
+        };
+        for (first_line, doc) in parts {
+            match parse_document(file, first_line, &doc) {
+                Ok(Some(resource)) => out.push(Located {
+                    file: file.to_string(),
+                    line: first_line + 1,
+                    resource,
+                }),
+                Ok(None) => {}
+                Err(e) => errors.push(e),
+            }
         }
     }
     if errors.is_empty() {
@@ -120,6 +140,76 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Located>, YamlError
     } else {
         Err(YamlErrors(errors))
     }
+}
+
+/// The items of a document that is a `v1` `List` (what `kubectl get -o yaml` writes, and what
+/// `kubectl apply -f` takes): each with the 0-based line of the document where it starts and
+/// its text, left where it is written (its `-` turned into a space), so that the lines and
+/// columns of errors in it stay right. `None` when the document is not a List; an error (the
+/// line, 1-based, and why) when its `items` are not a list.
+#[allow(clippy::type_complexity)]
+fn list_items(doc: &str) -> Option<Result<Vec<(usize, String)>, (usize, String)>> {
+    if !doc.contains("List") {
+        return None;
+    }
+    let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(doc).ok()?;
+    let map = value.as_mapping()?;
+    if map.get("kind")?.as_str()? != "List" || map.get("apiVersion")?.as_str()? != "v1" {
+        return None;
+    }
+    let items_line = line_of(doc, "items");
+    let items = match map.get("items") {
+        None | Some(serde_yaml_ng::Value::Null) => return Some(Ok(Vec::new())),
+        Some(serde_yaml_ng::Value::Sequence(items)) => items,
+        Some(_) => {
+            return Some(Err((
+                items_line.0,
+                "expected a list of objects (apiVersion, kind, metadata, ...)".into(),
+            )));
+        }
+    };
+    let lines: Vec<&str> = doc.split_inclusive('\n').collect();
+    let mut found: Vec<(usize, String)> = Vec::new();
+    if let Some(start) = lines.iter().position(|l| l.starts_with("items:")) {
+        // Block style: each item starts with `-` at the indentation of the first one, and
+        // runs until the next such `-` or a line less indented (the List's next key).
+        let mut dash: Option<usize> = None;
+        for (i, line) in lines.iter().enumerate().skip(start + 1) {
+            let body = line.trim_start();
+            if body.trim_end().is_empty() || body.starts_with('#') {
+                if let Some((_, text)) = found.last_mut() {
+                    text.push_str(line);
+                }
+                continue;
+            }
+            let indent = line.len() - body.len();
+            let is_dash = body.starts_with("- ") || body.trim_end() == "-";
+            match dash {
+                None if is_dash => dash = Some(indent),
+                None => break,
+                Some(d) if indent < d || (indent == d && !is_dash) => break,
+                Some(_) => {}
+            }
+            if Some(indent) == dash && is_dash {
+                found.push((i, format!("{} {}", &line[..indent], &line[indent + 1..])));
+            } else if let Some((_, text)) = found.last_mut() {
+                text.push_str(line);
+            }
+        }
+    }
+    if found.len() != items.len() {
+        // Flow style (`items: [...]`, JSON): each item as YAML of its own, at the List's line.
+        found = items
+            .iter()
+            .map(|item| {
+                (
+                    items_line.0.saturating_sub(1),
+                    serde_yaml_ng::to_string(item).unwrap_or_default(),
+                )
+            })
+            .collect();
+    }
+    Some(Ok(found))
 }
 
 /// Splits at `---` lines; yields (0-based index of the document's first line, text).

@@ -136,7 +136,18 @@ fn read_objects(paths: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, serde_json::V
             }
             let json: serde_json::Value = serde_json::to_value(&value)
                 .with_context(|| format!("{}: not expressible as JSON", f.display()))?;
-            out.push((f.clone(), json));
+            // A List (`kubectl get -o yaml`) is its items, as `serve -f` reads it.
+            match json {
+                serde_json::Value::Object(mut list)
+                    if list.get("kind").and_then(|k| k.as_str()) == Some("List")
+                        && list.get("apiVersion").and_then(|v| v.as_str()) == Some("v1") =>
+                {
+                    if let Some(serde_json::Value::Array(items)) = list.remove("items") {
+                        out.extend(items.into_iter().map(|item| (f.clone(), item)));
+                    }
+                }
+                json => out.push((f.clone(), json)),
+            }
         }
     }
     Ok(out)
