@@ -38,11 +38,23 @@ impl ModuleStore {
             return Ok(hex);
         }
         std::fs::create_dir_all(&self.dir)?;
-        let tmp = self.dir.join(format!(".{hex}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
+        // A name of its own: two uploads of the same module at once must not write one file
+        // (the first rename would publish the second's half-written bytes, and the second
+        // rename would fail).
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join(format!(".{hex}.{}-{n}.tmp", std::process::id()));
+        let written = std::fs::File::create(&tmp).and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
+        if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &path)) {
+            // A full disk, say: the partial file goes, not left to pile up.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         sync_dir(&self.dir)?;
         Ok(hex)
     }
@@ -147,6 +159,31 @@ mod tests {
         std::fs::write(&path, b"\0asm other bytes").expect("corrupt");
         let e = store.get(&hex).expect_err("corrupt");
         assert!(e.contains("is corrupt"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The same module uploaded several times at once (two `wasmesh push` of one file): each
+    /// upload succeeds and the module stored is whole.
+    #[test]
+    fn the_same_module_put_at_once_is_stored_whole() {
+        let dir = std::env::temp_dir().join(format!("wasmesh-store-race-{}", std::process::id()));
+        let store = ModuleStore::new(&dir);
+        let bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        for _ in 0..5 {
+            let hex = std::thread::scope(|s| {
+                let puts: Vec<_> = (0..6).map(|_| s.spawn(|| store.put(&bytes))).collect();
+                let results: Vec<_> = puts
+                    .into_iter()
+                    .map(|p| p.join().expect("no panic"))
+                    .collect();
+                for r in &results {
+                    assert!(r.is_ok(), "every upload succeeds: {r:?}");
+                }
+                results[0].as_ref().expect("ok").clone()
+            });
+            assert_eq!(store.get(&hex).expect("whole"), bytes);
+            std::fs::remove_file(store.path(&hex).expect("path")).expect("remove");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
