@@ -117,12 +117,20 @@ impl ComponentCache {
                 }
                 // Write (with the checksum), sync, then rename, so that a crash never leaves
                 // half an artifact under the name.
-                let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-                let mut file = std::fs::File::create(&tmp)?;
-                file.write_all(&bytes)?;
-                file.write_all(&Sha256::digest(&bytes))?;
-                file.sync_all()?;
-                std::fs::rename(&tmp, &path)
+                // A name of its own, as two loads of one module may compile it at once.
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
+                let written = std::fs::File::create(&tmp).and_then(|mut file| {
+                    file.write_all(&bytes)?;
+                    file.write_all(&Sha256::digest(&bytes))?;
+                    file.sync_all()
+                });
+                let renamed = written.and_then(|()| std::fs::rename(&tmp, &path));
+                if renamed.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                renamed
             });
         if let Err(e) = result {
             tracing::warn!(path = %path.display(), error = %e, "cannot cache a compiled component");
