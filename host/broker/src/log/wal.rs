@@ -89,7 +89,8 @@ impl Record {
             1 => {
                 let seq = u64_at(9)?;
                 let n = u32::from_le_bytes(body.get(17..21)?.try_into().ok()?) as usize;
-                let mut triggers = Vec::with_capacity(n);
+                // Never more than the body holds, whatever the count says.
+                let mut triggers = Vec::with_capacity(n.min(body.len() / 8));
                 for i in 0..n {
                     triggers.push(u64_at(21 + i * 8)?);
                 }
