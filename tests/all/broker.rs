@@ -1812,8 +1812,8 @@ fn deliveries_follow_307_and_308() {
     assert_eq!(code("g1"), Some(Some("301".to_string())), "{dead:?}");
     assert_eq!(
         code("l1"),
-        Some(None),
-        "a redirect loop is a transport error"
+        Some(Some("500".to_string())),
+        "a redirect loop is a transport error: 500, as Knative's dispatcher says"
     );
     assert_eq!(
         sub.on("/loop").len(),

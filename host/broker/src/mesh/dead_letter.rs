@@ -57,9 +57,10 @@ impl Mesh {
         };
         let mut dead = (**event).clone();
         dead.set_extension("knativeerrordest", dest.describe());
-        if let Some(code) = failure.code {
-            dead.set_extension("knativeerrorcode", ExtensionValue::Integer(i64::from(code)));
-        }
+        // No response at all (refused, timed out, a redirect loop; a Function that asked to
+        // retry) is 500, as Knative's dispatcher reports it: the extension is always there.
+        let code = failure.code.unwrap_or(500);
+        dead.set_extension("knativeerrorcode", ExtensionValue::Integer(i64::from(code)));
         if !failure.data.is_empty() {
             let mut data = base64::engine::general_purpose::STANDARD.encode(&failure.data);
             data.truncate(1024);
