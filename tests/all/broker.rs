@@ -103,6 +103,40 @@ fn a_full_queue_answers_429_and_loses_nothing_accepted() {
     a_full_store_answers_429(&["--log-capacity", "3", "--concurrency", "1"]);
 }
 
+/// A trigger whose subscriber is a Function starts with one worker thread, not one per core,
+/// and adds threads (up to one per core) when events wait: a thousand mostly idle triggers
+/// hold about a thousand threads, not a thousand per core.
+#[test]
+fn wasm_triggers_start_with_one_thread_and_add_more_under_load() {
+    let yaml = crate::harness::function_subscriber("builtin:event-display", "x");
+    let serve = Serve::start(&[("f.yaml", &yaml)], &[]);
+    let workers = || {
+        serve
+            .thread_names()
+            .iter()
+            .filter(|n| n.starts_with("wasm-all-"))
+            .count()
+    };
+    assert_eq!(workers(), 1, "{:?}", serve.thread_names());
+    let events: Vec<serde_json::Value> = (0..300)
+        .map(|i| serde_json::json!({"specversion": "1.0", "id": format!("b-{i}"), "source": "/s", "type": "t"}))
+        .collect();
+    let h = [("content-type", "application/cloudevents-batch+json")];
+    let r = serve.request(
+        "POST",
+        "/default/default",
+        &h,
+        &serde_json::to_vec(&events).expect("json"),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    crate::harness::wait_for("300 events displayed", Duration::from_secs(30), || {
+        serve.stdout().matches("\n  id: b-").count() == 300
+    });
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The trigger's concurrency is 16 (serve's default).
+    assert_eq!(workers(), cores.min(16), "{:?}", serve.thread_names());
+}
+
 /// A batch with more events than a trigger's queue (in memory) or the log (durable) ever
 /// holds would get 429 forever: it gets 413, naming the limit, and a smaller batch goes in.
 #[test]

@@ -305,6 +305,19 @@ impl Serve {
         let _ = self.child.wait();
     }
 
+    /// The names of the server's threads (`/proc/<pid>/task/*/comm`: 15 bytes at most).
+    #[allow(dead_code)]
+    pub(crate) fn thread_names(&self) -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{}/task", self.child.id()))
+            .map(|tasks| {
+                tasks
+                    .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                    .map(|name| name.trim_end().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Sends `signal` (`TERM`, `INT`, ...) without waiting.
     #[allow(dead_code)]
     pub(crate) fn signal(&self, signal: &str) {

@@ -59,68 +59,121 @@ where
     }
 }
 
+/// The threads serving one queue of a trigger whose subscriber is a Wasm Function.
+struct WasmPool {
+    mesh: Arc<Mesh>,
+    worker: Worker,
+    rx: Mutex<mpsc::Receiver<Envelope>>,
+    retrying: Arc<Semaphore>,
+    runtime: tokio::runtime::Handle,
+    /// The most threads at once.
+    most: usize,
+    /// Threads running (or being started).
+    running: std::sync::atomic::AtomicUsize,
+    /// Threads added so far (for their names).
+    added: std::sync::atomic::AtomicUsize,
+    trigger: String,
+    /// Dropped with the pool, when its last thread ends: what the queue's handle waits for.
+    _done: mpsc::Sender<()>,
+}
+
+impl WasmPool {
+    /// Starts a thread, which serves until the queue closes.
+    fn spawn(pool: &Arc<Self>) {
+        let n = pool.added.fetch_add(1, Ordering::Relaxed);
+        let name = format!("wasm-{}-{n}", pool.trigger);
+        let p = Arc::clone(pool);
+        if let Err(e) = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || p.serve())
+        {
+            pool.running.fetch_sub(1, Ordering::AcqRel);
+            tracing::error!(trigger = %pool.trigger, error = %e, "cannot start a Wasm worker thread");
+        }
+    }
+
+    fn serve(self: Arc<Self>) {
+        let runtime = &self.runtime;
+        runtime.block_on(wait_for_gate(self.worker.gate.clone()));
+        let _enter = runtime.enter();
+        loop {
+            let (next, more) = {
+                let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
+                let next = rx.blocking_recv();
+                (next, !rx.is_empty())
+            };
+            // None: the queue closed (the trigger is gone or rebuilt).
+            let Some(env) = next else { break };
+            if more {
+                self.grow();
+            }
+            self.mesh.deliver_on_thread(
+                &self.worker.cell.load_full(),
+                env,
+                runtime,
+                &self.retrying,
+            );
+            self.worker.finished.fetch_add(1, Ordering::Release);
+        }
+        self.running.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Another thread, if fewer than the most are running.
+    fn grow(self: &Arc<Self>) {
+        let most = self.most;
+        if self
+            .running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < most).then_some(n + 1)
+            })
+            .is_ok()
+        {
+            Self::spawn(self);
+        }
+    }
+}
+
 impl Mesh {
     /// A trigger whose subscriber is a Wasm Function is served by OS threads (as many as the
     /// machine has cores, at most its concurrency): each takes the next event and runs the Wasm
     /// filter and the subscriber on the spot, publishing a reply from there. Only a failed
     /// attempt goes to an async task for its backoff, retries and dead letter. Under load a
     /// thread finds the next event waiting, so the hot path has no task spawn and no hand-off.
+    ///
+    /// One thread starts with the queue; another is added whenever a thread takes an event and
+    /// finds more waiting (up to that most). So a trigger whose events never queue up holds one
+    /// thread, not one per core: a thousand such triggers on a 64-core machine are a thousand
+    /// threads, not 64,000. (Added threads stay: waiting with a time limit would need Tokio's
+    /// timer, which panics in threads that outlive the runtime.)
     pub(super) fn start_wasm_workers(
         self: &Arc<Self>,
         worker: Worker,
         rx: mpsc::Receiver<Envelope>,
         concurrency: usize,
     ) -> Vec<JoinHandle<()>> {
-        let Worker {
-            cell,
-            gate,
-            alive,
-            finished,
-        } = worker;
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let threads = concurrency.clamp(1, cores);
-        let rx = Arc::new(Mutex::new(rx));
-        // Events whose first attempt failed wait for their retries on tasks; at most
-        // `concurrency` at once, as an HTTP subscriber's do (beyond that the threads wait, the
-        // queue fills and producers get 429: memory stays bounded).
-        let retrying = Arc::new(Semaphore::new(concurrency.max(1)));
-        let runtime = tokio::runtime::Handle::current();
-        let mut handles = Vec::new();
-        for i in 0..threads {
-            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-            let mesh = Arc::clone(self);
-            let cell = Arc::clone(&cell);
-            let rx = Arc::clone(&rx);
-            let runtime = runtime.clone();
-            let (gate, alive, finished) = (gate.clone(), alive.clone(), Arc::clone(&finished));
-            let retrying = Arc::clone(&retrying);
-            let trigger_name = cell.load().name.clone();
-            let name = format!("wasm-{trigger_name}-{i}");
-            let spawned = std::thread::Builder::new().name(name).spawn(move || {
-                let _alive = alive;
-                runtime.block_on(wait_for_gate(gate));
-                let _enter = runtime.enter();
-                loop {
-                    let next = rx
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .blocking_recv();
-                    let Some(env) = next else { break };
-                    mesh.deliver_on_thread(&cell.load_full(), env, &runtime, &retrying);
-                    finished.fetch_add(1, Ordering::Release);
-                }
-                drop(done_tx);
-            });
-            match spawned {
-                Ok(_) => handles.push(tokio::spawn(async move {
-                    let _ = done_rx.await;
-                })),
-                Err(e) => {
-                    tracing::error!(trigger = %trigger_name, error = %e, "cannot start a Wasm worker thread")
-                }
-            }
-        }
-        handles
+        let (done, mut all_done) = mpsc::channel::<()>(1);
+        let trigger = worker.cell.load().name.clone();
+        let pool = Arc::new(WasmPool {
+            mesh: Arc::clone(self),
+            worker,
+            rx: Mutex::new(rx),
+            // Events whose first attempt failed wait for their retries on tasks; at most
+            // `concurrency` at once, as an HTTP subscriber's do (beyond that the threads wait,
+            // the queue fills and producers get 429: memory stays bounded).
+            retrying: Arc::new(Semaphore::new(concurrency.max(1))),
+            runtime: tokio::runtime::Handle::current(),
+            most: concurrency.clamp(1, cores),
+            running: std::sync::atomic::AtomicUsize::new(1),
+            added: std::sync::atomic::AtomicUsize::new(0),
+            trigger,
+            _done: done,
+        });
+        WasmPool::spawn(&pool);
+        // Ends when the last thread has ended (the pool, holding `done`, goes with it).
+        vec![tokio::spawn(async move {
+            while all_done.recv().await.is_some() {}
+        })]
     }
 
     /// The first attempt of a Wasm delivery, synchronously on a worker thread.
