@@ -872,7 +872,7 @@ fn the_cli_applies_a_kubectl_list() {
         item(function),
         item(&trigger_to_sub("all"))
     );
-    std::fs::write(files.path().join("list.yaml"), list).expect("yaml");
+    std::fs::write(files.path().join("list.yaml"), &list).expect("yaml");
     let dir = files.path().to_str().expect("utf-8");
     let (ok, out, err) = cli.run(&["apply", "-f", dir]);
     assert!(ok, "{err}");
@@ -882,6 +882,32 @@ fn the_cli_applies_a_kubectl_list() {
     let (ok, out, err) = cli.run(&["delete", "-f", dir]);
     assert!(ok, "{err}");
     assert!(out.contains("Trigger/default/all deleted"), "{out}");
+    // `-f -`, as `kubectl get ... -o yaml | wasmesh apply -f -`: standard input, the module
+    // path relative to the current directory.
+    let mut piped = std::process::Command::new(env!("CARGO_BIN_EXE_wasmesh"))
+        .args(["apply", "-f", "-"])
+        .env("HOME", cli.home.path())
+        .env_remove("WASMESH_TOKEN")
+        .env_remove("WASMESH_SERVER")
+        .current_dir(files.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("apply -f -");
+    {
+        use std::io::Write as _;
+        let mut stdin = piped.stdin.take().expect("stdin");
+        stdin.write_all(list.as_bytes()).expect("write");
+    }
+    let out = piped.wait_with_output().expect("apply -f -");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("Function/default/sub created"), "{stdout}");
+    assert!(stdout.contains("Trigger/default/all created"), "{stdout}");
 }
 
 #[test]

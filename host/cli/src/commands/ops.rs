@@ -11,7 +11,8 @@ use super::client::{Client, Config, ServerArgs, config_path};
 
 #[derive(clap::Args)]
 pub(crate) struct ApplyArgs {
-    /// YAML files or directories of them. A Function whose module is a path is uploaded first.
+    /// YAML files or directories of them, `-` for standard input. A Function whose module is a
+    /// path is uploaded first (a path relative to the file; to the current directory for `-`).
     #[arg(short = 'f', long = "filename", required = true, value_name = "PATH")]
     files: Vec<PathBuf>,
     #[command(flatten)]
@@ -127,7 +128,7 @@ fn read_objects(paths: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, serde_json::V
     }
     let mut out = Vec::new();
     for f in super::serve::yaml_files(paths)? {
-        let text = std::fs::read_to_string(&f)?;
+        let text = super::serve::read_declarations(&f)?;
         for doc in serde_yaml_ng::Deserializer::from_str(&text) {
             let value = serde_yaml_ng::Value::deserialize(doc)
                 .with_context(|| format!("{}", f.display()))?;

@@ -19,7 +19,8 @@ use wasmesh_runtime::{EngineConfig, PluginEngine};
 
 #[derive(clap::Args)]
 pub(crate) struct ServeArgs {
-    /// YAML files or directories of them (every *.yaml and *.yml inside, in name order).
+    /// YAML files or directories of them (every *.yaml and *.yml inside, in name order), `-`
+    /// for standard input.
     #[arg(short = 'f', long = "filename", required = true, value_name = "PATH")]
     files: Vec<PathBuf>,
     /// Where ingress listens (port 0 picks a free one; the bound address is printed).
@@ -163,8 +164,7 @@ pub(crate) fn load(paths: &[PathBuf]) -> anyhow::Result<Result<Vec<Located>, Yam
     let mut all = Vec::new();
     let mut errors = Vec::new();
     for f in files {
-        let text =
-            std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
+        let text = read_declarations(&f)?;
         match wasmesh_core::yaml::parse_documents(&display(&f), &text) {
             Ok(docs) => all.extend(docs),
             Err(YamlErrors(e)) => errors.extend(e),
@@ -213,7 +213,28 @@ fn last_declarations(all: Vec<Located>) -> Vec<Located> {
 }
 
 fn display(p: &Path) -> String {
+    if p == Path::new("-") {
+        return "<stdin>".into();
+    }
     p.display().to_string()
+}
+
+/// The text of a declaration file; `-` is standard input (as for kubectl's `-f -`), read once
+/// however often it is asked for.
+pub(crate) fn read_declarations(f: &Path) -> anyhow::Result<String> {
+    if f == Path::new("-") {
+        static STDIN: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+        return STDIN
+            .get_or_init(|| {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                    .map(|_| text)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(|e| anyhow::anyhow!("cannot read standard input: {e}"));
+    }
+    std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))
 }
 
 pub(crate) fn builtins() -> wasmesh_control::Builtins {
