@@ -951,6 +951,14 @@ fn the_cli_applies_gets_describes_pushes_rolls_back_and_shows_logs() {
     // A Broker's address, as Knative's `status.address.url`, and as a column of `get brokers`.
     let url = format!("http://{}/default/default", serve.addr);
     assert!(out.contains(&format!("url: {url}")), "{out}");
+    // What `get -o yaml` writes (a List, with status) applies again as it is.
+    let (_, listed, _) = cli.run(&["get", "triggers", "-o", "yaml"]);
+    std::fs::write(cli.home.path().join("listed.yaml"), &listed).expect("write");
+    let (ok, out, err) = cli.run(&["apply", "-f", "listed.yaml"]);
+    assert!(
+        ok && out.contains("Trigger/default/all unchanged"),
+        "{out}{err}"
+    );
     let (_, out, _) = cli.run(&["get", "brokers"]);
     let header: Vec<&str> = out
         .lines()
