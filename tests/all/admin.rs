@@ -636,6 +636,38 @@ fn watch_applies_file_edits_and_keeps_running_through_a_broken_one() {
     });
 }
 
+/// `--watch` also looks at the module files the Functions name by path: a module rebuilt in
+/// place (`cargo build` of a plugin, outside the watched directory) goes live and is said to,
+/// and a broken build leaves the running version.
+#[test]
+fn watch_takes_a_module_rebuilt_in_place() {
+    let modules = tempfile::tempdir().expect("modules");
+    let module = modules.path().join("sub.wasm");
+    std::fs::copy(wasmesh_plugins::EVENT_DISPLAY, &module).expect("copy");
+    let yaml = subscribed(module.to_str().expect("utf-8"), "");
+    let serve = Serve::start(&[("f.yaml", &yaml)], &["--watch"]);
+    let send = |id: &str| {
+        let r = serve.request("POST", "/default/default", &ce_headers(id, "t"), b"{}");
+        assert_eq!(r.status, 202);
+    };
+    send("m1");
+    wait_for("m1 displayed", Duration::from_secs(20), || {
+        handled(&serve.stdout()).get("m1") == Some(&vec!["display"])
+    });
+    std::fs::copy(wasmesh_plugins::FIXTURE_TAG, &module).expect("rebuild");
+    serve.wait_log("--watch: Function/default/sub configured");
+    send("m2");
+    wait_for("m2 on the rebuilt module", Duration::from_secs(20), || {
+        handled(&serve.stdout()).get("m2") == Some(&vec!["tag"])
+    });
+    std::fs::write(&module, b"half a build").expect("break");
+    serve.wait_log("not a WebAssembly file");
+    send("m3");
+    wait_for("m3 on the running version", Duration::from_secs(20), || {
+        handled(&serve.stdout()).get("m3") == Some(&vec!["tag"])
+    });
+}
+
 /// `--watch` reports what changed in the objects' conditions: a trigger that is not ready is
 /// said once, not again at each unrelated edit, and said again when it becomes ready.
 #[test]

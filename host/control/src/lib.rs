@@ -8,7 +8,7 @@ mod reconcile;
 pub mod shared;
 mod store;
 
-pub use reconcile::{API_FILE, ApplyError, Change, ControlConfig, Controller};
+pub use reconcile::{API_FILE, ApplyError, Change, ControlConfig, Controller, module_file};
 pub use store::{ModuleStore, Overlay, Revision};
 
 use std::collections::{BTreeMap, HashMap};

@@ -248,8 +248,9 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(url) = &args.advertise_url {
         advertised(url)?;
     }
-    // Taken before the files are read, so that `--watch` sees an edit made from then on.
-    let seen = fingerprint(&args.files);
+    // Taken before the files are read, so that `--watch` sees an edit made from then on (and
+    // the modules' before the controller reads them).
+    let files_seen = fingerprint(&args.files);
     let resources = match load(&args.files)? {
         Ok(r) => r,
         Err(errors) => {
@@ -257,6 +258,7 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
+    let seen = Watched::new(files_seen, &resources);
     if resources.is_empty() {
         // A wrong directory, or files with another extension: say so rather than sit idle.
         let named: Vec<String> = args.files.iter().map(|p| p.display().to_string()).collect();
@@ -290,11 +292,7 @@ fn advertised(url: &str) -> anyhow::Result<String> {
     Ok(url.trim_end_matches('/').to_string())
 }
 
-async fn run(
-    args: ServeArgs,
-    resources: Vec<Located>,
-    seen: Fingerprint,
-) -> anyhow::Result<ExitCode> {
+async fn run(args: ServeArgs, resources: Vec<Located>, seen: Watched) -> anyhow::Result<ExitCode> {
     let engine = PluginEngine::new(EngineConfig::with_data_dir(&args.data_dir))
         .map_err(|e| anyhow::anyhow!("cannot start the Wasm engine: {e:#}"))?;
     let log = match args.store.as_str() {
@@ -512,25 +510,42 @@ async fn run(
 /// What the watched paths look like now: every file's path, length and modification time.
 type Fingerprint = Vec<(PathBuf, u64, Option<std::time::SystemTime>)>;
 
-fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
-    let mut out = Vec::new();
-    for p in paths {
-        let entries: Vec<PathBuf> = if p.is_dir() {
-            std::fs::read_dir(p)
-                .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-                .unwrap_or_default()
-        } else {
-            vec![p.clone()]
-        };
-        for e in entries {
-            let meta = std::fs::metadata(&e).ok();
-            out.push((
-                e,
-                meta.as_ref().map_or(0, |m| m.len()),
-                meta.and_then(|m| m.modified().ok()),
-            ));
+/// What `--watch` looks at: the declaration files, and the module files their Functions name
+/// by path, so that a module rebuilt in place (`cargo build` of a plugin) goes live.
+struct Watched {
+    files: Fingerprint,
+    modules: Vec<PathBuf>,
+    modules_seen: Fingerprint,
+}
+
+impl Watched {
+    fn new(files: Fingerprint, resources: &[Located]) -> Self {
+        let modules: Vec<PathBuf> = resources
+            .iter()
+            .filter_map(wasmesh_control::module_file)
+            .collect();
+        let modules_seen = fingerprint(&modules);
+        Self {
+            files,
+            modules,
+            modules_seen,
         }
     }
+}
+
+/// Only the files that are read count: in a directory, its *.yaml and *.yml (a data directory
+/// inside it, whose entries come and go, is not a change of the declarations).
+fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
+    // A path that cannot be listed (gone) counts as itself, missing.
+    let files = yaml_files(paths).unwrap_or_else(|_| paths.to_vec());
+    let mut out: Fingerprint = files
+        .into_iter()
+        .map(|f| {
+            let meta = std::fs::metadata(&f).ok();
+            let len = meta.as_ref().map_or(0, |m| m.len());
+            (f, len, meta.and_then(|m| m.modified().ok()))
+        })
+        .collect();
     out.sort();
     out
 }
@@ -552,7 +567,7 @@ async fn not_ready(controller: &Controller) -> std::collections::BTreeMap<String
 /// at every edit, and when it becomes ready.
 async fn watch_files(
     paths: Vec<PathBuf>,
-    mut last: Fingerprint,
+    mut last: Watched,
     controller: Arc<Controller>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -562,11 +577,13 @@ async fn watch_files(
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = stop.changed() => return,
         }
-        let now = fingerprint(&paths);
-        if now == last {
+        let files = fingerprint(&paths);
+        let modules = fingerprint(&last.modules);
+        if files == last.files && modules == last.modules_seen {
             continue;
         }
-        last = now;
+        last.files = files.clone();
+        last.modules_seen = modules;
         let resources = match load(&paths) {
             Ok(Ok(r)) => r,
             Ok(Err(errors)) => {
@@ -580,6 +597,8 @@ async fn watch_files(
                 continue;
             }
         };
+        // The modules the files name now, looked at before the controller reads them.
+        last = Watched::new(files, &resources);
         match controller.set_files(resources).await {
             Ok(changes) => {
                 for c in changes.iter().filter(|c| c.action != "unchanged") {

@@ -580,6 +580,8 @@ impl Controller {
         let old_desired = std::mem::take(&mut st.desired);
         // 2. Swap, dependencies first: functions, brokers, triggers, sources.
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        // Functions whose module changed under a spec that did not (a file rebuilt in place).
+        let mut new_modules = BTreeSet::new();
         for b in built {
             let id = format!("Function/{}", b.key);
             let history = st.overlay.history.entry(id).or_default();
@@ -604,6 +606,7 @@ impl Controller {
             let version = Version::new(Arc::new(b.function), revision, digest);
             match st.functions.get_mut(&b.key) {
                 Some(run) => {
+                    new_modules.insert(format!("Function/{}", b.key));
                     run.slot.swap(version, b.rollout);
                     run.fingerprint = b.fingerprint;
                     tracing::info!(function = %b.key, revision, "new version live");
@@ -787,7 +790,9 @@ impl Controller {
             let id = loc.resource.id();
             let action = match old_desired.iter().find(|l| l.resource.id() == id) {
                 None => "created",
-                Some(old) if old.resource == loc.resource => "unchanged",
+                Some(old) if old.resource == loc.resource && !new_modules.contains(&id) => {
+                    "unchanged"
+                }
                 Some(_) => "configured",
             };
             changes.push(Change { id, action });
@@ -913,8 +918,7 @@ impl Controller {
             }
             return local.map_err(|e| ("ModuleNotFound", format!("spec.module: {e}")));
         }
-        let base = Path::new(&loc.file).parent().unwrap_or(Path::new("."));
-        let path = base.join(module);
+        let path = module_file(loc).unwrap_or_else(|| Path::new(module).to_path_buf());
         std::fs::read(&path).map_err(|e| {
             (
                 "ModuleNotFound",
@@ -922,6 +926,20 @@ impl Controller {
             )
         })
     }
+}
+
+/// The file a Function's module is read from, when `spec.module` is a path (relative to the
+/// file that declares it), not a digest or a builtin.
+pub fn module_file(loc: &Located) -> Option<std::path::PathBuf> {
+    let Resource::Function(f) = &loc.resource else {
+        return None;
+    };
+    let module = &f.spec.module;
+    if module.starts_with("sha256:") || module.starts_with("builtin:") {
+        return None;
+    }
+    let base = Path::new(&loc.file).parent().unwrap_or(Path::new("."));
+    Some(base.join(module))
 }
 
 /// `ours` changed `base`; `latest` is what another replica saved since: `latest` with our
