@@ -149,7 +149,9 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Located>, YamlError
 /// line, 1-based, and why) when its `items` are not a list.
 #[allow(clippy::type_complexity)]
 fn list_items(doc: &str) -> Option<Result<Vec<(usize, String)>, (usize, String)>> {
-    if !doc.contains("List") {
+    // Too deep a document is refused by `parse_document` before any parsing (see
+    // `MAX_FLOW_NESTING`): not parsed here either.
+    if !doc.contains("List") || flow_nesting_beyond(doc, MAX_FLOW_NESTING).is_some() {
         return None;
     }
     let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(doc).ok()?;
