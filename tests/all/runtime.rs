@@ -1,7 +1,7 @@
 //! The plugin runtime: golden output, containment of hostile plugins, lazy data, bad modules,
 //! warm and fresh instances, the on-disk cache.
 
-use wasmesh_core::AttributesReader;
+use wasmesh_core::{AttributesReader, AttributesWriter};
 use wasmesh_plugins as plugins;
 use wasmesh_runtime::{
     CallErrorKind, Disposition, EngineConfig, Isolation, Limits, LoadError, LogLevel, PluginEngine,
@@ -278,4 +278,25 @@ fn native_and_wasm_event_display_agree() {
     let wasm = f.handle(&event).expect("handled").output.stdout;
     let native = wasmesh_core::display::render(&event);
     assert_eq!(String::from_utf8_lossy(&wasm), native);
+}
+
+/// Data that is not text is written byte for byte, as sdk-go's event-display writes it, not
+/// with U+FFFD in place of the bytes that are not UTF-8.
+#[test]
+fn event_display_writes_binary_data_as_it_is() {
+    let mut event = (*seed_event()).clone();
+    let raw = [0u8, 1, 0xff, 0xfe, b'A', b'B'];
+    event.set_datacontenttype(Some("application/octet-stream"));
+    event.set_data_unchecked(wasmesh_core::Data::Binary(raw.to_vec()));
+    let engine = engine();
+    let f = subscriber(&engine, plugins::EVENT_DISPLAY);
+    let out = f.handle(&event).expect("handled").output.stdout;
+    let mut expected = b"Data (binary),\n  ".to_vec();
+    expected.extend_from_slice(&raw);
+    expected.push(b'\n');
+    assert!(
+        out.ends_with(&expected),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
 }

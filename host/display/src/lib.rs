@@ -30,8 +30,31 @@ pub fn render(event: &DisplayEvent<'_>) -> String {
     out
 }
 
-/// Same as [`render`], appending to `out`.
+/// Same as [`render`], appending to `out`. Data that is not text can only be held in a
+/// `String` lossily (U+FFFD for bytes that are not UTF-8): [`render_bytes`] keeps them.
 pub fn render_into(event: &DisplayEvent<'_>, out: &mut String) {
+    if let Some(raw) = render_text(event, out) {
+        out.push_str(&String::from_utf8_lossy(raw));
+        out.push('\n');
+    }
+}
+
+/// What Knative's event-display writes, byte for byte: data that is not text is written as it
+/// is, as sdk-go does (`b.Write(e.DataEncoded)`).
+pub fn render_bytes(event: &DisplayEvent<'_>) -> Vec<u8> {
+    let mut text = String::with_capacity(256 + event.data.map_or(0, |d| d.len() * 2));
+    let raw = render_text(event, &mut text);
+    let mut out = text.into_bytes();
+    if let Some(raw) = raw {
+        out.extend_from_slice(raw);
+        out.push(b'\n');
+    }
+    out
+}
+
+/// Writes all but binary data; returns that data, whose lines, after the `Data (binary),`
+/// header already written, are left to the caller.
+fn render_text<'a>(event: &DisplayEvent<'a>, out: &mut String) -> Option<&'a [u8]> {
     out.push_str("☁️  cloudevents.Event\nContext Attributes,\n");
     line(out, "specversion", event.specversion);
     line(out, "type", event.ty);
@@ -77,15 +100,15 @@ pub fn render_into(event: &DisplayEvent<'_>, out: &mut String) {
                     out.push_str(text);
                 }
             }
-            // Bytes that are not text are written as they are, as sdk-go does; a lossy
-            // conversion is the closest a String can hold.
+            // Bytes that are not text are written as they are, as sdk-go does.
             _ => {
                 out.push_str("Data (binary),\n  ");
-                out.push_str(&String::from_utf8_lossy(data));
+                return Some(data);
             }
         }
         out.push('\n');
     }
+    None
 }
 
 fn line(out: &mut String, name: &str, value: &str) {

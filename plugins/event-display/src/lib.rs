@@ -14,7 +14,7 @@ impl Subscriber for EventDisplay {
             .iter()
             .map(|e| (e.name.as_str(), extension_text(&e.value)))
             .collect();
-        let text = wasmesh_display::render(&DisplayEvent {
+        let text = wasmesh_display::render_bytes(&DisplayEvent {
             specversion: &a.specversion,
             ty: &a.type_,
             source: &a.source,
@@ -29,7 +29,7 @@ impl Subscriber for EventDisplay {
         // One write per event, as Go's fmt.Printf does: the host keeps it together. The text
         // ends with a newline, so the line-buffered stdout passes it on whole; no flush needed.
         let mut out = std::io::stdout().lock();
-        match out.write_all(text.as_bytes()) {
+        match out.write_all(&text) {
             Ok(()) => Disposition::Ack,
             Err(e) => Disposition::Retry(None).tap_log(&format!("stdout: {e}")),
         }
