@@ -117,8 +117,13 @@ fn decode_binary(headers: &HeaderMap, body: Bytes) -> Result<Event, DecodeError>
         })?;
         b = b.time(t.with_timezone(&Utc));
     }
-    for (name, value) in headers {
+    // Each name once, its first value: a header sent twice counts as Go's `Header.Get` reads
+    // it (Knative's receiver), as the context attributes above do.
+    for name in headers.keys() {
         let Some(attr) = name.as_str().strip_prefix("ce-") else {
+            continue;
+        };
+        let Some(value) = headers.get(name) else {
             continue;
         };
         if matches!(
@@ -353,6 +358,8 @@ mod tests {
         h.insert("ce-source", HeaderValue::from_static("/s"));
         h.insert("ce-type", HeaderValue::from_static("t"));
         h.insert("ce-myext", HeaderValue::from_static("a%20b"));
+        // Sent twice: the first counts, as sdk-go reads `v[0]`.
+        h.append("ce-myext", HeaderValue::from_static("second"));
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         let ev = decode(&h, Bytes::from_static(b"{\"x\":1}"))
             .expect("valid")
