@@ -137,6 +137,32 @@ fn wasm_triggers_start_with_one_thread_and_add_more_under_load() {
     assert_eq!(workers(), cores.min(16), "{:?}", serve.thread_names());
 }
 
+/// An idle server does not wake a thousand times a second: with no Wasm call running, the
+/// epoch ticker (a 1 ms tick while calls run) parks, and the next call wakes it.
+#[test]
+fn the_epoch_ticker_sleeps_while_no_wasm_runs() {
+    let yaml = crate::harness::function_subscriber("builtin:event-display", "x");
+    let serve = Serve::start(&[("f.yaml", &yaml)], &[]);
+    let r = serve.request("POST", "/default/default", &ce_headers("e1", "t"), b"{}");
+    assert_eq!(r.status, 202);
+    crate::harness::wait_for("e1 displayed", Duration::from_secs(20), || {
+        serve.stdout().contains("id: e1")
+    });
+    // Past the ticker's 100 idle ticks; then it must not wake in half a second (ticking, it
+    // would wake about 500 times).
+    std::thread::sleep(Duration::from_millis(500));
+    let before = serve.thread_wakeups("wasmesh-epoch").expect("the ticker");
+    std::thread::sleep(Duration::from_millis(500));
+    let after = serve.thread_wakeups("wasmesh-epoch").expect("the ticker");
+    assert!(after - before < 5, "{before} -> {after}");
+    // The next call wakes it and is delivered.
+    let r = serve.request("POST", "/default/default", &ce_headers("e2", "t"), b"{}");
+    assert_eq!(r.status, 202);
+    crate::harness::wait_for("e2 displayed", Duration::from_secs(20), || {
+        serve.stdout().contains("id: e2")
+    });
+}
+
 /// A batch with more events than a trigger's queue (in memory) or the log (durable) ever
 /// holds would get 429 forever: it gets 413, naming the limit, and a smaller batch goes in.
 #[test]

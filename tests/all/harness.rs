@@ -318,6 +318,24 @@ impl Serve {
             .unwrap_or_default()
     }
 
+    /// How often the server's thread `name` has given up the CPU of its own accord (slept,
+    /// waited): `voluntary_ctxt_switches` of `/proc/<pid>/task/<tid>/status`.
+    #[allow(dead_code)]
+    pub(crate) fn thread_wakeups(&self, name: &str) -> Option<u64> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).ok()?;
+        for t in tasks.filter_map(Result::ok) {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim_end() == name {
+                let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+                return status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .and_then(|v| v.trim().parse().ok());
+            }
+        }
+        None
+    }
+
     /// Sends `signal` (`TERM`, `INT`, ...) without waiting.
     #[allow(dead_code)]
     pub(crate) fn signal(&self, signal: &str) {

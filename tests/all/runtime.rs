@@ -269,6 +269,28 @@ fn compiled_components_are_cached_on_disk_across_restarts() {
     assert_eq!(std::fs::read(artifact).expect("rewritten"), good);
 }
 
+/// The epoch ticker parks once no call has run for a while (an idle server does not wake a
+/// thousand times a second); a call starting after that wakes it, so its deadline still stops
+/// a plugin that never returns, on a warm instance and a fresh one.
+#[test]
+fn deadlines_hold_after_the_epoch_ticker_parked() {
+    let engine = engine();
+    for isolation in [Isolation::Warm, Isolation::Fresh] {
+        let spin = function(
+            &engine,
+            plugins::FIXTURE_SPIN,
+            PluginKind::Subscriber,
+            &[],
+            tight(),
+            isolation,
+        );
+        // Idle well past the ticker's 100 ticks of 1 ms.
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let err = spin.handle(&seed_event()).expect_err("stopped");
+        assert_eq!(err.to_string(), "fixture-spin: deadline of 100 ms exceeded");
+    }
+}
+
 #[test]
 fn native_and_wasm_event_display_agree() {
     // The benchmark compares the two; they must do the same work.

@@ -101,16 +101,44 @@ struct Inner {
     linker: Linker<HostState>,
     cache: ComponentCache,
     config: EngineConfig,
-    stop: Arc<AtomicBool>,
+    ticking: Arc<Ticking>,
     ticker: Option<JoinHandle<()>>,
 }
 
+/// What the epoch ticker and the calls share. With no call running for `IDLE_TICKS` ticks the
+/// ticker parks, so an idle server does not wake a thousand times a second; the first call to
+/// start after that wakes it. (Deadlines only matter while a call runs, and a call's deadline
+/// is counted from the epoch at its start.)
+struct Ticking {
+    stop: AtomicBool,
+    /// Calls running (guest code on a store of this engine).
+    active: std::sync::atomic::AtomicUsize,
+    /// The ticker is parked, or about to be.
+    parked: AtomicBool,
+}
+
+/// Ticks without a call before the ticker parks: long enough that calls back to back never
+/// make it park (each wake-up is a system call on the calling thread).
+const IDLE_TICKS: u32 = 100;
+
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.ticking.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.ticker.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
+    }
+}
+
+/// Held while guest code runs: keeps the epoch ticker going.
+pub(crate) struct Running<'a> {
+    ticking: &'a Ticking,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.ticking.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -137,15 +165,37 @@ impl PluginEngine {
         link_wasi(&mut linker)?;
         Host_::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
 
-        let stop = Arc::new(AtomicBool::new(false));
+        let ticking = Arc::new(Ticking {
+            stop: AtomicBool::new(false),
+            active: std::sync::atomic::AtomicUsize::new(0),
+            parked: AtomicBool::new(false),
+        });
         let ticker = {
             let engine = engine.clone();
-            let stop = Arc::clone(&stop);
+            let ticking = Arc::clone(&ticking);
             let tick = config.epoch_tick;
             std::thread::Builder::new()
                 .name("wasmesh-epoch".into())
                 .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
+                    let mut idle = 0u32;
+                    while !ticking.stop.load(Ordering::SeqCst) {
+                        if ticking.active.load(Ordering::SeqCst) == 0 {
+                            idle += 1;
+                        } else {
+                            idle = 0;
+                        }
+                        if idle >= IDLE_TICKS {
+                            // Said before looking once more: a call starting now either sees
+                            // `parked` and wakes this thread, or is seen here.
+                            ticking.parked.store(true, Ordering::SeqCst);
+                            if ticking.active.load(Ordering::SeqCst) == 0
+                                && !ticking.stop.load(Ordering::SeqCst)
+                            {
+                                std::thread::park();
+                            }
+                            ticking.parked.store(false, Ordering::SeqCst);
+                            idle = 0;
+                        }
                         std::thread::sleep(tick);
                         engine.increment_epoch();
                     }
@@ -158,7 +208,7 @@ impl PluginEngine {
                 linker,
                 cache,
                 config,
-                stop,
+                ticking,
                 ticker: Some(ticker),
             }),
         })
@@ -166,6 +216,18 @@ impl PluginEngine {
 
     pub(crate) fn engine(&self) -> &Engine {
         &self.inner.engine
+    }
+
+    /// To hold while guest code runs (instantiation included): the epoch ticker runs then.
+    pub(crate) fn running(&self) -> Running<'_> {
+        let ticking = &*self.inner.ticking;
+        if ticking.active.fetch_add(1, Ordering::SeqCst) == 0
+            && ticking.parked.load(Ordering::SeqCst)
+            && let Some(t) = &self.inner.ticker
+        {
+            t.thread().unpark();
+        }
+        Running { ticking }
     }
 
     pub(crate) fn config(&self) -> &EngineConfig {

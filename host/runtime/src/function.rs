@@ -219,6 +219,7 @@ impl Function {
         limit: Duration,
         f: impl FnOnce(&mut Store<HostState>, &InstanceExports) -> wasmtime::Result<T>,
     ) -> Result<Called<T>, CallError> {
+        let _ticking = self.engine.running();
         let pooled = match self.settings.isolation {
             Isolation::Warm => self
                 .idle
