@@ -148,12 +148,17 @@ fn the_epoch_ticker_sleeps_while_no_wasm_runs() {
     crate::harness::wait_for("e1 displayed", Duration::from_secs(20), || {
         serve.stdout().contains("id: e1")
     });
-    // Past the ticker's 100 idle ticks; then it must not wake in half a second (ticking, it
-    // would wake about 500 times).
+    // Past the ticker's 100 idle ticks (on a busy machine they take longer) it stops waking;
+    // then it must not wake in half a second (ticking, it would wake about 500 times).
+    let wakeups = || serve.thread_wakeups("wasmesh-epoch").expect("the ticker");
+    crate::harness::wait_for("the ticker to park", Duration::from_secs(20), || {
+        let first = wakeups();
+        std::thread::sleep(Duration::from_millis(50));
+        wakeups() == first
+    });
+    let before = wakeups();
     std::thread::sleep(Duration::from_millis(500));
-    let before = serve.thread_wakeups("wasmesh-epoch").expect("the ticker");
-    std::thread::sleep(Duration::from_millis(500));
-    let after = serve.thread_wakeups("wasmesh-epoch").expect("the ticker");
+    let after = wakeups();
     assert!(after - before < 5, "{before} -> {after}");
     // The next call wakes it and is delivered.
     let r = serve.request("POST", "/default/default", &ce_headers("e2", "t"), b"{}");
