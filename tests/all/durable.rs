@@ -708,16 +708,18 @@ fn a_second_stop_signal_ends_the_drain_at_once() {
     );
 }
 
+/// A directory declaring the default broker alone.
+fn broker_only() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("b.yaml"), broker_with_triggers(&[])).expect("yaml");
+    dir
+}
+
 /// Two servers on one data directory: the second stops at once and says why, before it touches
 /// the first one's write-ahead log.
 #[test]
 fn a_second_server_on_the_same_data_directory_says_it_is_in_use() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("b.yaml"),
-        broker_with_triggers(&[]).as_bytes(),
-    )
-    .expect("yaml");
+    let dir = broker_only();
     let _first = Serve::start_at(dir.path(), &[]);
     let err = crate::harness::serve_refused(dir.path(), &[]);
     assert!(
@@ -726,4 +728,13 @@ fn a_second_server_on_the_same_data_directory_says_it_is_in_use() {
         ),
         "{err}"
     );
+}
+
+/// A `--data-dir` that names a file says so, not only "File exists".
+#[test]
+fn a_data_directory_that_is_a_file_says_so() {
+    let dir = broker_only();
+    std::fs::write(dir.path().join("data"), b"not a directory").expect("file");
+    let err = crate::harness::serve_refused(dir.path(), &[]);
+    assert!(err.contains("is a file, not a directory"), "{err}");
 }

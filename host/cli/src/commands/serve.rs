@@ -268,6 +268,12 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             named.join(", ")
         );
     }
+    if args.data_dir.exists() && !args.data_dir.is_dir() {
+        anyhow::bail!(
+            "--data-dir {}: is a file, not a directory",
+            args.data_dir.display()
+        );
+    }
     std::fs::create_dir_all(&args.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
