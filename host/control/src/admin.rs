@@ -514,3 +514,61 @@ fn logs(
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmesh_broker::output::FunctionOutput;
+
+    /// A follower that fell behind the functions' output is told how many lines it missed,
+    /// and the stream ends when the server stops.
+    #[tokio::test]
+    async fn a_lagging_follower_is_told_and_the_stream_ends_at_the_stop() {
+        let book = LogBook::new(10);
+        let config = AdminConfig {
+            token: "t".repeat(16),
+            max_module_bytes: 1,
+            max_body_bytes: 1,
+            tls: None,
+            book: Some(Arc::clone(&book)),
+        };
+        let (stop, stopped) = watch::channel(false);
+        let response = logs(&config, "ns/f", Some(stopped));
+        // More lines than the feed holds, before the follower reads any.
+        let output = FunctionOutput {
+            prefix: false,
+            sink: Some(Arc::new(|_: &str, _: &[u8]| {})),
+            book: Some(book),
+        };
+        for i in 0..1500 {
+            let call = wasmesh_runtime::CallOutput {
+                stdout: format!("line {i}\n").into_bytes(),
+                ..Default::default()
+            };
+            output.write("ns/f", &call);
+        }
+        let mut body = response.into_body();
+        let mut text = String::new();
+        let told = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while !text.contains("went by too fast") {
+                let frame = body.frame().await.expect("a frame").expect("no error");
+                if let Ok(data) = frame.into_data() {
+                    text.push_str(&String::from_utf8_lossy(&data));
+                }
+            }
+        })
+        .await;
+        assert!(told.is_ok(), "no word of the lines missed: {text}");
+        assert!(
+            text.contains("lines of output (of all functions) went by too fast"),
+            "{text}"
+        );
+        // The stop ends the stream (the lines still buffered go with it).
+        stop.send_replace(true);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while body.frame().await.is_some() {}
+        })
+        .await;
+        assert!(ended.is_ok(), "the stream ended at the stop");
+    }
+}
