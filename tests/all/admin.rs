@@ -830,21 +830,8 @@ impl Cli {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("logs -f");
-        let mut pipe = follow.stdout.take().expect("stdout");
         let got = Arc::new(Mutex::new(String::new()));
-        let g = Arc::clone(&got);
-        std::thread::spawn(move || {
-            use std::io::Read as _;
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                g.lock()
-                    .expect("lock")
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
+        crate::harness::gather(follow.stdout.take().expect("stdout"), Arc::clone(&got));
         (follow, got)
     }
 

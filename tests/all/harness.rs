@@ -50,6 +50,21 @@ pub(crate) fn serve_refused(dir: &Path, extra: &[&str]) -> String {
     err
 }
 
+/// Appends what `pipe` gives to `into` as it comes (on a thread of its own), until it closes.
+pub(crate) fn gather(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            into.lock()
+                .expect("lock")
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+}
+
 /// A running `wasmesh serve`, stopped on drop.
 pub(crate) struct Serve {
     child: Child,
@@ -156,19 +171,7 @@ impl Serve {
                 e.push('\n');
             }
         });
-        let mut out_pipe = child.stdout.take().expect("stdout");
-        let o = Arc::clone(&stdout);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = out_pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                o.lock()
-                    .expect("lock")
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
+        gather(child.stdout.take().expect("stdout"), Arc::clone(&stdout));
         Serve {
             child,
             addr: addr.expect("address"),
