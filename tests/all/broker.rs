@@ -527,6 +527,15 @@ fn percent_encoded_headers_round_trip() {
     let r = serve.request("POST", "/default/default", &bad, b"{}");
     assert_eq!(r.status, 400);
     assert!(r.text().contains("UTF-8"), "{}", r.text());
+    // UTF-8 that a sender did not percent-encode (Python's SDK sends it so) is taken as it is,
+    // and goes on percent-encoded.
+    let mut raw = ce_headers("pe3", "t");
+    raw.push(("ce-subject", "gr\u{fc}\u{df}e 50%25"));
+    let r = serve.request("POST", "/default/default", &raw, b"{}");
+    assert_eq!(r.status, 202, "{}", r.text());
+    let c = &sub.wait("/all", 2)[1];
+    assert_eq!(c.headers["ce-id"], "pe3");
+    assert_eq!(c.headers["ce-subject"], "gr%C3%BC%C3%9Fe%2050%25");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::{HeaderMap, HeaderName, HeaderValue, header::CONTENT_TYPE};
-use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
+use percent_encoding::{AsciiSet, CONTROLS, percent_decode, utf8_percent_encode};
 use wasmesh_core::{
     AttributesReader, AttributesWriter, Data, Event, EventBuilder, EventBuilderV10, ExtensionValue,
 };
@@ -79,17 +79,16 @@ fn header(headers: &HeaderMap, name: &'static str) -> Result<Option<String>, Dec
     }
 }
 
+/// A `ce-` header's value, percent-decoded. The binding asks senders to percent-encode
+/// non-ASCII, but some SDKs send UTF-8 as it is (Python's `cloudevents` 1.x does), and Go's
+/// server, so Knative's broker, takes those bytes: so does this, as long as they are UTF-8.
 fn decode_value(name: &str, v: &HeaderValue) -> Result<String, DecodeError> {
-    let raw = v.to_str().map_err(|_| DecodeError::BadHeader {
-        name: name.to_string(),
-        why: "not visible ASCII; non-ASCII must be percent-encoded".into(),
-    })?;
-    percent_decode_str(raw)
+    percent_decode(v.as_bytes())
         .decode_utf8()
         .map(|s| s.into_owned())
         .map_err(|_| DecodeError::BadHeader {
             name: name.to_string(),
-            why: "percent-encoding does not decode to UTF-8".into(),
+            why: "not UTF-8 once percent-decoded".into(),
         })
 }
 
@@ -348,6 +347,15 @@ mod tests {
             "€"
         );
         assert!(decode_value("x", &HeaderValue::from_static("%ff%fe")).is_err());
+        // UTF-8 sent as it is (not percent-encoded) is read as what it says; other bytes are not.
+        let raw = HeaderValue::from_bytes("caf\u{e9} 100%25".as_bytes()).expect("obs-text");
+        assert_eq!(
+            decode_value("x", &raw).expect("raw UTF-8"),
+            "caf\u{e9} 100%"
+        );
+        let latin1 = HeaderValue::from_bytes(b"caf\xe9").expect("obs-text");
+        let err = decode_value("ce-subject", &latin1).expect_err("not UTF-8");
+        assert!(err.to_string().contains("ce-subject"), "{err}");
     }
 
     #[test]

@@ -20,10 +20,39 @@ pub enum EventError {
 
 /// Reads one event in the JSON format (structured mode) and checks it.
 pub fn parse_json(bytes: &[u8]) -> Result<Event, EventError> {
-    let event: Event = serde_json::from_slice(bytes)
-        .map_err(|e| EventError::Json(explain(bytes).unwrap_or_else(|| e.to_string())))?;
+    let event: Event = match serde_json::from_slice(bytes) {
+        Ok(event) => event,
+        Err(e) => base64_v03(bytes)
+            .ok_or_else(|| EventError::Json(explain(bytes).unwrap_or_else(|| e.to_string())))?,
+    };
     validate(&event)?;
     Ok(event)
+}
+
+/// A 0.3 event whose `data` is base64 (`datacontentencoding`) with a JSON content type, or none
+/// (which means JSON): cloudevents-sdk refuses it unless the decoded bytes are JSON, where
+/// sdk-go, so Knative's broker, keeps whatever bytes they are (1.0's `data_base64` is kept so by
+/// both). Read the rest of the event, then give it the bytes. `None` when that is not the case.
+fn base64_v03(bytes: &[u8]) -> Option<Event> {
+    use base64::Engine as _;
+    use serde_json::Value;
+    let Ok(Value::Object(mut members)) = serde_json::from_slice::<Value>(bytes) else {
+        return None;
+    };
+    let encoding = members.get("datacontentencoding")?.as_str()?;
+    if members.get("specversion")?.as_str()? != "0.3" || !encoding.eq_ignore_ascii_case("base64") {
+        return None;
+    }
+    let Value::String(data) = members.remove("data")? else {
+        return None;
+    };
+    members.remove("datacontentencoding");
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .ok()?;
+    let mut event: Event = serde_json::from_value(Value::Object(members)).ok()?;
+    event.set_data_unchecked(Data::Binary(decoded));
+    Some(event)
 }
 
 /// Says which member of a JSON event the SDK refused and why, where its own message names
@@ -165,6 +194,38 @@ pub fn data_bytes(event: &Event) -> Option<Cow<'_, [u8]>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_base64_data_of_0_3_whatever_the_bytes() {
+        // No datacontenttype (JSON by default) and bytes that are not JSON: kept as they are.
+        let text = br#"{"specversion":"0.3","id":"a","source":"/s","type":"t",
+            "datacontentencoding":"base64","data":"aGVsbG8="}"#;
+        let e = parse_json(text).expect("accepted, as sdk-go does");
+        assert_eq!(e.specversion(), cloudevents::event::SpecVersion::V03);
+        assert_eq!(e.datacontenttype(), None);
+        assert_eq!(e.data(), Some(&Data::Binary(b"hello".to_vec())));
+        // The same with a JSON content type and an extension.
+        let text = br#"{"specversion":"0.3","id":"a","source":"/s","type":"t","ext":"x",
+            "datacontenttype":"application/json","datacontentencoding":"Base64","data":"AAH/"}"#;
+        let e = parse_json(text).expect("accepted");
+        assert_eq!(e.data(), Some(&Data::Binary(vec![0, 1, 255])));
+        assert_eq!(e.datacontenttype(), Some("application/json"));
+        assert!(e.extension("ext").is_some());
+        // Bytes that are JSON stay JSON data, as before.
+        let text = br#"{"specversion":"0.3","id":"a","source":"/s","type":"t",
+            "datacontentencoding":"base64","data":"eyJhIjoxfQ=="}"#;
+        let e = parse_json(text).expect("accepted");
+        assert_eq!(e.data(), Some(&Data::Json(serde_json::json!({"a": 1}))));
+        // What is wrong still is: not base64, or another attribute broken.
+        for bad in [
+            &br#"{"specversion":"0.3","id":"a","source":"/s","type":"t",
+            "datacontentencoding":"base64","data":"not base64!"}"#[..],
+            br#"{"specversion":"0.3","id":"a","source":"/s","type":"t","time":"never",
+            "datacontentencoding":"base64","data":"aGVsbG8="}"#,
+        ] {
+            assert!(parse_json(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
 
     #[test]
     fn rejects_missing_and_empty_attributes() {
