@@ -1,10 +1,12 @@
 //! CloudEvents over HTTP (the HTTP protocol binding): binary, structured and batch content
 //! modes, with the binding's percent-encoding of header values.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::{HeaderMap, HeaderName, HeaderValue, header::CONTENT_TYPE};
-use percent_encoding::{AsciiSet, CONTROLS, percent_decode, utf8_percent_encode};
+use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 use wasmesh_core::{
     AttributesReader, AttributesWriter, Data, Event, EventBuilder, EventBuilderV10, ExtensionValue,
 };
@@ -80,15 +82,22 @@ fn header(headers: &HeaderMap, name: &'static str) -> Result<Option<String>, Dec
 }
 
 /// A `ce-` header's value, percent-decoded. The binding asks senders to percent-encode
-/// non-ASCII, but some SDKs send UTF-8 as it is (Python's `cloudevents` 1.x does), and Go's
-/// server, so Knative's broker, takes those bytes: so does this, as long as they are UTF-8.
+/// non-ASCII, but SDKs send it as it is: Python's `cloudevents` 1.x as UTF-8, JavaScript's
+/// through Node's `http` as ISO-8859-1 (HTTP's old charset for header text). Go's server, so
+/// Knative's broker, takes such bytes; here they are read as UTF-8 when they are, else as
+/// ISO-8859-1. What percent-encoding holds must be UTF-8.
 fn decode_value(name: &str, v: &HeaderValue) -> Result<String, DecodeError> {
-    percent_decode(v.as_bytes())
+    let raw = v.as_bytes();
+    let text: Cow<'_, str> = match std::str::from_utf8(raw) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => Cow::Owned(raw.iter().map(|&b| char::from(b)).collect()),
+    };
+    percent_decode_str(&text)
         .decode_utf8()
         .map(|s| s.into_owned())
         .map_err(|_| DecodeError::BadHeader {
             name: name.to_string(),
-            why: "not UTF-8 once percent-decoded".into(),
+            why: "percent-encoding does not decode to UTF-8".into(),
         })
 }
 
@@ -347,14 +356,22 @@ mod tests {
             "€"
         );
         assert!(decode_value("x", &HeaderValue::from_static("%ff%fe")).is_err());
-        // UTF-8 sent as it is (not percent-encoded) is read as what it says; other bytes are not.
+        // Text sent as it is (not percent-encoded): UTF-8 when it is, else ISO-8859-1.
         let raw = HeaderValue::from_bytes("caf\u{e9} 100%25".as_bytes()).expect("obs-text");
         assert_eq!(
             decode_value("x", &raw).expect("raw UTF-8"),
             "caf\u{e9} 100%"
         );
-        let latin1 = HeaderValue::from_bytes(b"caf\xe9").expect("obs-text");
-        let err = decode_value("ce-subject", &latin1).expect_err("not UTF-8");
+        let latin1 = HeaderValue::from_bytes(b"caf\xe9 \xfc%20").expect("obs-text");
+        assert_eq!(
+            decode_value("x", &latin1).expect("latin-1"),
+            "caf\u{e9} \u{fc} "
+        );
+        let err = decode_value(
+            "ce-subject",
+            &HeaderValue::from_bytes(b"\xe9%ff").expect("obs"),
+        )
+        .expect_err("not UTF-8");
         assert!(err.to_string().contains("ce-subject"), "{err}");
     }
 
