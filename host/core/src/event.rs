@@ -25,6 +25,16 @@ pub fn parse_json(bytes: &[u8]) -> Result<Event, EventError> {
         Err(e) => base64_v03(bytes)
             .ok_or_else(|| EventError::Json(explain(bytes).unwrap_or_else(|| e.to_string())))?,
     };
+    if event.specversion() == cloudevents::event::SpecVersion::V03
+        && event.extension("data_base64").is_some()
+    {
+        // Python's SDK writes 0.3 events so; sdk-go would keep the text as an extension.
+        return Err(EventError::Json(
+            "`data_base64` is CloudEvents 1.0's; a 0.3 event carries base64 data in `data`, \
+             with `datacontentencoding: base64`"
+                .into(),
+        ));
+    }
     validate(&event)?;
     Ok(event)
 }
@@ -216,6 +226,11 @@ mod tests {
             "datacontentencoding":"base64","data":"eyJhIjoxfQ=="}"#;
         let e = parse_json(text).expect("accepted");
         assert_eq!(e.data(), Some(&Data::Json(serde_json::json!({"a": 1}))));
+        // 1.0's member in a 0.3 event is named as such.
+        let text =
+            br#"{"specversion":"0.3","id":"a","source":"/s","type":"t","data_base64":"AA=="}"#;
+        let err = parse_json(text).expect_err("refused").to_string();
+        assert!(err.contains("datacontentencoding"), "{err}");
         // What is wrong still is: not base64, or another attribute broken.
         for bad in [
             &br#"{"specversion":"0.3","id":"a","source":"/s","type":"t",
