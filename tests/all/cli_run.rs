@@ -50,6 +50,18 @@ fn run_passes_config_to_a_filter_and_shows_replies_and_logs() {
         .expect("runs");
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "not matched");
+    // The event may be given as its JSON text too.
+    let out = wasmesh()
+        .args(["run", plugins::TYPE_FILTER, "-c", "prefix=com.example."])
+        .args([
+            "-e",
+            r#"{"specversion":"1.0","id":"1","source":"/s","type":"com.example.a"}"#,
+        ])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.trim(), "matched");
 
     let out = wasmesh()
         .args(["run", plugins::POD_STARTED, "--event"])

@@ -19,7 +19,8 @@ use wasmesh_runtime::{
 pub(crate) struct RunArgs {
     /// The plugin: a WebAssembly component built for wasm32-wasip2.
     plugin: PathBuf,
-    /// The event: a CloudEvent in the JSON format (structured mode); `-` reads stdin.
+    /// The event: a file holding a CloudEvent in the JSON format (structured mode), that JSON
+    /// itself (an argument starting with `{`), or `-` to read it from stdin.
     #[arg(long, short = 'e')]
     event: PathBuf,
     /// A configuration entry the plugin reads through the `config` import (repeatable).
@@ -36,11 +37,20 @@ pub(crate) struct RunArgs {
     data_dir: Option<PathBuf>,
 }
 
+/// `--event '{"specversion": ...}'`: the event given as text rather than as a file's name (a
+/// file of that name, however unlikely, still wins).
+fn inline_json(arg: &std::path::Path) -> Option<&str> {
+    let text = arg.to_str()?;
+    (text.trim_start().starts_with('{') && !arg.exists()).then_some(text)
+}
+
 pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let event_bytes = if args.event.as_os_str() == "-" {
         let mut buf = Vec::new();
         std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading stdin")?;
         buf
+    } else if let Some(json) = inline_json(&args.event) {
+        json.as_bytes().to_vec()
     } else {
         std::fs::read(&args.event)
             .with_context(|| format!("cannot read the event file {}", args.event.display()))?
