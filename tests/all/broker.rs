@@ -135,6 +135,19 @@ fn wasm_triggers_start_with_one_thread_and_add_more_under_load() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // The trigger's concurrency is 16 (serve's default).
     assert_eq!(workers(), cores.min(16), "{:?}", serve.thread_names());
+    // Idle again, the added threads end (10 s without an event each), the first stays and
+    // still delivers.
+    if cores > 1 {
+        crate::harness::wait_for("added threads to end", Duration::from_secs(60), || {
+            workers() == 1
+        });
+    }
+    let r = serve.request("POST", "/default/default", &ce_headers("after", "t"), b"{}");
+    assert_eq!(r.status, 202, "{}", r.text());
+    crate::harness::wait_for("the event after", Duration::from_secs(30), || {
+        serve.stdout().contains("\n  id: after\n")
+    });
+    assert_eq!(workers(), 1, "{:?}", serve.thread_names());
 }
 
 /// An idle server does not wake a thousand times a second: with no Wasm call running, the

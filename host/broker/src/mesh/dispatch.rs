@@ -2,8 +2,9 @@
 //! the subscriber (on OS threads for a Wasm subscriber, on tasks for HTTP) with retries, and
 //! acknowledges it in the store when the delivery is finished.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -59,11 +60,18 @@ where
     }
 }
 
+/// How long a Wasm worker thread beyond the first may wait for its turn at the queue before it
+/// ends. Threads wait in line for the queue's lock (the one holding it waits for an event), so
+/// a thread that waited this long was not needed; the pool grows again under load.
+const IDLE_THREAD_ENDS_AFTER: Duration = Duration::from_secs(10);
+
 /// The threads serving one queue of a trigger whose subscriber is a Wasm Function.
 struct WasmPool {
     mesh: Arc<Mesh>,
     worker: Worker,
-    rx: Mutex<mpsc::Receiver<Envelope>>,
+    /// A `parking_lot` mutex for its timed lock: waiting on it is how a thread knows it idles,
+    /// with no Tokio timer (which panics in a thread that outlives the runtime).
+    rx: parking_lot::Mutex<mpsc::Receiver<Envelope>>,
     retrying: Arc<Semaphore>,
     runtime: tokio::runtime::Handle,
     /// The most threads at once.
@@ -78,7 +86,7 @@ struct WasmPool {
 }
 
 impl WasmPool {
-    /// Starts a thread, which serves until the queue closes.
+    /// Starts a thread, which serves until the queue closes or it idles (and is not the last).
     fn spawn(pool: &Arc<Self>) {
         let n = pool.added.fetch_add(1, Ordering::Relaxed);
         let name = format!("wasm-{}-{n}", pool.trigger);
@@ -98,7 +106,12 @@ impl WasmPool {
         let _enter = runtime.enter();
         loop {
             let (next, more) = {
-                let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
+                let Some(mut rx) = self.rx.try_lock_for(IDLE_THREAD_ENDS_AFTER) else {
+                    if self.shrink() {
+                        return;
+                    }
+                    continue;
+                };
                 let next = rx.blocking_recv();
                 (next, !rx.is_empty())
             };
@@ -116,6 +129,15 @@ impl WasmPool {
             self.worker.finished.fetch_add(1, Ordering::Release);
         }
         self.running.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Counts this thread out unless it is the last one running: true when it may end.
+    fn shrink(&self) -> bool {
+        self.running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n > 1).then(|| n - 1)
+            })
+            .is_ok()
     }
 
     /// Another thread, if fewer than the most are running.
@@ -143,8 +165,8 @@ impl Mesh {
     /// One thread starts with the queue; another is added whenever a thread takes an event and
     /// finds more waiting (up to that most). So a trigger whose events never queue up holds one
     /// thread, not one per core: a thousand such triggers on a 64-core machine are a thousand
-    /// threads, not 64,000. (Added threads stay: waiting with a time limit would need Tokio's
-    /// timer, which panics in threads that outlive the runtime.)
+    /// threads, not 64,000. An added thread ends when it has waited `IDLE_THREAD_ENDS_AFTER`
+    /// for its turn at the queue, so a burst leaves no lasting threads behind.
     pub(super) fn start_wasm_workers(
         self: &Arc<Self>,
         worker: Worker,
@@ -157,7 +179,7 @@ impl Mesh {
         let pool = Arc::new(WasmPool {
             mesh: Arc::clone(self),
             worker,
-            rx: Mutex::new(rx),
+            rx: parking_lot::Mutex::new(rx),
             // Events whose first attempt failed wait for their retries on tasks; at most
             // `concurrency` at once, as an HTTP subscriber's do (beyond that the threads wait,
             // the queue fills and producers get 429: memory stays bounded).
