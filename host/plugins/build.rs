@@ -13,8 +13,23 @@ fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let root = manifest_dir.join("../..");
     let plugins = root.join("plugins");
-    for watched in ["plugins", "wit", "host/display"] {
-        println!("cargo:rerun-if-changed={}", root.join(watched).display());
+    // The plugins workspace's manifest, lock and member crates, not all of plugins/: other
+    // directories there (the JavaScript example's node_modules, an old target/) are not built.
+    let watched = [
+        "plugins/Cargo.toml",
+        "plugins/Cargo.lock",
+        "wit",
+        "host/display",
+    ]
+    .map(|p| root.join(p))
+    .into_iter()
+    .chain(
+        workspace_members(&plugins.join("Cargo.toml"))
+            .into_iter()
+            .map(|m| plugins.join(m)),
+    );
+    for path in watched {
+        println!("cargo:rerun-if-changed={}", path.display());
     }
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
     let target_dir = outer_target_dir(&out_dir).join("wasm-plugins");
@@ -92,19 +107,25 @@ fn outer_target_dir(out_dir: &Path) -> PathBuf {
     profile.parent().expect("target directory").to_path_buf()
 }
 
-/// The members listed in the plugins workspace manifest.
-fn members(manifest: &Path) -> Vec<String> {
+/// Every member listed in the plugins workspace manifest.
+fn workspace_members(manifest: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(manifest).expect("read plugins/Cargo.toml");
     let start = text
         .find("members = [")
         .expect("plugins/Cargo.toml lists members");
     let list = &text[start + "members = [".len()..];
     let list = &list[..list.find(']').expect("members list ends")];
-    let dir = manifest.parent().expect("plugins/");
     list.split(',')
         .map(|s| s.trim().trim_matches('"').to_string())
         .filter(|s| !s.is_empty())
-        // Components only: the guest SDK crates are libraries.
+        .collect()
+}
+
+/// The members that are components (the guest SDK crates are libraries).
+fn members(manifest: &Path) -> Vec<String> {
+    let dir = manifest.parent().expect("plugins/");
+    workspace_members(manifest)
+        .into_iter()
         .filter(|s| {
             std::fs::read_to_string(dir.join(s).join("Cargo.toml"))
                 .is_ok_and(|m| m.contains("cdylib"))

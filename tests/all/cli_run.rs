@@ -144,3 +144,38 @@ fn run_refuses_a_memory_limit_past_the_hosts() {
         "{err}"
     );
 }
+
+/// The JavaScript example (`plugins/js-hello`) builds with componentize-js and runs: a component
+/// from another toolchain, which imports nothing but wasmesh's own interfaces.
+#[test]
+#[ignore = "needs node, npm and the npm registry"]
+fn a_javascript_subscriber_built_with_componentize_js_runs() {
+    let dir = root().join("plugins/js-hello");
+    for args in [&["ci", "--silent"][..], &["run", "-s", "build"]] {
+        let status = Command::new("npm")
+            .args(args)
+            .current_dir(&dir)
+            .status()
+            .expect("npm runs");
+        assert!(status.success(), "npm {args:?}");
+    }
+    let out = wasmesh()
+        .arg("run")
+        .arg(dir.join("hello.wasm"))
+        .args(["-c", "greeting=hi", "-e"])
+        .arg(r#"{"specversion":"1.0","id":"7","source":"/me","type":"com.example.ping","datacontenttype":"application/json","data":{"n":1}}"#)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("[hello] INFO: hi: com.example.ping from /me"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("disposition: reply"), "{stderr}");
+    assert!(stderr.contains("\"id\": \"7-pong\""), "{stderr}");
+    assert!(
+        stderr.contains("\"type\": \"com.example.pong\""),
+        "{stderr}"
+    );
+}
