@@ -105,7 +105,7 @@ fn malformed_reply_is_an_error_naming_the_problem() {
     assert!(matches!(err.kind, CallErrorKind::MalformedReply(_)));
     assert_eq!(
         err.to_string(),
-        "fixture-bad-reply: malformed reply: specversion `0.1` is not supported (use 1.0)"
+        "fixture-bad-reply: malformed reply: specversion `0.1` is not supported (use 1.0 or 0.3)"
     );
 }
 

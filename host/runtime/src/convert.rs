@@ -2,7 +2,9 @@
 
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
-use wasmesh_core::{AttributesReader, Event, EventBuilder, EventBuilderV10, ExtensionValue};
+use wasmesh_core::{
+    AttributesReader, AttributesWriter as _, Event, EventBuilder, EventBuilderV10, ExtensionValue,
+};
 
 use crate::bindings::types;
 
@@ -115,12 +117,16 @@ pub struct ReplyError(pub String);
 /// A plugin's reply, checked like any event that enters the broker.
 pub(crate) fn from_wit(ev: types::Event) -> Result<Event, ReplyError> {
     let a = ev.attributes;
-    if a.specversion != "1.0" {
-        return Err(ReplyError(format!(
-            "specversion `{}` is not supported (use 1.0)",
-            a.specversion
-        )));
-    }
+    // A reply may keep the version of the event it answers, as ingress keeps what it takes.
+    let v03 = match a.specversion.as_str() {
+        "1.0" => false,
+        "0.3" => true,
+        other => {
+            return Err(ReplyError(format!(
+                "specversion `{other}` is not supported (use 1.0 or 0.3)"
+            )));
+        }
+    };
     for (name, value) in [("id", &a.id), ("source", &a.source), ("type", &a.type_)] {
         if value.is_empty() {
             return Err(ReplyError(format!("attribute `{name}` must not be empty")));
@@ -140,25 +146,35 @@ pub(crate) fn from_wit(ev: types::Event) -> Result<Event, ReplyError> {
         }
         b = b.extension(&ext.name, extension_from_wit(ext.value));
     }
+    let schema = match a.dataschema {
+        Some(schema) => Some(
+            url::Url::parse(&schema)
+                .map_err(|e| ReplyError(format!("dataschema `{schema}`: {e}")))?,
+        ),
+        None => None,
+    };
+    let mut event = b.build().map_err(|e| ReplyError(e.to_string()))?;
     if let Some(data) = ev.data {
-        let ct = a
+        // JSON stays JSON (keys in their order), so that structured mode inlines it. Data
+        // without a content type keeps none, as an event that ingress takes does.
+        let json = a
             .datacontenttype
-            .unwrap_or_else(|| "application/octet-stream".into());
-        // JSON stays JSON (keys in their order), so that structured mode inlines it.
-        let data: wasmesh_core::Data = match serde_json::from_slice(&data) {
-            Ok(v) if wasmesh_core::event::is_json_media_type(&ct) => wasmesh_core::Data::Json(v),
+            .as_deref()
+            .is_some_and(wasmesh_core::event::is_json_media_type);
+        let data = match serde_json::from_slice(&data) {
+            Ok(v) if json => wasmesh_core::Data::Json(v),
             _ => wasmesh_core::Data::Binary(data),
         };
-        b = match a.dataschema {
-            Some(schema) => {
-                let schema = url::Url::parse(&schema)
-                    .map_err(|e| ReplyError(format!("dataschema `{schema}`: {e}")))?;
-                b.data_with_schema(ct, schema, data)
-            }
-            None => b.data(ct, data),
-        };
+        event.set_data_unchecked(data);
     }
-    b.build().map_err(|e| ReplyError(e.to_string()))
+    event.set_datacontenttype(a.datacontenttype);
+    event.set_dataschema(schema);
+    if v03 {
+        event = wasmesh_core::EventBuilderV03::from(event)
+            .build()
+            .map_err(|e| ReplyError(e.to_string()))?;
+    }
+    Ok(event)
 }
 
 #[cfg(test)]
@@ -181,6 +197,32 @@ mod tests {
         assert_eq!(back.extension("num"), Some(&ExtensionValue::Integer(7)));
         assert_eq!(back.extension("flag"), Some(&ExtensionValue::Boolean(true)));
         assert_eq!(attribute_text(&back, "text").as_deref(), Some("hi"));
+    }
+
+    /// What a plugin gives back unchanged comes back unchanged: no content type added, the
+    /// version kept.
+    #[test]
+    fn an_event_replied_as_it_came_is_the_same_event() {
+        for text in [
+            &br#"{"specversion":"1.0","id":"1","source":"/s","type":"t","data_base64":"AAH/"}"#[..],
+            br#"{"specversion":"0.3","id":"1","source":"/s","type":"t","schemaurl":"http://x/s",
+                "datacontenttype":"application/json","data":{"b":1,"a":2}}"#,
+            br#"{"specversion":"1.0","id":"1","source":"/s","type":"t",
+                "dataschema":"http://x/s","datacontenttype":"text/plain","data":"hi"}"#,
+            br#"{"specversion":"1.0","id":"1","source":"/s","type":"t"}"#,
+        ] {
+            let ev = wasmesh_core::event::parse_json(text).expect("valid");
+            let back = from_wit(to_wit(&ev)).expect("valid reply");
+            let said = String::from_utf8_lossy(text);
+            assert_eq!(back.specversion(), ev.specversion(), "{said}");
+            assert_eq!(back.datacontenttype(), ev.datacontenttype(), "{said}");
+            assert_eq!(back.dataschema(), ev.dataschema(), "{said}");
+            assert_eq!(
+                wasmesh_core::event::data_bytes(&back),
+                wasmesh_core::event::data_bytes(&ev),
+                "{said}"
+            );
+        }
     }
 
     #[test]
