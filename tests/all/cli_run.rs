@@ -159,9 +159,44 @@ fn a_javascript_subscriber_built_with_componentize_js_runs() {
             .expect("npm runs");
         assert!(status.success(), "npm {args:?}");
     }
+    answers_a_ping(&dir.join("hello.wasm"));
+}
+
+/// The Python example (`plugins/py-hello`) builds with componentize-py (`--stub-wasi`, so it
+/// imports nothing wasmesh does not grant) and runs.
+#[test]
+#[ignore = "needs python3 with venv and pip, and PyPI"]
+fn a_python_subscriber_built_with_componentize_py_runs() {
+    let dir = root().join("plugins/py-hello");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let venv = tmp.path().join("venv");
+    let wasm = tmp.path().join("hello.wasm");
+    let run = |cmd: &mut Command| {
+        let status = cmd.current_dir(&dir).status().expect("runs");
+        assert!(status.success(), "{cmd:?}");
+    };
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv));
+    run(Command::new(venv.join("bin/pip")).args(["install", "-q", "-r", "requirements.txt"]));
+    run(Command::new(venv.join("bin/componentize-py"))
+        .args([
+            "-d",
+            "../../wit",
+            "-w",
+            "subscriber",
+            "componentize",
+            "app",
+            "--stub-wasi",
+        ])
+        .arg("-o")
+        .arg(&wasm));
+    answers_a_ping(&wasm);
+}
+
+/// The examples' behaviour: a log line with the configured greeting, and a pong reply.
+fn answers_a_ping(wasm: &std::path::Path) {
     let out = wasmesh()
         .arg("run")
-        .arg(dir.join("hello.wasm"))
+        .arg(wasm)
         .args(["-c", "greeting=hi", "-e"])
         .arg(r#"{"specversion":"1.0","id":"7","source":"/me","type":"com.example.ping","datacontenttype":"application/json","data":{"n":1}}"#)
         .output()
@@ -169,7 +204,7 @@ fn a_javascript_subscriber_built_with_componentize_js_runs() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("[hello] INFO: hi: com.example.ping from /me"),
+        stderr.contains("] INFO: hi: com.example.ping from /me"),
         "{stderr}"
     );
     assert!(stderr.contains("disposition: reply"), "{stderr}");
@@ -178,4 +213,5 @@ fn a_javascript_subscriber_built_with_componentize_js_runs() {
         stderr.contains("\"type\": \"com.example.pong\""),
         "{stderr}"
     );
+    assert!(stderr.contains("\"n\": 1"), "{stderr}");
 }
