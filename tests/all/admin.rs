@@ -375,6 +375,25 @@ fn refused_uploads_and_tokens_change_nothing() {
     let big = vec![0u8; 300_000];
     let r = serve.admin("POST", "/v1/modules", &big);
     assert_eq!(r.status, 413, "{}", r.text());
+    // Far over it, more than the connection buffers: the client, still sending, reads the 413
+    // (the rest of the body is read and dropped first, not cut off by a reset connection). So
+    // does `wasmesh push`, which said it could not reach the server.
+    let huge = vec![0u8; 16 << 20];
+    for _ in 0..3 {
+        let r = serve.admin("POST", "/v1/modules", &huge);
+        assert_eq!(r.status, 413, "{}", r.text());
+    }
+    let cli = Cli::login(&serve);
+    let file = cli.home.path().join("huge.wasm");
+    std::fs::write(&file, &huge).expect("write");
+    for _ in 0..3 {
+        let (ok, _, stderr) = cli.run(&["push", "function", "sub", &file.to_string_lossy()]);
+        assert!(!ok);
+        assert!(
+            stderr.contains("413") && stderr.contains("over the limit of 200000 bytes"),
+            "{stderr}"
+        );
+    }
     // A filter swapped in for a subscriber Function: refused, the live version stays.
     let filter = upload(&serve, wasmesh_plugins::TYPE_FILTER);
     let r = serve.admin(
@@ -407,6 +426,15 @@ fn refused_uploads_and_tokens_change_nothing() {
         "/v1/modules",
         &[("authorization", "Bearer not-the-token-at-all")],
         &std::fs::read(wasmesh_plugins::FIXTURE_TAG).expect("built"),
+    );
+    assert_eq!(r.status, 401);
+    // A large upload with a wrong token gets its 401 too.
+    let r = request(
+        admin,
+        "POST",
+        "/v1/modules",
+        &[("authorization", "Bearer not-the-token-at-all")],
+        &huge,
     );
     assert_eq!(r.status, 401);
     assert_eq!(

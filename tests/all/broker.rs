@@ -86,6 +86,18 @@ fn ingress_answers_with_knatives_status_codes() {
             .status,
         413
     );
+    // A body far larger than the connection buffers: the client, still sending, reads the
+    // answer (the body is read and dropped first rather than cut off by a reset connection),
+    // whether it is refused for its size or before it is read.
+    let huge = vec![b'x'; 16 << 20];
+    for (path, code) in [
+        ("/default/default", 413),
+        ("/default/nope", 404),
+        ("/x", 400),
+    ] {
+        let r = serve.request("POST", path, &ce_headers("4", "t"), &huge);
+        assert_eq!(r.status, code, "{path}: {}", r.text());
+    }
 
     let mut ttl = ce_headers("5", "t");
     ttl.push(("ce-knativebrokerttl", "1"));

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -15,7 +15,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::codec;
-use crate::listen::{Acceptor, DEFAULT_READ_TIMEOUT, http1_builder};
+use crate::listen::{
+    Acceptor, BodyError, DEFAULT_READ_TIMEOUT, http1_builder, read_limited, refuse,
+};
 use crate::log::LogError;
 use crate::mesh::{BrokerKey, Mesh, PublishError};
 use crate::passthrough::Passthrough;
@@ -91,25 +93,30 @@ async fn handle(
 ) -> Response<Body> {
     // Go's server (Knative's) routes on the decoded path: `/default/def%61ult` is broker
     // default/default.
+    // Every refusal below drains the body first (`refuse`): a client still sending it reads the
+    // answer instead of a reset connection.
     let Ok(path) = percent_encoding::percent_decode_str(req.uri().path()).decode_utf8() else {
-        return error(
+        let e = error(
             StatusCode::BAD_REQUEST,
             "the path is not valid UTF-8 once percent-decoded",
         );
+        return refuse(req, e).await;
     };
-    let path = path.trim_end_matches('/');
+    let path = path.trim_end_matches('/').to_string();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     if path.is_empty() {
-        return error(
+        let e = error(
             StatusCode::NOT_FOUND,
             "no broker here: POST to /<namespace>/<broker>",
         );
+        return refuse(req, e).await;
     }
     if segments.len() != 2 || segments.iter().any(|s| s.is_empty()) {
-        return error(
+        let e = error(
             StatusCode::BAD_REQUEST,
             "the path must be /<namespace>/<broker>",
         );
+        return refuse(req, e).await;
     }
     let key = BrokerKey::new(segments[0], segments[1]);
     match *req.method() {
@@ -123,10 +130,11 @@ async fn handle(
                 .unwrap_or_default();
         }
         _ => {
-            return response(StatusCode::METHOD_NOT_ALLOWED)
+            let e = response(StatusCode::METHOD_NOT_ALLOWED)
                 .header(header::ALLOW, "POST, OPTIONS")
                 .body(Body::default())
                 .unwrap_or_default();
+            return refuse(req, e).await;
         }
     }
     if stopping {
@@ -141,31 +149,21 @@ async fn handle(
         return r;
     }
     if !mesh.has_broker(&key) {
-        return error(
+        let e = error(
             StatusCode::NOT_FOUND,
             &format!("broker {key} does not exist"),
         );
-    }
-    let too_big = || {
-        error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("the body is larger than {} bytes", config.max_body_bytes),
-        )
-    };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > config.max_body_bytes) {
-        return too_big();
+        return refuse(req, e).await;
     }
     let (parts, body) = req.into_parts();
-    let reading = Limited::new(body, config.max_body_bytes).collect();
+    let reading = read_limited(body, config.max_body_bytes);
     let body = match tokio::time::timeout(config.read_timeout, reading).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_big(),
-        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, &format!("reading the body: {e}")),
+        Ok(Ok(b)) => b,
+        Ok(Err(BodyError::TooLarge(limit))) => {
+            let e = format!("the body is larger than {limit} bytes");
+            return error(StatusCode::PAYLOAD_TOO_LARGE, &e);
+        }
+        Ok(Err(e @ BodyError::Read(_))) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(_) => {
             let mut r = error(
                 StatusCode::REQUEST_TIMEOUT,

@@ -6,6 +6,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt as _;
+use hyper::body::{Body as _, Incoming};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioTimer;
 use tokio::net::{TcpListener, TcpStream};
@@ -96,4 +99,87 @@ pub fn http1_builder(read_timeout: Duration) -> http1::Builder {
         .timer(TokioTimer::new())
         .header_read_timeout(read_timeout);
     builder
+}
+
+/// The most of a refused request's body that is read and dropped before the answer.
+const DRAIN_MOST: u64 = 64 << 20;
+
+/// The longest a refused request's body is read and dropped before the answer.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Reads and drops what is left of a request's body (up to `DRAIN_MOST` bytes, for up to
+/// `DRAIN_TIME`) before the server answers without it (401, 404, 413, ...). A client still
+/// sending then reads the answer: answering and closing with unread bytes makes the kernel reset
+/// the connection, and the client sees a failed write ("error writing a body", "connection
+/// reset") instead of the status. A body declared larger than that is not worth reading.
+pub async fn drain(mut body: Incoming) {
+    if body.size_hint().lower() > DRAIN_MOST {
+        return;
+    }
+    let reading = async {
+        let mut seen = 0u64;
+        while seen <= DRAIN_MOST {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                }
+                _ => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, reading).await;
+}
+
+/// Why a request's body was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// Longer than the limit (in bytes); the rest was drained (`drain`).
+    #[error("the request body is over the limit of {0} bytes")]
+    TooLarge(usize),
+    /// The client broke off or sent a malformed body.
+    #[error("cannot read the body: {0}")]
+    Read(#[from] hyper::Error),
+}
+
+/// Reads a body of at most `limit` bytes. A longer one is refused, its rest drained first so
+/// that the client reads the refusal (`drain`).
+pub async fn read_limited(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    if body.size_hint().lower() > limit as u64 {
+        drain(body).await;
+        return Err(BodyError::TooLarge(limit));
+    }
+    // One chunk (the usual small request) is kept as it came, without a copy.
+    let mut first: Option<Bytes> = None;
+    let mut rest = BytesMut::new();
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue; // Trailers.
+        };
+        len += data.len();
+        if len > limit {
+            drain(body).await;
+            return Err(BodyError::TooLarge(limit));
+        }
+        match &first {
+            None if rest.is_empty() => first = Some(data),
+            _ => {
+                if let Some(f) = first.take() {
+                    rest.extend_from_slice(&f);
+                }
+                rest.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| rest.freeze()))
+}
+
+/// Answers `request` with `response` without using its body: the body is drained first (see
+/// `drain`), so that a client still sending it reads `response`.
+pub async fn refuse<B>(
+    request: http::Request<Incoming>,
+    response: http::Response<B>,
+) -> http::Response<B> {
+    drain(request.into_body()).await;
+    response
 }

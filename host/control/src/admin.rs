@@ -24,14 +24,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tokio::time::timeout;
 use tokio_rustls::rustls;
 use tokio_stream::StreamExt as _;
-use wasmesh_broker::listen::{Acceptor, DEFAULT_READ_TIMEOUT, http1_builder};
+use wasmesh_broker::listen::{
+    Acceptor, BodyError, DEFAULT_READ_TIMEOUT, http1_builder, read_limited, refuse,
+};
 use wasmesh_broker::output::{LogBook, LogEntry};
 use wasmesh_core::yaml::{Located, parse_documents};
 
@@ -221,18 +223,16 @@ fn authorized(req: &Request<Incoming>, token: &str) -> Result<(), Refused> {
     }
 }
 
+/// The body, at most `limit` bytes (a longer one is drained, then refused with 413, so that a
+/// client still sending it reads why).
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Refused> {
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Box::new(error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the request body is over the limit of {limit} bytes"),
-        ))),
-        Err(e) => Err(Box::new(error(
-            StatusCode::BAD_REQUEST,
-            format!("cannot read the body: {e}"),
-        ))),
-    }
+    read_limited(req.into_body(), limit).await.map_err(|e| {
+        let status = match e {
+            BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::Read(_) => StatusCode::BAD_REQUEST,
+        };
+        Box::new(error(status, e.to_string()))
+    })
 }
 
 fn query(req: &Request<Incoming>, name: &str) -> Option<String> {
@@ -252,8 +252,10 @@ async fn handle(
     if path == "/healthz" {
         return full(StatusCode::OK, "text/plain", "ok\n");
     }
+    // Refusals that do not read the body drain it first (`refuse`): an upload sent with a
+    // wrong token gets its 401, not a reset connection.
     if let Err(r) = authorized(&req, &config.token) {
-        return *r;
+        return refuse(req, *r).await;
     }
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -340,11 +342,20 @@ async fn handle(
         (
             _,
             ["v1", _] | ["v1", _, _, _] | ["v1", "functions", _, _, "revisions" | "undo" | "logs"],
-        ) => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("{} {path} is not an admin API call", req.method()),
-        ),
-        _ => error(StatusCode::NOT_FOUND, format!("no such path: {path}")),
+        ) => {
+            let e = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{} {path} is not an admin API call", req.method()),
+            );
+            refuse(req, e).await
+        }
+        _ => {
+            refuse(
+                req,
+                error(StatusCode::NOT_FOUND, format!("no such path: {path}")),
+            )
+            .await
+        }
     }
 }
 
@@ -354,10 +365,11 @@ async fn upload(req: Request<Incoming>, c: &Controller, config: &AdminConfig) ->
         Some("filter") => Some(wasmesh_runtime::PluginKind::Filter),
         Some("subscriber") => Some(wasmesh_runtime::PluginKind::Subscriber),
         Some(other) => {
-            return error(
+            let e = error(
                 StatusCode::BAD_REQUEST,
                 format!("world `{other}`: use filter or subscriber"),
             );
+            return refuse(req, e).await;
         }
     };
     let bytes = match read_body(req, config.max_module_bytes).await {
