@@ -97,6 +97,22 @@ fn ingress_answers_with_knatives_status_codes() {
     ] {
         let r = serve.request("POST", path, &ce_headers("4", "t"), &huge);
         assert_eq!(r.status, code, "{path}: {}", r.text());
+        // A client that waits for `100 Continue` before sending (curl does above 1 MiB) is
+        // answered at once instead, and sends nothing.
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(serve.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\
+             ce-specversion: 1.0\r\nce-id: 5\r\nce-source: /s\r\nce-type: t\r\n\r\n",
+            huge.len()
+        );
+        s.write_all(head.as_bytes()).expect("send");
+        let mut answer = [0u8; 12];
+        s.read_exact(&mut answer).expect("an answer");
+        let answer = String::from_utf8_lossy(&answer);
+        assert_eq!(answer, format!("HTTP/1.1 {code}"), "{path}");
     }
 
     let mut ttl = ce_headers("5", "t");

@@ -156,7 +156,7 @@ async fn handle(
         return refuse(req, e).await;
     }
     let (parts, body) = req.into_parts();
-    let reading = read_limited(body, config.max_body_bytes);
+    let reading = read_limited(&parts.headers, body, config.max_body_bytes);
     let body = match tokio::time::timeout(config.read_timeout, reading).await {
         Ok(Ok(b)) => b,
         Ok(Err(BodyError::TooLarge(limit))) => {

@@ -141,11 +141,27 @@ pub enum BodyError {
     Read(#[from] hyper::Error),
 }
 
+/// True when the client sent `Expect: 100-continue`: it sends the body only once told to, which
+/// reading the body does (hyper answers `100 Continue` then). Refused before that, it sends none,
+/// so there is nothing to drain.
+pub fn waits_for_continue(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
 /// Reads a body of at most `limit` bytes. A longer one is refused, its rest drained first so
-/// that the client reads the refusal (`drain`).
-pub async fn read_limited(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+/// that the client reads the refusal (`drain`); one declared longer is refused before it is
+/// read, and drained only if the client is sending it anyway (no `Expect: 100-continue`).
+pub async fn read_limited(
+    headers: &http::HeaderMap,
+    mut body: Incoming,
+    limit: usize,
+) -> Result<Bytes, BodyError> {
     if body.size_hint().lower() > limit as u64 {
-        drain(body).await;
+        if !waits_for_continue(headers) {
+            drain(body).await;
+        }
         return Err(BodyError::TooLarge(limit));
     }
     // One chunk (the usual small request) is kept as it came, without a copy.
@@ -180,6 +196,8 @@ pub async fn refuse<B>(
     request: http::Request<Incoming>,
     response: http::Response<B>,
 ) -> http::Response<B> {
-    drain(request.into_body()).await;
+    if !waits_for_continue(request.headers()) {
+        drain(request.into_body()).await;
+    }
     response
 }

@@ -226,13 +226,16 @@ fn authorized(req: &Request<Incoming>, token: &str) -> Result<(), Refused> {
 /// The body, at most `limit` bytes (a longer one is drained, then refused with 413, so that a
 /// client still sending it reads why).
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Refused> {
-    read_limited(req.into_body(), limit).await.map_err(|e| {
-        let status = match e {
-            BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            BodyError::Read(_) => StatusCode::BAD_REQUEST,
-        };
-        Box::new(error(status, e.to_string()))
-    })
+    let (parts, body) = req.into_parts();
+    read_limited(&parts.headers, body, limit)
+        .await
+        .map_err(|e| {
+            let status = match e {
+                BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                BodyError::Read(_) => StatusCode::BAD_REQUEST,
+            };
+            Box::new(error(status, e.to_string()))
+        })
 }
 
 fn query(req: &Request<Incoming>, name: &str) -> Option<String> {
