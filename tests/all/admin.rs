@@ -270,7 +270,8 @@ fn twenty_hot_swaps_under_load_lose_and_double_nothing() {
     );
     let revisions = json(&serve.admin("GET", "/v1/functions/default/sub/revisions", b""));
     assert_eq!(revisions["live"], 21, "{revisions}");
-    assert_eq!(revisions["revisions"].as_array().map(Vec::len), Some(21));
+    // The ten newest are kept (`old_revisions_and_their_modules_go_past_ten`).
+    assert_eq!(revisions["revisions"].as_array().map(Vec::len), Some(10));
 }
 
 #[test]
@@ -1289,4 +1290,81 @@ fn advertise_url_is_each_brokers_address() {
             "{flag} {bad}: {err}"
         );
     }
+}
+
+/// A Function keeps its ten newest revisions (as a Deployment keeps ten old ReplicaSets), and a
+/// stored module that no kept revision names goes once it is an hour old: a plugin pushed or
+/// rebuilt again and again does not fill the data directory.
+#[test]
+fn old_revisions_and_their_modules_go_past_ten() {
+    let serve = Serve::start(&[("f.yaml", &subscribed("builtin:event-display", ""))], &[]);
+    let cli = Cli::login(&serve);
+    let display = std::fs::read(wasmesh_plugins::EVENT_DISPLAY).expect("built");
+    let push = |n: u32| {
+        let file = cli.home.path().join(format!("display-{n}.wasm"));
+        std::fs::write(&file, variant(&display, &format!("v{n}"))).expect("write");
+        let (ok, _, err) = cli.run(&["push", "function", "sub", &file.to_string_lossy()]);
+        assert!(ok, "push {n}: {err}");
+    };
+    for n in 2..=12 {
+        push(n);
+    }
+    let revisions = json(&serve.admin("GET", "/v1/functions/default/sub/revisions", b""));
+    let numbers: Vec<u64> = revisions["revisions"]
+        .as_array()
+        .expect("revisions")
+        .iter()
+        .map(|r| r["revision"].as_u64().expect("number"))
+        .collect();
+    assert_eq!(numbers, (3..=12).collect::<Vec<_>>(), "{revisions}");
+    assert_eq!(revisions["live"], 12);
+    let (ok, _, err) = cli.run(&["rollout", "undo", "function", "sub", "--to-revision", "2"]);
+    assert!(!ok && err.contains("no revision 2"), "{err}");
+    // Every stored module is an hour old now: those of revisions 1 and 2 go with the next push.
+    let modules = serve_data(&serve).join("modules");
+    let stored = || -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(&modules)
+            .expect("modules")
+            .flatten()
+            .map(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .trim_end_matches(".wasm")
+                    .to_string()
+            })
+            .collect()
+    };
+    assert_eq!(stored().len(), 12, "nothing removed within the hour");
+    let hours_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+    for entry in std::fs::read_dir(&modules).expect("modules").flatten() {
+        let f = std::fs::File::options()
+            .write(true)
+            .open(entry.path())
+            .expect("open");
+        f.set_modified(hours_ago).expect("mtime");
+    }
+    push(13);
+    let revisions = json(&serve.admin("GET", "/v1/functions/default/sub/revisions", b""));
+    let named: std::collections::BTreeSet<String> = revisions["revisions"]
+        .as_array()
+        .expect("revisions")
+        .iter()
+        .map(|r| {
+            r["digest"]
+                .as_str()
+                .expect("digest")
+                .trim_start_matches("sha256:")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(named.len(), 10);
+    assert_eq!(stored(), named, "only the kept revisions' modules are left");
+    // The live version still serves, and an undo within the ten still works.
+    let r = serve.request("POST", "/default/default", &ce_headers("after", "t"), b"{}");
+    assert_eq!(r.status, 202);
+    wait_for("the event displayed", Duration::from_secs(20), || {
+        serve.stdout().contains("id: after")
+    });
+    let (ok, _, err) = cli.run(&["rollout", "undo", "function", "sub", "--to-revision", "5"]);
+    assert!(ok, "{err}");
 }

@@ -2,9 +2,10 @@
 //! changes made through the admin API (objects applied, objects deleted, each Function's
 //! revisions), so that a restart comes back to the state the API left.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +60,42 @@ impl ModuleStore {
         Ok(hex)
     }
 
+    /// Removes the modules whose digest (hex) is not in `keep` and that were stored more than
+    /// `grace` ago (an upload waits that long for the apply that names it), and temporary files
+    /// a crash left; returns the digests removed.
+    pub fn prune(&self, keep: &HashSet<String>, grace: Duration) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let now = SystemTime::now();
+        let old = |meta: &std::fs::Metadata| {
+            meta.modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .is_some_and(|age| age > grace)
+        };
+        let mut removed = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(meta) = entry.metadata() else { continue };
+            if !old(&meta) {
+                continue;
+            }
+            let stale_tmp = name.starts_with('.') && name.ends_with(".tmp");
+            let unused = name
+                .strip_suffix(".wasm")
+                .is_some_and(|hex| self.path(hex).is_some() && !keep.contains(hex));
+            if !(stale_tmp || unused) {
+                continue;
+            }
+            let gone = std::fs::remove_file(entry.path()).is_ok();
+            if gone && unused {
+                removed.push(name.trim_end_matches(".wasm").to_string());
+            }
+        }
+        removed
+    }
+
     /// The bytes stored under `sha256:<hex>` (or a bare hex digest).
     pub fn get(&self, digest: &str) -> Result<Vec<u8>, String> {
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
@@ -80,6 +117,18 @@ impl ModuleStore {
         }
         Ok(bytes)
     }
+}
+
+/// Revisions kept per Function, as a Kubernetes Deployment keeps ten old ReplicaSets: older ones
+/// go (`rollout undo` reaches these ten), and so does a module no revision or spec names.
+pub(crate) const REVISIONS_KEPT: usize = 10;
+
+/// Drops the oldest revisions past `REVISIONS_KEPT`. The live revision is always the newest
+/// (an undo or an automatic rollback makes a new revision), and one on trial has its fallback
+/// just before it.
+pub(crate) fn trim_history(history: &mut Vec<Revision>) {
+    let extra = history.len().saturating_sub(REVISIONS_KEPT);
+    history.drain(..extra);
 }
 
 /// One revision of a Function.
@@ -145,6 +194,56 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn history_keeps_the_newest_ten() {
+        let rev = |n: u32, digest: &str| Revision {
+            revision: n,
+            digest: digest.into(),
+            module: digest.into(),
+            created: String::new(),
+            rolled_back: None,
+        };
+        let mut h: Vec<Revision> = (1..=12).map(|n| rev(n, &format!("d{}", n % 2))).collect();
+        trim_history(&mut h);
+        let kept: Vec<u32> = h.iter().map(|r| r.revision).collect();
+        assert_eq!(kept, (3..=12).collect::<Vec<_>>());
+        let mut short = h[..4].to_vec();
+        trim_history(&mut short);
+        assert_eq!(short.len(), 4);
+    }
+
+    #[test]
+    fn pruning_removes_old_unnamed_modules_only() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = ModuleStore::new(dir.path());
+        let named = store.put(b"\0asm named").expect("put");
+        let unnamed = store.put(b"\0asm unnamed").expect("put");
+        let fresh = store.put(b"\0asm just uploaded").expect("put");
+        let tmp = dir.path().join("modules/.abc.1-0.tmp");
+        std::fs::write(&tmp, b"torn").expect("write");
+        let hours_ago = SystemTime::now() - Duration::from_secs(2 * 3600);
+        for path in [store.path(&named), store.path(&unnamed), Some(tmp.clone())]
+            .into_iter()
+            .flatten()
+        {
+            let f = std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .expect("open");
+            f.set_modified(hours_ago).expect("mtime");
+        }
+        let keep = HashSet::from([named.clone()]);
+        let removed = store.prune(&keep, Duration::from_secs(3600));
+        assert_eq!(removed, std::slice::from_ref(&unnamed));
+        assert!(store.get(&named).is_ok());
+        assert!(store.get(&unnamed).is_err());
+        assert!(
+            store.get(&fresh).is_ok(),
+            "an upload waiting for its apply stays"
+        );
+        assert!(!tmp.exists(), "a crash's leftover goes");
+    }
 
     #[test]
     fn a_module_changed_on_disk_is_refused_not_run() {

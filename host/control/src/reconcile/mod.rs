@@ -4,7 +4,7 @@
 //! them in: a changed Function's slot to its new version, a changed Trigger's spec in place,
 //! a changed source restarted. Each object ends with a status.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use wasmesh_core::yaml::Located;
 use wasmesh_runtime::{PluginEngine, PluginKind};
 
 use crate::shared::Shared;
-use crate::store::{ModuleStore, Overlay, Revision};
+use crate::store::{ModuleStore, Overlay, Revision, trim_history};
 use crate::{Builtins, Status};
 
 mod resolve;
@@ -29,6 +29,10 @@ use status::{kind_name, kinds_of, ordered_statuses, status_of, view};
 
 /// The file name objects applied through the admin API carry in statuses and errors.
 pub const API_FILE: &str = "admin-api";
+
+/// How long an uploaded module no revision names is kept: the apply that names it follows the
+/// upload (`wasmesh push` does both), and this is long enough for a person doing it by hand.
+const UNNAMED_MODULE_GRACE: Duration = Duration::from_secs(3600);
 
 /// Why a change was refused; nothing running changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -582,6 +586,7 @@ impl Controller {
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         // Functions whose module changed under a spec that did not (a file rebuilt in place).
         let mut new_modules = BTreeSet::new();
+        let any_built = !built.is_empty();
         for b in built {
             let id = format!("Function/{}", b.key);
             let history = st.overlay.history.entry(id).or_default();
@@ -599,6 +604,7 @@ impl Controller {
                         created: now.clone(),
                         rolled_back: None,
                     });
+                    trim_history(history);
                     revision
                 }
             };
@@ -634,6 +640,33 @@ impl Controller {
             })
             .collect();
         st.functions.retain(|k, _| wanted_functions.contains(k));
+        // A module that no kept revision, spec or running version names any more goes: each
+        // build of a plugin rebuilt under --watch is a new module (12-18 MB for JavaScript or
+        // Python), kept until then.
+        if any_built && let Some(store) = &self.modules {
+            let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
+            let mut keep: HashSet<String> = st
+                .overlay
+                .history
+                .values()
+                .flatten()
+                .map(|r| hex(&r.digest))
+                .collect();
+            keep.extend(desired.iter().filter_map(|l| match &l.resource {
+                Resource::Function(f) if f.spec.module.starts_with("sha256:") => {
+                    Some(hex(&f.spec.module))
+                }
+                _ => None,
+            }));
+            keep.extend(
+                st.functions
+                    .values()
+                    .map(|run| hex(&run.slot.live().digest)),
+            );
+            for gone in store.prune(&keep, UNNAMED_MODULE_GRACE) {
+                tracing::info!(module = %gone, "removed a stored module that nothing names any more");
+            }
+        }
 
         let mut brokers: BTreeMap<BrokerKey, BrokerSpec> = BTreeMap::new();
         for loc in &desired {
