@@ -999,21 +999,29 @@ fn rebase(base: &Overlay, ours: &Overlay, mut latest: Overlay) -> Overlay {
         }
     }
     for (id, revs) in &ours.history {
-        if base.history.get(id) != Some(revs) {
-            let mine = latest.history.entry(id.clone()).or_default();
-            for r in revs {
-                if !mine
-                    .iter()
-                    .any(|m| m.digest == r.digest && m.revision == r.revision)
-                {
-                    let next = mine.last().map_or(1, |m| m.revision + 1);
-                    mine.push(Revision {
-                        revision: next.max(r.revision),
-                        ..r.clone()
-                    });
-                }
-            }
+        let before = base.history.get(id);
+        if before == Some(revs) {
+            continue;
         }
+        let mine = latest.history.entry(id.clone()).or_default();
+        for r in revs {
+            let same = |m: &Revision| m.digest == r.digest && m.revision == r.revision;
+            if let Some(m) = mine.iter_mut().find(|m| same(m)) {
+                // A note ours added to a revision both have (an automatic rollback).
+                if r.rolled_back.is_some() {
+                    m.rolled_back.clone_from(&r.rolled_back);
+                }
+            } else if !before.is_some_and(|b| b.iter().any(same)) {
+                // Ours alone: a revision made here, after those of `latest`.
+                let next = mine.last().map_or(1, |m| m.revision + 1);
+                mine.push(Revision {
+                    revision: next.max(r.revision),
+                    ..r.clone()
+                });
+            }
+            // In `base` but not in `latest`: dropped there as too old; it stays dropped.
+        }
+        trim_history(mine);
     }
     latest
 }
@@ -1080,4 +1088,64 @@ fn with_injected_brokers(mut desired: Vec<Located>) -> Vec<Located> {
     }
     desired.extend(injected);
     desired
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rev(revision: u32, digest: &str) -> Revision {
+        Revision {
+            revision,
+            digest: digest.into(),
+            module: digest.into(),
+            created: String::new(),
+            rolled_back: None,
+        }
+    }
+
+    fn history(revs: Vec<Revision>) -> Overlay {
+        let mut o = Overlay::default();
+        o.history.insert("Function/default/f".into(), revs);
+        o
+    }
+
+    /// Another replica made two revisions since `base`, and dropped the oldest past ten; ours
+    /// made one. The rebase adds ours after theirs, and brings back none of those dropped.
+    #[test]
+    fn rebasing_histories_adds_our_revisions_and_not_the_dropped_ones() {
+        let base: Vec<Revision> = (1..=10).map(|n| rev(n, &format!("d{n}"))).collect();
+        let mut ours = base.clone();
+        ours.push(rev(11, "ours"));
+        trim_history(&mut ours);
+        let mut theirs = base.clone();
+        theirs.push(rev(11, "a"));
+        theirs.push(rev(12, "b"));
+        trim_history(&mut theirs);
+        let merged = rebase(&history(base), &history(ours), history(theirs));
+        let got: Vec<(u32, String)> = merged.history["Function/default/f"]
+            .iter()
+            .map(|r| (r.revision, r.digest.clone()))
+            .collect();
+        let mut want: Vec<(u32, String)> = (4..=10).map(|n| (n, format!("d{n}"))).collect();
+        want.extend([(11, "a".into()), (12, "b".into()), (13, "ours".into())]);
+        assert_eq!(got, want);
+    }
+
+    /// A note ours added to a revision both have (an automatic rollback) is kept.
+    #[test]
+    fn rebasing_histories_keeps_a_rollback_note() {
+        let base = vec![rev(1, "a"), rev(2, "b")];
+        let mut ours = base.clone();
+        ours[1].rolled_back = Some("rolled back: failures".into());
+        ours.push(rev(3, "a"));
+        let mut theirs = base.clone();
+        theirs.push(rev(3, "c"));
+        let merged = rebase(&history(base), &history(ours), history(theirs));
+        let h = &merged.history["Function/default/f"];
+        assert_eq!(h[1].rolled_back.as_deref(), Some("rolled back: failures"));
+        let digests: Vec<&str> = h.iter().map(|r| r.digest.as_str()).collect();
+        assert_eq!(digests, ["a", "b", "c", "a"]);
+        assert_eq!(h[3].revision, 4);
+    }
 }
