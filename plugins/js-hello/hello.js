@@ -1,7 +1,8 @@
 // A wasmesh subscriber written in JavaScript (the `subscriber` world of wit/plugin.wit), made a
 // component by componentize-js. It logs each event through the host's `log` import and answers
 // an event of type `com.example.ping` with a reply of type `com.example.pong` carrying the same
-// data; every other event is acknowledged.
+// data; every other event is acknowledged. Built without stdio (build.mjs), `console.log` goes
+// nowhere: write through `log`.
 import { log } from "wasmesh:plugin/log@0.1.0";
 import { get } from "wasmesh:plugin/config@0.1.0";
 
