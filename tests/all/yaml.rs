@@ -70,6 +70,23 @@ fn the_seeds_yaml_files_parse_unchanged() {
     );
 }
 
+/// A file saved on Windows (a UTF-8 byte order mark, CRLF line ends) reads as the same objects,
+/// at the same lines, as kubectl reads it.
+#[test]
+fn a_byte_order_mark_and_crlf_line_ends_change_nothing() {
+    for b in seed_blocks() {
+        let plain = wasmesh_core::yaml::parse_documents("f", &b).expect("valid");
+        let windows = format!("\u{feff}{}", b.replace('\n', "\r\n"));
+        let read = wasmesh_core::yaml::parse_documents("f", &windows)
+            .unwrap_or_else(|e| panic!("{e}\n{b}"));
+        assert_eq!(read, plain);
+    }
+    // An error in such a file is still placed where it is.
+    let bad = "\u{feff}apiVersion: eventing.knative.dev/v1\r\nkind: Broker\r\nmetadata:\r\n  name: b\r\n  colour: red\r\n";
+    let err = wasmesh_core::yaml::parse_documents("f", bad).expect_err("unknown field");
+    assert!(err.to_string().starts_with("f:5:3: metadata"), "{err}");
+}
+
 /// What `kubectl get ... -o yaml` writes, a `v1` `List` of objects with their status and
 /// server-set metadata, is read as its items (as `kubectl apply -f` reads it): moving objects
 /// out of a cluster takes no editing. Each item is located where it is written; a List in JSON

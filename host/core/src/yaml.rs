@@ -102,6 +102,8 @@ fn flow_nesting_beyond(doc: &str, limit: usize) -> Option<(usize, usize)> {
 
 /// Parses every document of one file. `file` is how errors name it.
 pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Located>, YamlErrors> {
+    // A UTF-8 byte order mark (a file saved by Windows' editors), as kubectl ignores it.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for (first_line, doc) in split_documents(text) {
