@@ -255,7 +255,15 @@ fn parse_document(file: &str, first_line: usize, doc: &str) -> Result<Option<Res
         Ok(v) => v,
         Err(e) => {
             let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
-            return Err(err_at(line, column, "", strip_location(&e.to_string())));
+            let mut message = strip_location(&e.to_string());
+            let at = doc
+                .lines()
+                .nth(line.saturating_sub(1))
+                .and_then(|l| l.chars().nth(column.saturating_sub(1)));
+            if at == Some('\t') {
+                message.push_str(" (a tab: YAML indents with spaces only)");
+            }
+            return Err(err_at(line, column, "", message));
         }
     };
     let map = match &value {
