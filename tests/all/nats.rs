@@ -482,6 +482,56 @@ fn an_ordered_trigger_fails_over_in_order_and_loses_nothing() {
     );
 }
 
+/// The replica holding an ordered trigger's lease is paused (SIGSTOP: a stopped VM, a starved
+/// process) for longer than the lease lives; the other takes the lease over and delivers what
+/// was left, and then the paused one resumes with events it had pulled still queued. By its
+/// clock the lease is gone, so it starts none of them: no key goes back.
+#[test]
+fn a_paused_lease_holder_that_resumes_starts_nothing_more() {
+    let n = NatsServer::start();
+    let sub = HoldingSubscriber::start(Duration::from_millis(20));
+    let files = files_with(&slow_trigger(&sub, &ORDERED.replace("PT1S", "PT5S")));
+    let replicas = replicas(&n, &files, 2);
+    let keys = ["k0", "k1", "k2", "k3", "k4", "k5"];
+    send_keyed(&[&replicas[0], &replicas[1]], "f", &keys, 10);
+    wait_for("deliveries under way", Duration::from_secs(30), || {
+        sub.done.load(Ordering::SeqCst) >= 6
+    });
+    let holder = replicas
+        .iter()
+        .position(|r| r.stderr().contains("holds the lease: this ordered trigger"))
+        .expect("a replica holds the lease");
+    let other = &replicas[1 - holder];
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &replicas[holder].pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    signal("-STOP");
+    // The lease runs out (6 s), the other replica takes it, waits for what the paused one held
+    // to come back (5 s), and delivers it.
+    wait_for(
+        "the other replica delivering",
+        Duration::from_secs(60),
+        || {
+            other
+                .stderr()
+                .contains("holds the lease: this ordered trigger")
+        },
+    );
+    let before = sub.done.load(Ordering::SeqCst);
+    wait_for(
+        "deliveries from the other replica",
+        Duration::from_secs(30),
+        || sub.done.load(Ordering::SeqCst) >= before + 6,
+    );
+    signal("-CONT");
+    send_keyed(&[other], "g", &keys, 10);
+    in_order_and_complete(&sub, &keys, 10);
+}
+
 /// Events waiting in a trigger's queue longer than the ack wait (one worker, 12 events of
 /// 300 ms each, 2 s ack wait) are kept in progress, not delivered a second time by JetStream,
 /// also after the trigger was rebuilt while its old worker still empties its queue.

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -44,7 +44,7 @@ pub struct NatsConfig {
 /// an ordered trigger, whether this replica still holds the lease it was pulled under.
 pub struct AckHandle {
     acker: jetstream::message::Acker,
-    lease: Option<Arc<AtomicBool>>,
+    lease: Option<Arc<LeaseHold>>,
     started: AtomicBool,
 }
 
@@ -52,9 +52,7 @@ impl AckHandle {
     /// False once the lease this message was pulled under is lost: another replica may deliver
     /// it (and the events after it) by now, so this one must not start it.
     pub fn lease_held(&self) -> bool {
-        self.lease
-            .as_ref()
-            .is_none_or(|held| held.load(Ordering::Acquire))
+        self.lease.as_ref().is_none_or(|hold| hold.holds())
     }
 
     /// Its delivery starts: from here on the delivery itself answers for it in time (an
@@ -129,6 +127,57 @@ fn counts_bytes_exactly(version: &str) -> bool {
 
 /// How long a lease lives without renewal; the holder renews it three times as often.
 pub const LEASE_TTL: Duration = Duration::from_secs(6);
+
+/// How long before its lease could expire the holder stops counting on it.
+const LEASE_MARGIN: Duration = Duration::from_secs(1);
+
+/// This replica's hold on an ordered trigger's lease, as the messages pulled under it see it:
+/// held until the holder finds it lost, and in any case no longer than the lease surely lives
+/// after its last renewal was sent (`LEASE_TTL` less `LEASE_MARGIN`). A holder that was paused
+/// or starved past that (a stopped VM, a stalled process) learns of the loss only at its next
+/// renewal, and meanwhile another replica may have taken the lease: by the clock it starts
+/// nothing more, rather than deliver events another replica already delivered after.
+pub(crate) struct LeaseHold {
+    held: AtomicBool,
+    origin: Instant,
+    /// Until when, in milliseconds after `origin`, the lease surely lives.
+    until_ms: AtomicU64,
+}
+
+impl LeaseHold {
+    /// A lease whose taking (or last renewal) was asked for at `sent`.
+    fn new(sent: Instant) -> Self {
+        let hold = Self {
+            held: AtomicBool::new(true),
+            origin: sent,
+            until_ms: AtomicU64::new(0),
+        };
+        hold.renewed(sent);
+        hold
+    }
+
+    /// A renewal asked for at `sent` succeeded.
+    fn renewed(&self, sent: Instant) {
+        let until = sent.saturating_duration_since(self.origin) + LEASE_TTL - LEASE_MARGIN;
+        let ms = u64::try_from(until.as_millis()).unwrap_or(u64::MAX);
+        self.until_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+
+    /// Until when the lease surely lives.
+    fn deadline(&self) -> Instant {
+        self.origin + Duration::from_millis(self.until_ms.load(Ordering::Acquire))
+    }
+
+    /// True while the lease is held and surely alive.
+    pub(crate) fn holds(&self) -> bool {
+        self.held.load(Ordering::Acquire) && Instant::now() < self.deadline()
+    }
+
+    /// The lease is lost or given up.
+    fn end(&self) {
+        self.held.store(false, Ordering::Release);
+    }
+}
 
 /// A key/value bucket, created when missing. Its stream is created here with the key/value
 /// conventions, rather than through `create_key_value`, whose account query does not parse the
@@ -556,25 +605,29 @@ pub(crate) struct Pulled {
 /// Reads a trigger's consumer until `stop`, handing each message to `take`; it reconnects
 /// after errors. `take` returning false stops the reading.
 ///
-/// With a `lease` (an ordered trigger), the messages JetStream delivers again first (those a
-/// previous holder left) are held back until the first new one, or a pause, and handed over in
-/// stream order: JetStream gives them back in the order their ack waits ran out, which need not
-/// be theirs.
+/// With a `lease` (an ordered trigger), everything is held back at first, until no message is
+/// in flight anywhere but here (JetStream's count of unacknowledged messages is what this
+/// holds), and then handed over in stream order. What a previous holder left comes back as its
+/// ack wait runs out, in that order, not theirs, and a holder that was paused rather than
+/// stopped still has its pull open, so JetStream may hand it a message again: waiting for a
+/// while, or for the first new message, let a key's newer event go before an older one.
 pub(crate) async fn pull<Fut>(
     consumer: consumer::PullConsumer,
     ack_wait: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
     mut retire: tokio::sync::watch::Receiver<bool>,
-    lease: Option<Arc<AtomicBool>>,
+    lease: Option<Arc<LeaseHold>>,
     mut take: impl FnMut(Pulled) -> Fut,
 ) where
     Fut: std::future::Future<Output = bool>,
 {
-    /// How long a pause ends the messages delivered again.
-    const PAUSE: Duration = Duration::from_millis(300);
+    /// How often, while holding back, the count of unacknowledged messages is asked for.
+    const POLL: Duration = Duration::from_millis(100);
     let waiting = KeepWaiting::start(ack_wait);
     let mut collecting = lease.is_some();
     let mut held_back: Vec<(u64, Pulled)> = Vec::new();
+    let mut asked = consumer.clone();
+    let mut last_asked = Instant::now();
     loop {
         let mut messages = match consumer.messages().await {
             Ok(m) => m,
@@ -591,7 +644,7 @@ pub(crate) async fn pull<Fut>(
             let next = tokio::select! {
                 m = async {
                     if collecting {
-                        tokio::time::timeout(PAUSE, messages.next()).await.ok()
+                        tokio::time::timeout(POLL, messages.next()).await.ok()
                     } else {
                         Some(messages.next().await)
                     }
@@ -600,10 +653,13 @@ pub(crate) async fn pull<Fut>(
                 _ = retire.changed() => return,
             };
             let Some(next) = next else {
-                // A pause: all that comes again has come.
-                collecting = false;
-                if !hand_over_in_order(&mut held_back, &mut take).await {
-                    return;
+                // Nothing new for a while: is anything still in flight elsewhere?
+                last_asked = Instant::now();
+                if only_here(&mut asked, held_back.len()).await {
+                    collecting = false;
+                    if !hand_over_in_order(&mut held_back, &mut take).await {
+                        return;
+                    }
                 }
                 continue;
             };
@@ -635,15 +691,19 @@ pub(crate) async fn pull<Fut>(
                         acker,
                     };
                     if collecting {
-                        if delivered > 1 {
-                            held_back.push((stream_seq, pulled));
+                        held_back.push((stream_seq, pulled));
+                        if last_asked.elapsed() < POLL {
                             continue;
                         }
-                        // The first new message: all that comes again has come.
+                        last_asked = Instant::now();
+                        if !only_here(&mut asked, held_back.len()).await {
+                            continue;
+                        }
                         collecting = false;
                         if !hand_over_in_order(&mut held_back, &mut take).await {
                             return;
                         }
+                        continue;
                     }
                     if !take(pulled).await {
                         return;
@@ -654,6 +714,38 @@ pub(crate) async fn pull<Fut>(
                     let _ = acker.ack_with(jetstream::AckKind::Term).await;
                 }
             }
+        }
+    }
+}
+
+/// Renews the lease `id`, moving `hold`'s deadline on from when the renewal was asked for;
+/// false when the lease was lost.
+async fn renew_hold(
+    leases: &kv::Store,
+    id: &str,
+    holder: &str,
+    revision: &mut u64,
+    hold: &LeaseHold,
+) -> bool {
+    let asked = Instant::now();
+    match lease::renew(leases, id, holder, *revision).await {
+        Some(r) => {
+            *revision = r;
+            hold.renewed(asked);
+            true
+        }
+        None => false,
+    }
+}
+
+/// True when JetStream counts no more unacknowledged messages than the `held` ones here: none is
+/// in flight with another replica (or with a paused holder) any more.
+async fn only_here(consumer: &mut consumer::PullConsumer, held: usize) -> bool {
+    match consumer.info().await {
+        Ok(info) => info.num_ack_pending <= held,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the consumer's state; asking again");
+            false
         }
     }
 }
@@ -763,6 +855,7 @@ pub(crate) async fn pull_exclusive<Fut>(
                 }
             }
         };
+        let asked = Instant::now();
         let Some(mut revision) = lease::acquire(leases, id, &nats.holder).await else {
             tokio::select! {
                 _ = tokio::time::sleep(period) => continue,
@@ -781,6 +874,7 @@ pub(crate) async fn pull_exclusive<Fut>(
             unacknowledged,
             "holds the lease: this ordered trigger is delivered here"
         );
+        let hold = Arc::new(LeaseHold::new(asked));
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         if unacknowledged > 0 {
             let settle = tokio::time::sleep(wait);
@@ -788,10 +882,11 @@ pub(crate) async fn pull_exclusive<Fut>(
             let lost = loop {
                 tokio::select! {
                     _ = &mut settle => break None,
-                    _ = renew.tick() => match lease::renew(leases, id, &nats.holder, revision).await {
-                        Some(r) => revision = r,
-                        None => break Some(true),
-                    },
+                    _ = renew.tick() => {
+                        if !renew_hold(leases, id, &nats.holder, &mut revision, &hold).await {
+                            break Some(true);
+                        }
+                    }
                     _ = stopped.changed() => break Some(false),
                     _ = retire.changed() => break Some(false),
                 }
@@ -806,29 +901,33 @@ pub(crate) async fn pull_exclusive<Fut>(
             }
         }
         let (lose, lost_rx) = tokio::sync::watch::channel(false);
-        let held = Arc::new(AtomicBool::new(true));
         let pulling = pull(
             consumer,
             ack_wait,
             stop.clone(),
             lost_rx,
-            Some(Arc::clone(&held)),
+            Some(Arc::clone(&hold)),
             &mut take,
         );
         tokio::pin!(pulling);
         let (lost, ended) = loop {
+            // Past the time the lease surely lives (this task was paused or starved, or the
+            // renewals keep failing to arrive), it counts as lost.
+            let expiry = tokio::time::Instant::from_std(hold.deadline());
             tokio::select! {
                 () = &mut pulling => break (false, true),
-                _ = renew.tick() => match lease::renew(leases, id, &nats.holder, revision).await {
-                    Some(r) => revision = r,
-                    None => break (true, false),
-                },
+                _ = renew.tick() => {
+                    if !renew_hold(leases, id, &nats.holder, &mut revision, &hold).await {
+                        break (true, false);
+                    }
+                }
+                () = tokio::time::sleep_until(expiry) => break (true, false),
                 _ = retire.changed() => break (false, false),
             }
         };
         // What this replica pulled and has not started stays unacknowledged: JetStream delivers
         // it again to the next holder.
-        held.store(false, Ordering::Release);
+        hold.end();
         if !ended {
             let _ = lose.send(true);
             pulling.await;
@@ -846,7 +945,27 @@ pub(crate) async fn pull_exclusive<Fut>(
 
 #[cfg(test)]
 mod tests {
-    use super::counts_bytes_exactly;
+    use super::{Duration, Instant, LEASE_MARGIN, LEASE_TTL, LeaseHold, counts_bytes_exactly};
+
+    #[test]
+    fn a_lease_is_held_by_the_clock_too() {
+        let start = Instant::now();
+        let hold = LeaseHold::new(start);
+        assert_eq!(hold.deadline(), start + LEASE_TTL - LEASE_MARGIN);
+        assert!(hold.holds());
+        // A renewal asked for later moves the deadline on; one that answers late, for a request
+        // sent before the last, does not move it back.
+        let later = start + Duration::from_secs(2);
+        hold.renewed(later);
+        assert_eq!(hold.deadline(), later + LEASE_TTL - LEASE_MARGIN);
+        hold.renewed(start);
+        assert_eq!(hold.deadline(), later + LEASE_TTL - LEASE_MARGIN);
+        hold.end();
+        assert!(!hold.holds(), "ended");
+        // Asked for long ago (the holder was paused since): no longer counted on.
+        let old = LeaseHold::new(start - LEASE_TTL);
+        assert!(!old.holds());
+    }
 
     #[test]
     fn servers_from_2_10_5_on_count_message_sizes_exactly() {
