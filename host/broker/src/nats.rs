@@ -626,7 +626,11 @@ pub(crate) async fn pull<Fut>(
     let waiting = KeepWaiting::start(ack_wait);
     let mut collecting = lease.is_some();
     let mut held_back: Vec<(u64, Pulled)> = Vec::new();
-    let mut asked = consumer.clone();
+    let mut asked = OnlyHere {
+        consumer: consumer.clone(),
+        give_up_after: ack_wait,
+        failing_since: None,
+    };
     let mut last_asked = Instant::now();
     loop {
         let mut messages = match consumer.messages().await {
@@ -655,7 +659,7 @@ pub(crate) async fn pull<Fut>(
             let Some(next) = next else {
                 // Nothing new for a while: is anything still in flight elsewhere?
                 last_asked = Instant::now();
-                if only_here(&mut asked, held_back.len()).await {
+                if asked.check(held_back.len()).await {
                     collecting = false;
                     if !hand_over_in_order(&mut held_back, &mut take).await {
                         return;
@@ -696,7 +700,7 @@ pub(crate) async fn pull<Fut>(
                             continue;
                         }
                         last_asked = Instant::now();
-                        if !only_here(&mut asked, held_back.len()).await {
+                        if !asked.check(held_back.len()).await {
                             continue;
                         }
                         collecting = false;
@@ -740,12 +744,59 @@ async fn renew_hold(
 
 /// True when JetStream counts no more unacknowledged messages than the `held` ones here: none is
 /// in flight with another replica (or with a paused holder) any more.
-async fn only_here(consumer: &mut consumer::PullConsumer, held: usize) -> bool {
-    match consumer.info().await {
-        Ok(info) => info.num_ack_pending <= held,
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot read the consumer's state; asking again");
-            false
+/// When that count cannot be read (credentials without the right to ask, say) for an ack wait,
+/// the messages held are handed over anyway, as before this check, rather than never.
+struct OnlyHere {
+    consumer: consumer::PullConsumer,
+    give_up_after: Duration,
+    failing_since: Option<Instant>,
+}
+
+impl OnlyHere {
+    async fn check(&mut self, held: usize) -> bool {
+        let pending = match self.consumer.info().await {
+            Ok(info) => Ok(info.num_ack_pending),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the consumer's state; asking again");
+                Err(())
+            }
+        };
+        let (here, since) = only_here(
+            pending,
+            held,
+            self.failing_since,
+            Instant::now(),
+            self.give_up_after,
+        );
+        if since.is_none() && self.failing_since.is_some() && pending.is_err() {
+            tracing::warn!(
+                "cannot read the JetStream consumer's state for an ack wait: handing the held \
+                 messages over without knowing whether older ones are still in flight"
+            );
+        }
+        self.failing_since = since;
+        here
+    }
+}
+
+/// Whether only `held` messages are unacknowledged, given what asking JetStream answered
+/// (`pending`); and since when asking has failed. After failing for `give_up_after`, yes.
+fn only_here(
+    pending: Result<usize, ()>,
+    held: usize,
+    failing_since: Option<Instant>,
+    now: Instant,
+    give_up_after: Duration,
+) -> (bool, Option<Instant>) {
+    match pending {
+        Ok(pending) => (pending <= held, None),
+        Err(()) => {
+            let since = failing_since.unwrap_or(now);
+            if now.saturating_duration_since(since) >= give_up_after {
+                (true, None)
+            } else {
+                (false, Some(since))
+            }
         }
     }
 }
@@ -945,7 +996,27 @@ pub(crate) async fn pull_exclusive<Fut>(
 
 #[cfg(test)]
 mod tests {
-    use super::{Duration, Instant, LEASE_MARGIN, LEASE_TTL, LeaseHold, counts_bytes_exactly};
+    use super::{
+        Duration, Instant, LEASE_MARGIN, LEASE_TTL, LeaseHold, counts_bytes_exactly, only_here,
+    };
+
+    #[test]
+    fn held_messages_go_once_nothing_older_is_in_flight_or_the_count_stays_unknown() {
+        let t0 = Instant::now();
+        let wait = Duration::from_secs(10);
+        // JetStream counts 5 unacknowledged, 3 of them here: wait.
+        assert_eq!(only_here(Ok(5), 3, None, t0, wait), (false, None));
+        assert_eq!(only_here(Ok(3), 3, None, t0, wait), (true, None));
+        // The count cannot be read: wait, but not for ever.
+        let (here, since) = only_here(Err(()), 3, None, t0, wait);
+        assert_eq!((here, since), (false, Some(t0)));
+        let later = t0 + Duration::from_secs(4);
+        assert_eq!(only_here(Err(()), 3, since, later, wait), (false, Some(t0)));
+        let past = t0 + wait;
+        assert_eq!(only_here(Err(()), 3, since, past, wait), (true, None));
+        // Readable again: the failures are forgotten.
+        assert_eq!(only_here(Ok(4), 3, since, later, wait), (false, None));
+    }
 
     #[test]
     fn a_lease_is_held_by_the_clock_too() {
