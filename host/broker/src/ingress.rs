@@ -85,40 +85,45 @@ pub async fn serve(
     }
 }
 
+/// The broker a path names, `/<namespace>/<broker>`, or the answer to a path that names none.
+/// Go's server (Knative's) routes on the decoded path: `/default/def%61ult` is broker
+/// default/default.
+fn route(path: &str) -> Result<BrokerKey, (StatusCode, &'static str)> {
+    let Ok(path) = percent_encoding::percent_decode_str(path).decode_utf8() else {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "the path is not valid UTF-8 once percent-decoded",
+        ));
+    };
+    let path = path.trim_end_matches('/');
+    if path.is_empty() {
+        return Err((
+            StatusCode::NOT_FOUND,
+            "no broker here: POST to /<namespace>/<broker>",
+        ));
+    }
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    if segments.len() != 2 || segments.iter().any(|s| s.is_empty()) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "the path must be /<namespace>/<broker>",
+        ));
+    }
+    Ok(BrokerKey::new(segments[0], segments[1]))
+}
+
 async fn handle(
     req: Request<Incoming>,
     mesh: &Mesh,
     config: &IngressConfig,
     stopping: bool,
 ) -> Response<Body> {
-    // Go's server (Knative's) routes on the decoded path: `/default/def%61ult` is broker
-    // default/default.
     // Every refusal below drains the body first (`refuse`): a client still sending it reads the
     // answer instead of a reset connection.
-    let Ok(path) = percent_encoding::percent_decode_str(req.uri().path()).decode_utf8() else {
-        let e = error(
-            StatusCode::BAD_REQUEST,
-            "the path is not valid UTF-8 once percent-decoded",
-        );
-        return refuse(req, e).await;
+    let key = match route(req.uri().path()) {
+        Ok(key) => key,
+        Err((status, why)) => return refuse(req, error(status, why)).await,
     };
-    let path = path.trim_end_matches('/').to_string();
-    let segments: Vec<&str> = path.split('/').skip(1).collect();
-    if path.is_empty() {
-        let e = error(
-            StatusCode::NOT_FOUND,
-            "no broker here: POST to /<namespace>/<broker>",
-        );
-        return refuse(req, e).await;
-    }
-    if segments.len() != 2 || segments.iter().any(|s| s.is_empty()) {
-        let e = error(
-            StatusCode::BAD_REQUEST,
-            "the path must be /<namespace>/<broker>",
-        );
-        return refuse(req, e).await;
-    }
-    let key = BrokerKey::new(segments[0], segments[1]);
     match *req.method() {
         Method::POST => {}
         Method::OPTIONS => {
