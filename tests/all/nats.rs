@@ -235,6 +235,73 @@ fn a_swap_through_one_replica_is_live_on_all() {
     assert!(!all.contains("id: sw-"), "no event on the old version");
 }
 
+/// A module that nothing names any more leaves the replicas' shared store (`--module-grace`,
+/// 0s here), so that one replica cannot fetch it from there; one a revision names stays, and a
+/// replica started later runs it.
+#[test]
+fn a_module_nothing_names_leaves_the_shared_store() {
+    let n = NatsServer::start();
+    let files = files_with(&function_subscriber("builtin:event-display", "new"));
+    let start = |i: usize| {
+        let data = files.path().join(format!("replica-{i}"));
+        std::fs::create_dir_all(&data).expect("dir");
+        let url = n.url();
+        Serve::start_replica(
+            files.path(),
+            &data,
+            &["--store", &url, "--module-grace", "0s"],
+        )
+    };
+    let (first, second) = (start(0), start(1));
+    let tag = std::fs::read(wasmesh_plugins::FIXTURE_TAG).expect("built");
+    let named = first.swap_sub(&tag, serde_json::json!({"tag": "new"}));
+    wait_for("the new revision on both", Duration::from_secs(20), || {
+        first.sub_runs(&named) && second.sub_runs(&named)
+    });
+    // Uploaded, never applied.
+    let filter = std::fs::read(wasmesh_plugins::TYPE_FILTER).expect("built");
+    let r = first.admin("POST", "/v1/modules", &filter);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let unnamed = serde_json::from_slice::<serde_json::Value>(&r.body).expect("json")["digest"]
+        .as_str()
+        .expect("digest")
+        .to_string();
+    // Any build prunes.
+    let other = serde_json::json!({
+        "apiVersion": "wasmesh.dev/v1alpha1", "kind": "Function",
+        "metadata": {"name": "other", "namespace": "default"},
+        "spec": {"module": "builtin:event-display"},
+    });
+    let r = first.admin("POST", "/v1/apply", other.to_string().as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
+    first.wait_log(&format!(
+        "removed a shared module that nothing names any more module={}",
+        hex(&unnamed)
+    ));
+    assert!(
+        !first.stderr().contains(&format!("module={}", hex(&named))),
+        "the named module stays: {}",
+        first.stderr()
+    );
+    // The second replica never had the upload: the shared store no longer has it either.
+    let late = serde_json::json!({
+        "apiVersion": "wasmesh.dev/v1alpha1", "kind": "Function",
+        "metadata": {"name": "late", "namespace": "default"},
+        "spec": {"module": unnamed},
+    });
+    let r = second.admin("POST", "/v1/apply", late.to_string().as_bytes());
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("no uploaded module"), "{}", r.text());
+    // A replica that starts now fetches the named module from the shared store.
+    let third = start(2);
+    wait_for(
+        "the named revision on a new replica",
+        Duration::from_secs(20),
+        || third.sub_runs(&named),
+    );
+}
+
 /// The replicas' watch of the shared control state outlives a NATS restart: a change made
 /// through one replica afterwards is live on the other.
 #[test]

@@ -4,6 +4,7 @@
 //! what sources last did (a PingSource's last tick), so that a failover neither loses nor
 //! repeats events.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,6 +135,48 @@ impl Shared {
         let mut bytes = Vec::new();
         object.read_to_end(&mut bytes).await.ok()?;
         (wasmesh_runtime::digest(&bytes) == hex).then_some(bytes)
+    }
+
+    /// Removes the shared modules that nothing names: neither `keep` (what this replica runs
+    /// and its files name) nor the latest shared changes (every kept revision, every applied
+    /// Function), and stored more than `grace` ago. Returns the digests removed. Replicas are
+    /// expected to run the same files: a digest named only by another replica's files goes
+    /// from here, though that replica keeps its own copy.
+    pub async fn prune_modules(
+        &self,
+        keep: &HashSet<String>,
+        grace: Duration,
+    ) -> Result<Vec<String>, String> {
+        // The latest changes, not those this replica last applied: a revision another replica
+        // just made may name a module that is old in the store.
+        let (overlay, _) = self.load_overlay().await?;
+        let named = overlay.module_digests();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut list = self.modules.list().await.map_err(|e| e.to_string())?;
+        let mut unnamed = Vec::new();
+        while let Some(info) = list.next().await {
+            let info = info.map_err(|e| e.to_string())?;
+            let age = info
+                .modified
+                .map(|m| now.saturating_sub(u64::try_from(m.unix_timestamp()).unwrap_or(0)));
+            if !info.deleted
+                && age.is_some_and(|a| a >= grace.as_secs())
+                && !keep.contains(&info.name)
+                && !named.contains(&info.name)
+            {
+                unnamed.push(info.name);
+            }
+        }
+        let mut removed = Vec::new();
+        for name in unnamed {
+            match self.modules.delete(&name).await {
+                Ok(()) => removed.push(name),
+                Err(e) => tracing::warn!(module = %name, "cannot remove a shared module: {e}"),
+            }
+        }
+        Ok(removed)
     }
 
     fn key(id: &str) -> String {

@@ -173,6 +173,26 @@ impl Overlay {
         }
     }
 
+    /// The modules (hex digests) the changes name: each Function's kept revisions, and each
+    /// applied Function's `spec.module` that is a digest.
+    pub fn module_digests(&self) -> HashSet<String> {
+        let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
+        let mut named: HashSet<String> = self
+            .history
+            .values()
+            .flatten()
+            .map(|r| hex(&r.digest))
+            .collect();
+        named.extend(
+            self.applied
+                .values()
+                .filter_map(|o| o.pointer("/spec/module")?.as_str())
+                .filter(|m| m.starts_with("sha256:"))
+                .map(hex),
+        );
+        named
+    }
+
     /// Writes it atomically (temporary file, fsync, rename).
     pub fn save(&self, data_dir: &Path) -> std::io::Result<()> {
         let path = data_dir.join("control.json");
@@ -211,6 +231,36 @@ mod tests {
         let mut short = h[..4].to_vec();
         trim_history(&mut short);
         assert_eq!(short.len(), 4);
+    }
+
+    #[test]
+    fn the_changes_name_their_revisions_and_applied_digests() {
+        let mut overlay = Overlay::default();
+        overlay.history.insert(
+            "default/sub".into(),
+            vec![Revision {
+                revision: 1,
+                digest: "sha256:aa".into(),
+                module: "sub.wasm".into(),
+                created: String::new(),
+                rolled_back: None,
+            }],
+        );
+        let function =
+            |module: &str| serde_json::json!({"kind": "Function", "spec": {"module": module}});
+        overlay
+            .applied
+            .insert("Function/default/up".into(), function("sha256:bb"));
+        overlay
+            .applied
+            .insert("Function/default/path".into(), function("f.wasm"));
+        overlay
+            .applied
+            .insert("Broker/default/b".into(), serde_json::json!({"spec": {}}));
+        assert_eq!(
+            overlay.module_digests(),
+            HashSet::from(["aa".to_string(), "bb".to_string()])
+        );
     }
 
     #[test]

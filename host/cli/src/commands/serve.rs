@@ -82,6 +82,12 @@ pub(crate) struct ServeArgs {
     /// `--store memory`, what is still queued after it is lost; the other stores keep it).
     #[arg(long, default_value = "5s", value_parser = parse_age)]
     shutdown_grace: Duration,
+    /// How long an uploaded or rebuilt module that nothing names any more (no Function, no
+    /// kept revision) stays stored before it is removed, from the data directory and, over
+    /// NATS, from the replicas' shared store. An upload waits that long for the apply that
+    /// names it.
+    #[arg(long, default_value = "1h", value_parser = parse_age)]
+    module_grace: Duration,
     /// Apply changes to the files while running; a change that does not parse or build is
     /// reported and leaves the running state as it was.
     #[arg(long)]
@@ -386,6 +392,7 @@ async fn run(args: ServeArgs, resources: Vec<Located>, seen: Watched) -> anyhow:
             kubeconfig: args.kubeconfig.clone(),
             shared,
             ingress_url: Some(ingress_url),
+            module_grace: Some(args.module_grace),
         },
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;

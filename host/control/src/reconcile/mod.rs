@@ -4,7 +4,7 @@
 //! them in: a changed Function's slot to its new version, a changed Trigger's spec in place,
 //! a changed source restarted. Each object ends with a status.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,6 +70,9 @@ pub struct ControlConfig {
     /// Where clients reach ingress (`http://127.0.0.1:8080`): each Broker's
     /// `status.address.url` is it and the Broker's path.
     pub ingress_url: Option<String>,
+    /// How long a stored module that nothing names is kept (an upload waits that long for the
+    /// apply that names it); `None`: an hour.
+    pub module_grace: Option<Duration>,
 }
 
 struct FunctionRun {
@@ -645,13 +648,7 @@ impl Controller {
         // Python), kept until then.
         if any_built && let Some(store) = &self.modules {
             let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
-            let mut keep: HashSet<String> = st
-                .overlay
-                .history
-                .values()
-                .flatten()
-                .map(|r| hex(&r.digest))
-                .collect();
+            let mut keep = st.overlay.module_digests();
             keep.extend(desired.iter().filter_map(|l| match &l.resource {
                 Resource::Function(f) if f.spec.module.starts_with("sha256:") => {
                     Some(hex(&f.spec.module))
@@ -663,8 +660,19 @@ impl Controller {
                     .values()
                     .map(|run| hex(&run.slot.live().digest)),
             );
-            for gone in store.prune(&keep, UNNAMED_MODULE_GRACE) {
+            let grace = self.config.module_grace.unwrap_or(UNNAMED_MODULE_GRACE);
+            for gone in store.prune(&keep, grace) {
                 tracing::info!(module = %gone, "removed a stored module that nothing names any more");
+            }
+            if let Some(shared) = &self.config.shared {
+                match shared.prune_modules(&keep, grace).await {
+                    Ok(removed) => {
+                        for gone in removed {
+                            tracing::info!(module = %gone, "removed a shared module that nothing names any more");
+                        }
+                    }
+                    Err(e) => tracing::warn!("cannot prune the shared modules: {e}"),
+                }
             }
         }
 
