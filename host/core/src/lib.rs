@@ -7,6 +7,7 @@ pub mod display;
 pub mod duration;
 pub mod event;
 pub mod filter;
+pub mod ping;
 pub mod resources;
 pub mod yaml;
 

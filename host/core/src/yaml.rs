@@ -361,7 +361,13 @@ fn parse_document(file: &str, first_line: usize, doc: &str) -> Result<Option<Res
         }
         "PingSource" => {
             typed(PING)?;
-            Resource::PingSource(typed_parse::<Object<_>>(file, first_line, doc)?)
+            let p: Object<crate::resources::PingSourceSpec> = typed_parse(file, first_line, doc)?;
+            if let Err(e) = crate::ping::Ping::check(&p.spec) {
+                let key = e.path.rsplit('.').next().unwrap_or_default();
+                let (line, column) = key_position(doc, key);
+                return Err(err_at(line, column, e.path, e.message));
+            }
+            Resource::PingSource(p)
         }
         "ApiServerSource" => {
             typed(APISERVER)?;
@@ -410,6 +416,22 @@ fn line_of(doc: &str, text: &str) -> (usize, usize) {
         .enumerate()
         .find_map(|(i, l)| l.find(text).map(|c| (i + 1, c + 1)))
         .unwrap_or((1, 1))
+}
+
+/// Where the key `key` is written in `doc` (`key:` in block style, `{key:` or `, key:` in flow
+/// style): the first such place, else that of the text `key`.
+fn key_position(doc: &str, key: &str) -> (usize, usize) {
+    doc.lines()
+        .enumerate()
+        .find_map(|(i, l)| {
+            l.match_indices(key).find_map(|(c, _)| {
+                let before = l[..c].trim_end();
+                let opens = before.is_empty() || before.ends_with('{') || before.ends_with(',');
+                let after = l[c + key.len()..].trim_start();
+                (opens && after.starts_with(':')).then_some((i + 1, c + 1))
+            })
+        })
+        .unwrap_or_else(|| line_of(doc, key))
 }
 
 /// Why a kind that only means something inside Kubernetes is accepted and not run; `None` for

@@ -7,12 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
-use chrono::{DateTime, Timelike, Utc};
-use chrono_tz::Tz;
-use croner::Cron;
-use croner::parser::{CronParser, Seconds};
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
+use wasmesh_core::ping::Ping;
 use wasmesh_core::resources::{ObjectMeta, PingSourceSpec};
 use wasmesh_core::{Event, EventBuilder, EventBuilderV10};
 
@@ -21,112 +18,32 @@ use crate::Emit;
 /// The type of every ping event.
 pub const PING_TYPE: &str = "dev.knative.sources.ping";
 
-/// A PingSource without a schedule fires every minute, as Knative's defaults say.
-const DEFAULT_SCHEDULE: &str = "* * * * *";
-
-/// The content type whose data Knative checks and re-encodes.
-const JSON: &str = "application/json";
-
-/// `data` as Knative sends JSON data: an object, compact, its keys sorted (Go marshals a map so).
-fn sorted_json_object(data: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
-    let members: std::collections::BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(data)?;
-    serde_json::to_vec(&members)
-}
-
 /// A PingSource ready to run.
 #[derive(Debug, Clone)]
 pub struct PingSource {
     namespace: String,
     name: String,
-    cron: Cron,
-    tz: Tz,
+    ping: Ping,
     content_type: Option<String>,
-    data: Option<Vec<u8>>,
     extensions: Vec<(String, String)>,
 }
 
 impl PingSource {
-    /// Checks the schedule, the timezone and the data; the error names the field.
+    /// Checks the schedule, the timezone and the data (`wasmesh_core::ping`, which reading the
+    /// YAML already did); the error names the field.
     pub fn new(meta: &ObjectMeta, spec: &PingSourceSpec) -> Result<Self, String> {
-        let mut schedule = match spec.schedule.trim() {
-            "" => DEFAULT_SCHEDULE,
-            s => s,
-        };
-        if schedule.contains("@every") {
-            return Err(format!(
-                "spec.schedule: `{schedule}`: the @every descriptor is not supported (nor is it in \
-                 Knative); write a cron schedule, e.g. `*/10 * * * * *` for every 10 seconds"
-            ));
-        }
-        let mut tz_name = spec.timezone.clone();
-        if let Some(rest) = schedule
-            .strip_prefix("CRON_TZ=")
-            .or_else(|| schedule.strip_prefix("TZ="))
-        {
-            let (tz, rest) = rest.split_once(char::is_whitespace).ok_or_else(|| {
-                "spec.schedule: CRON_TZ= must be followed by a schedule".to_string()
-            })?;
-            tz_name = Some(tz.to_string());
-            schedule = rest.trim();
-        }
-        let tz = match tz_name {
-            Some(name) => name
-                .parse::<Tz>()
-                .map_err(|_| format!("spec.timezone: `{name}` is not a known time zone"))?,
-            None => Tz::UTC,
-        };
-        let cron = CronParser::builder()
-            .seconds(Seconds::Optional)
-            .build()
-            .parse(schedule)
-            .map_err(|e| format!("spec.schedule: `{schedule}` is not a cron schedule: {e}"))?;
-        let data = match (&spec.data, &spec.data_base64) {
-            (Some(_), Some(_)) => {
-                return Err("set one of spec.data or spec.dataBase64, not both".into());
-            }
-            (Some(d), None) => Some(d.clone().into_bytes()),
-            (None, Some(b)) => Some(
-                base64::engine::general_purpose::STANDARD
-                    .decode(b.trim())
-                    .map_err(|e| format!("spec.dataBase64: {e}"))?,
-            ),
-            (None, None) => None,
-        };
-        // Knative checks JSON data and sends it re-encoded (compact, keys sorted).
-        let data = match (&data, spec.content_type.as_deref()) {
-            (Some(d), Some(JSON)) => Some(sorted_json_object(d).map_err(|e| {
-                let field = if spec.data.is_some() {
-                    "spec.data"
-                } else {
-                    "spec.dataBase64"
-                };
-                format!("{field}: not a JSON object, which contentType {JSON} asks for: {e}")
-            })?),
-            _ => data,
-        };
-        let source = Self {
+        Ok(Self {
             namespace: meta.namespace().to_string(),
             name: meta.name.clone(),
-            cron,
-            tz,
+            ping: Ping::check(spec).map_err(|e| e.to_string())?,
             content_type: spec.content_type.clone(),
-            data,
             extensions: spec
                 .ce_overrides
                 .iter()
                 .flat_map(|o| o.extensions.iter())
                 .map(|(k, v)| (k.as_str().to_string(), v.clone()))
                 .collect(),
-        };
-        // A valid schedule may still name a day that never comes (`* * 31 2 *`): say so now
-        // rather than report the source ready and never fire.
-        if source.next_after(Utc::now()).is_none() {
-            return Err(format!(
-                "spec.schedule: `{schedule}` never fires (no such date)"
-            ));
-        }
-        Ok(source)
+        })
     }
 
     /// `/apis/v1/namespaces/<ns>/pingsources/<name>`.
@@ -139,12 +56,7 @@ impl PingSource {
 
     /// The next firing strictly after `after`.
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.cron
-            .find_next_occurrence(&after.with_timezone(&self.tz), false)
-            .ok()
-            .map(|t| t.with_timezone(&Utc))
-            // Firings are on whole seconds, whatever the sub-second part of `after`.
-            .and_then(|t| t.with_nanosecond(0))
+        self.ping.next_after(after)
     }
 
     /// The event for the firing at `at`.
@@ -163,12 +75,12 @@ impl PingSource {
         for (k, v) in &self.extensions {
             b = b.extension(k, v.clone());
         }
-        if let (Some(data), Some(ct)) = (&self.data, &self.content_type) {
+        if let (Some(data), Some(ct)) = (&self.ping.data, &self.content_type) {
             b = b.data(ct.clone(), data.clone());
         }
         // Every field was checked in `new`; the builder only fails on a missing id/source/type.
         let mut event = b.build().unwrap_or_else(|_| Event::default());
-        if let (Some(data), None) = (&self.data, &self.content_type) {
+        if let (Some(data), None) = (&self.ping.data, &self.content_type) {
             // Without a contentType Knative sends the data with no datacontenttype.
             event.set_data_unchecked(data.clone());
         }

@@ -1,0 +1,148 @@
+//! A PingSource's schedule, time zone and data, checked when the object is read (as Knative's
+//! webhook checks them when it is applied), so that a mistake is refused with its file, line and
+//! field rather than found when the source starts.
+//!
+//! Besides Knative's five-field cron (with `CRON_TZ=` or `spec.timezone`), wasmesh accepts a
+//! sixth, leading field for seconds.
+
+use base64::Engine as _;
+use chrono::{DateTime, Timelike, Utc};
+use chrono_tz::Tz;
+use croner::Cron;
+use croner::parser::{CronParser, Seconds};
+
+use crate::resources::PingSourceSpec;
+
+/// A PingSource without a schedule fires every minute, as Knative's defaults say.
+const DEFAULT_SCHEDULE: &str = "* * * * *";
+
+/// The content type whose data Knative checks and re-encodes.
+const JSON: &str = "application/json";
+
+/// What a valid PingSource spec says, ready to run.
+#[derive(Debug, Clone)]
+pub struct Ping {
+    cron: Cron,
+    tz: Tz,
+    /// The data to send, decoded (and, for JSON, re-encoded as Knative does).
+    pub data: Option<Vec<u8>>,
+}
+
+/// What is wrong with a PingSource spec, and in which field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct Invalid {
+    /// `spec.schedule`, `spec.timezone`, `spec.data` or `spec.dataBase64`.
+    pub path: &'static str,
+    pub message: String,
+}
+
+fn invalid(path: &'static str, message: impl Into<String>) -> Invalid {
+    Invalid {
+        path,
+        message: message.into(),
+    }
+}
+
+/// `data` as Knative sends JSON data: an object, compact, its keys sorted (Go marshals a map so).
+fn sorted_json_object(data: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
+    let members: std::collections::BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(data)?;
+    serde_json::to_vec(&members)
+}
+
+impl Ping {
+    /// Checks the schedule, the time zone and the data.
+    pub fn check(spec: &PingSourceSpec) -> Result<Self, Invalid> {
+        let mut schedule = match spec.schedule.trim() {
+            "" => DEFAULT_SCHEDULE,
+            s => s,
+        };
+        if schedule.contains("@every") {
+            return Err(invalid(
+                "spec.schedule",
+                format!(
+                    "`{schedule}`: the @every descriptor is not supported (nor is it in Knative); \
+                     write a cron schedule, e.g. `*/10 * * * * *` for every 10 seconds"
+                ),
+            ));
+        }
+        let mut tz_name = spec.timezone.as_ref().map(|t| ("spec.timezone", t.clone()));
+        if let Some(rest) = schedule
+            .strip_prefix("CRON_TZ=")
+            .or_else(|| schedule.strip_prefix("TZ="))
+        {
+            let (tz, rest) = rest.split_once(char::is_whitespace).ok_or_else(|| {
+                invalid("spec.schedule", "CRON_TZ= must be followed by a schedule")
+            })?;
+            tz_name = Some(("spec.schedule", tz.to_string()));
+            schedule = rest.trim();
+        }
+        let tz = match tz_name {
+            Some((path, name)) => name
+                .parse::<Tz>()
+                .map_err(|_| invalid(path, format!("`{name}` is not a known time zone")))?,
+            None => Tz::UTC,
+        };
+        let cron = CronParser::builder()
+            .seconds(Seconds::Optional)
+            .build()
+            .parse(schedule)
+            .map_err(|e| {
+                invalid(
+                    "spec.schedule",
+                    format!("`{schedule}` is not a cron schedule: {e}"),
+                )
+            })?;
+        let data = match (&spec.data, &spec.data_base64) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "spec.dataBase64",
+                    "set one of spec.data or spec.dataBase64, not both",
+                ));
+            }
+            (Some(d), None) => Some(d.clone().into_bytes()),
+            (None, Some(b)) => Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b.trim())
+                    .map_err(|e| invalid("spec.dataBase64", e.to_string()))?,
+            ),
+            (None, None) => None,
+        };
+        // Knative checks JSON data and sends it re-encoded (compact, keys sorted).
+        let data = match (&data, spec.content_type.as_deref()) {
+            (Some(d), Some(JSON)) => Some(sorted_json_object(d).map_err(|e| {
+                let path = if spec.data.is_some() {
+                    "spec.data"
+                } else {
+                    "spec.dataBase64"
+                };
+                invalid(
+                    path,
+                    format!("not a JSON object, which contentType {JSON} asks for: {e}"),
+                )
+            })?),
+            _ => data,
+        };
+        let ping = Self { cron, tz, data };
+        // A valid schedule may still name a day that never comes (`* * 31 2 *`): say so now
+        // rather than report the source ready and never fire.
+        if ping.next_after(Utc::now()).is_none() {
+            return Err(invalid(
+                "spec.schedule",
+                format!("`{schedule}` never fires (no such date)"),
+            ));
+        }
+        Ok(ping)
+    }
+
+    /// The next firing strictly after `after`.
+    pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.cron
+            .find_next_occurrence(&after.with_timezone(&self.tz), false)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
+            // Firings are on whole seconds, whatever the sub-second part of `after`.
+            .and_then(|t| t.with_nanosecond(0))
+    }
+}
