@@ -51,6 +51,60 @@ fn sorted_json_object(data: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
     serde_json::to_vec(&members)
 }
 
+/// The fields of a five-field schedule, with what each takes; a sixth, leading field is seconds.
+const FIELDS: [(&str, &str); 5] = [
+    ("minute", "0-59"),
+    ("hour", "0-23"),
+    ("day-of-month", "1-31"),
+    ("month", "1-12 or JAN-DEC"),
+    ("day-of-week", "0-7 or SUN-SAT"),
+];
+
+fn cron_parser() -> CronParser {
+    CronParser::builder().seconds(Seconds::Optional).build()
+}
+
+/// Parses a cron schedule of five fields, or six with seconds first (or a descriptor such as
+/// `@hourly`); an error names the field that is wrong and what it takes.
+fn parse_cron(schedule: &str) -> Result<Cron, String> {
+    let fields: Vec<&str> = schedule.split_whitespace().collect();
+    if !schedule.starts_with('@') && !(5..=6).contains(&fields.len()) {
+        return Err(format!(
+            "{} fields; a schedule has five (minute hour day-of-month month day-of-week), or \
+             six with seconds first",
+            fields.len()
+        ));
+    }
+    cron_parser().parse(schedule).map_err(|e| {
+        let names = std::iter::once(("second", "0-59"))
+            .filter(|_| fields.len() == 6)
+            .chain(FIELDS);
+        // The first field that is refused alone, the others left at `*`, is the one to name.
+        let wrong = names.enumerate().find(|(i, _)| {
+            let alone: Vec<&str> = (0..fields.len())
+                .map(|j| if j == *i { fields[j] } else { "*" })
+                .collect();
+            cron_parser().parse(&alone.join(" ")).is_err()
+        });
+        let why = match &e {
+            croner::errors::CronError::ComponentError(m) => m.trim_end_matches('.').to_lowercase(),
+            croner::errors::CronError::IllegalCharacters(_) => {
+                "a character it does not take".into()
+            }
+            other => other.to_string(),
+        };
+        match wrong {
+            Some((i, (name, takes))) => {
+                format!(
+                    "the {name} field `{}`: {why}; it takes {takes}, with `*`, `,`, `-` and `/`",
+                    fields[i]
+                )
+            }
+            None => why,
+        }
+    })
+}
+
 impl Ping {
     /// Checks the schedule, the time zone and the data.
     pub fn check(spec: &PingSourceSpec) -> Result<Self, Invalid> {
@@ -84,16 +138,12 @@ impl Ping {
                 .map_err(|_| invalid(path, format!("`{name}` is not a known time zone")))?,
             None => Tz::UTC,
         };
-        let cron = CronParser::builder()
-            .seconds(Seconds::Optional)
-            .build()
-            .parse(schedule)
-            .map_err(|e| {
-                invalid(
-                    "spec.schedule",
-                    format!("`{schedule}` is not a cron schedule: {e}"),
-                )
-            })?;
+        let cron = parse_cron(schedule).map_err(|why| {
+            invalid(
+                "spec.schedule",
+                format!("`{schedule}` is not a cron schedule: {why}"),
+            )
+        })?;
         let data = match (&spec.data, &spec.data_base64) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
@@ -144,5 +194,81 @@ impl Ping {
             .map(|t| t.with_timezone(&Utc))
             // Firings are on whole seconds, whatever the sub-second part of `after`.
             .and_then(|t| t.with_nanosecond(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(fields: &str) -> PingSourceSpec {
+        serde_yaml_ng::from_str(&format!("{fields}\nsink: {{uri: 'http://127.0.0.1:9/'}}"))
+            .expect("spec")
+    }
+
+    fn refused(fields: &str) -> Invalid {
+        Ping::check(&spec(fields)).expect_err(fields)
+    }
+
+    #[test]
+    fn a_wrong_schedule_names_the_field_and_what_it_takes() {
+        let e = refused("schedule: '61 * * * *'");
+        assert_eq!(e.path, "spec.schedule");
+        assert!(
+            e.message
+                .contains("the minute field `61`: number out of bounds; it takes 0-59"),
+            "{e}"
+        );
+        let e = refused("schedule: '70 * * * * *'");
+        assert!(e.message.contains("the second field `70`"), "{e}");
+        let e = refused("schedule: '0 9 * JANX *'");
+        assert!(
+            e.message
+                .contains("the month field `JANX`: a character it does not take"),
+            "{e}"
+        );
+        let e = refused("schedule: '*/0 * * * *'");
+        assert!(e.message.contains("`*/0`: step cannot be zero"), "{e}");
+        for (schedule, count) in [("* * * *", 4), ("0 0 9 * * * 2030", 7)] {
+            let e = refused(&format!("schedule: '{schedule}'"));
+            assert!(
+                e.message
+                    .contains(&format!("{count} fields; a schedule has five")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn schedules_knative_takes_are_taken() {
+        for ok in [
+            "schedule: '*/2 * * * *'",
+            "schedule: '0 9 * * MON-FRI'",
+            "schedule: '@hourly'",
+            "schedule: 'CRON_TZ=Europe/Paris 0 9 * * *'",
+            "schedule: '0 9 * * *'\ntimezone: America/New_York",
+            "schedule: ''",
+        ] {
+            assert!(Ping::check(&spec(ok)).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn the_time_zone_and_the_data_are_checked_in_their_fields() {
+        let e = refused("schedule: '0 9 * * *'\ntimezone: Mars/Olympus");
+        assert_eq!(e.path, "spec.timezone");
+        let e = refused("schedule: 'CRON_TZ=Mars/Olympus 0 9 * * *'");
+        assert_eq!(e.path, "spec.schedule");
+        let e = refused("data: hi\ndataBase64: aGk=");
+        assert_eq!(e.path, "spec.dataBase64");
+        let e = refused("dataBase64: '%%%'");
+        assert_eq!(e.path, "spec.dataBase64");
+        let e = refused("data: hi\ncontentType: application/json");
+        assert_eq!(e.path, "spec.data");
+        let ok = Ping::check(&spec(
+            "data: '{\"b\": 1, \"a\": 2}'\ncontentType: application/json",
+        ))
+        .expect("json");
+        assert_eq!(ok.data.as_deref(), Some(&b"{\"a\":2,\"b\":1}"[..]));
     }
 }
