@@ -1,5 +1,6 @@
 //! Outside input never panics the host: the parsers that read what comes from outside (HTTP
-//! requests in each content mode, YAML declarations, CESQL expressions, durations) are fed
+//! requests in each content mode, YAML declarations, CESQL expressions, durations, PingSource
+//! schedules) are fed
 //! thousands of inputs made by mutating valid ones, and each must answer `Ok` or `Err`. The
 //! mutations are pseudo-random from fixed seeds, so a failure names an input that reproduces.
 
@@ -262,4 +263,65 @@ fn cesql_expressions_and_durations() {
     }
     cesql.check("CESQL");
     durations.check("durations");
+}
+
+/// PingSource schedules: Knative's cron and croner's extensions (`L`, `W`, `#`, seconds,
+/// `CRON_TZ=`), mutated, and fields made of pieces that parsers of ranges and steps trip on.
+#[test]
+fn ping_schedules() {
+    let mut rng = rng(0xBF58_476D_1CE4_E5B9);
+    let schedules = [
+        "*/5 * * * *",
+        "CRON_TZ=Europe/Paris 0 9 * * MON-FRI",
+        "0 0 L * *",
+        "*/10 * * * * *",
+        "0 12 1W,15 JAN-MAR 5#3",
+        "@hourly",
+    ];
+    let pieces = [
+        "*",
+        "0",
+        "7",
+        "31",
+        "60",
+        "99999999999999999999",
+        "-1",
+        "L",
+        "W",
+        "#",
+        "?",
+        "/",
+        ",",
+        "-",
+        "5#9",
+        "L-40",
+        "SUN",
+        "DEC",
+        "0/0",
+        "2-1/3",
+    ];
+    let mut cron = Tally::default();
+    for round in 0..rounds() {
+        let schedule = if round % 2 == 0 {
+            let seed = *rng.pick(&schedules);
+            String::from_utf8_lossy(&mutate(&mut rng, seed.as_bytes())).into_owned()
+        } else {
+            (0..5 + rng.below(2))
+                .map(|_| {
+                    (0..1 + rng.below(3))
+                        .map(|_| *rng.pick(&pieces))
+                        .collect::<String>()
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let spec: wasmesh_core::resources::PingSourceSpec = serde_json::from_value(
+            serde_json::json!({"schedule": schedule, "sink": {"uri": "http://127.0.0.1:9/"}}),
+        )
+        .expect("spec");
+        cron.run("schedules", schedule.as_bytes(), || {
+            wasmesh_core::ping::Ping::check(&spec).is_ok()
+        });
+    }
+    cron.check("schedules");
 }

@@ -75,10 +75,23 @@ fn parse_cron(schedule: &str) -> Result<Cron, String> {
             fields.len()
         ));
     }
-    cron_parser().parse(schedule).map_err(|e| {
-        let names = std::iter::once(("second", "0-59"))
+    let names = || {
+        std::iter::once(("second", "0-59"))
             .filter(|_| fields.len() == 6)
-            .chain(FIELDS);
+            .chain(FIELDS)
+    };
+    // croner takes `1,,2` or `,` as a list with nothing in it, which never fires.
+    if let Some((field, (name, _))) = fields
+        .iter()
+        .zip(names())
+        .find(|(f, _)| f.split(',').any(str::is_empty))
+    {
+        return Err(format!(
+            "the {name} field `{field}` has an empty item in its list"
+        ));
+    }
+    cron_parser().parse(schedule).map_err(|e| {
+        let names = names();
         // The first field that is refused alone, the others left at `*`, is the one to name.
         let wrong = names.enumerate().find(|(i, _)| {
             let alone: Vec<&str> = (0..fields.len())
@@ -229,6 +242,12 @@ mod tests {
         );
         let e = refused("schedule: '*/0 * * * *'");
         assert!(e.message.contains("`*/0`: step cannot be zero"), "{e}");
+        let e = refused("schedule: '0 1,,2 * * *'");
+        assert!(
+            e.message
+                .contains("the hour field `1,,2` has an empty item in its list"),
+            "{e}"
+        );
         for (schedule, count) in [("* * * *", 4), ("0 0 9 * * * 2030", 7)] {
             let e = refused(&format!("schedule: '{schedule}'"));
             assert!(
