@@ -1,8 +1,8 @@
 //! Outside input never panics the host: the parsers that read what comes from outside (HTTP
 //! requests in each content mode, YAML declarations, CESQL expressions, durations, PingSource
-//! schedules) are fed
-//! thousands of inputs made by mutating valid ones, and each must answer `Ok` or `Err`. The
-//! mutations are pseudo-random from fixed seeds, so a failure names an input that reproduces.
+//! schedules) are fed thousands of inputs made by mutating valid ones, and each must answer
+//! `Ok` or `Err`. The mutations are pseudo-random from fixed seeds, so a failure names an input
+//! that reproduces.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
