@@ -158,6 +158,7 @@ async fn broker_with(
         },
         log,
         nats: None,
+        ..MeshConfig::default()
     });
     let key = BrokerKey::new("default", "default");
     mesh.add_broker(key.clone());

@@ -818,10 +818,7 @@ pub(crate) fn retried_outcomes_then_dead_letter_with_error_extensions_on(store: 
         assert_eq!(d.headers["ce-id"], id);
         assert_eq!(decode(&d.headers["ce-knativeerrordest"]), sub.url("/flaky"));
         assert_eq!(d.headers["ce-knativeerrorcode"], "503");
-        let data = base64::engine::general_purpose::STANDARD
-            .decode(&d.headers["ce-knativeerrordata"])
-            .expect("base64");
-        assert_eq!(data, b"overloaded");
+        assert_eq!(error_data(d), "overloaded");
     }
     // 400 is not retried: straight to the dead-letter sink.
     let sub = Capture::start(|c| match c.path.as_str() {
@@ -1720,6 +1717,24 @@ fn events_retrying_on_a_failing_wasm_subscriber_hold_producers_back() {
     );
 }
 
+/// Sends event `id` to `serve`'s default broker and waits for it at `dls` (path `/dls`);
+/// returns its `knativeerrordata`.
+fn dead_letter_of(serve: &Serve, dls: &Capture, id: &str) -> String {
+    let r = serve.request("POST", "/default/default", &ce_headers(id, "t"), b"{}");
+    assert_eq!(r.status, 202, "{}", r.text());
+    let dead = dls.wait("/dls", 1);
+    assert_eq!(dead[0].headers["ce-id"], id);
+    error_data(&dead[0])
+}
+
+/// A dead letter's `knativeerrordata`, decoded (base64, as Knative sends it).
+fn error_data(dead: &crate::harness::Captured) -> String {
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(&dead.headers["ce-knativeerrordata"])
+        .expect("base64");
+    String::from_utf8_lossy(&data).into_owned()
+}
+
 /// A trigger's `delivery.timeout` bounds a Wasm subscriber's call too, as it bounds an HTTP
 /// request: a Function that spins, with a deadline of its own of 5 s, is stopped at the
 /// trigger's 200 ms and the event goes to the dead-letter sink saying so.
@@ -1737,19 +1752,33 @@ fn a_triggers_timeout_bounds_a_wasm_subscriber() {
         sub.url("/dls")
     );
     let serve = Serve::start(&[("t.yaml", &yaml)], &[]);
-    let r = serve.request(
-        "POST",
-        "/default/default",
-        &ce_headers("spin-1", "t"),
-        b"{}",
-    );
-    assert_eq!(r.status, 202, "{}", r.text());
-    let dead = sub.wait("/dls", 1);
-    let data = base64::engine::general_purpose::STANDARD
-        .decode(&dead[0].headers["ce-knativeerrordata"])
-        .expect("base64");
-    let data = String::from_utf8_lossy(&data);
+    let data = dead_letter_of(&serve, &sub, "spin-1");
     assert!(data.contains("deadline of 200 ms exceeded"), "{data}");
+}
+
+/// An HTTP subscriber that takes the request and never answers, under a trigger with no
+/// `delivery.timeout`, is cut off at serve's `--delivery-timeout` (ten minutes unless set;
+/// one second here) and the event goes on to the dead-letter sink, rather than holding a
+/// delivery slot for ever.
+#[test]
+fn a_subscriber_that_never_answers_is_cut_off_without_a_trigger_timeout() {
+    let silent = crate::harness::HoldingSubscriber::start(Duration::from_secs(3600));
+    let dls = Capture::ok();
+    let yaml = format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata: {{name: default, namespace: default}}\n---\n\
+         apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: silent, namespace: default}}\n\
+         spec:\n  subscriber: {{uri: 'http://{}/'}}\n  \
+         delivery: {{retry: 0, deadLetterSink: {{uri: '{}'}}}}\n",
+        silent.addr,
+        dls.url("/dls")
+    );
+    let serve = Serve::start(
+        &[("t.yaml", &yaml)],
+        &["--store", "memory", "--delivery-timeout", "1s"],
+    );
+    let data = dead_letter_of(&serve, &dls, "mute-1");
+    assert!(data.contains("timed out after 1000 ms"), "{data}");
+    assert_eq!(silent.arrived.lock().expect("lock").len(), 1);
 }
 
 /// A subscriber's `Retry-After`, as Knative's dispatcher reads it: on a 429 or 503 only, in

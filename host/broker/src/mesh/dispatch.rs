@@ -533,7 +533,7 @@ impl Mesh {
                 let client = own.as_deref().unwrap_or(&self.client);
                 let options = sink::SendOptions {
                     namespace: &t.namespace,
-                    timeout: t.policy.timeout,
+                    timeout: Some(t.policy.timeout.unwrap_or(self.config.http_timeout)),
                     structured: t.policy.structured,
                     replies,
                 };

@@ -112,7 +112,15 @@ pub struct MeshConfig {
     pub log: Option<Arc<DurableLog>>,
     /// NATS JetStream in place of the embedded log (several replicas share the work).
     pub nats: Option<Arc<NatsStore>>,
+    /// The per-request timeout of an HTTP delivery (to a subscriber or a dead-letter sink)
+    /// whose trigger and broker set no `delivery.timeout`: a subscriber that never answers
+    /// must not hold a delivery slot for ever.
+    pub http_timeout: Duration,
 }
+
+/// The default of [`MeshConfig::http_timeout`]: ten minutes, the default request timeout of
+/// Knative's Kafka broker.
+pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Default for MeshConfig {
     fn default() -> Self {
@@ -122,6 +130,7 @@ impl Default for MeshConfig {
             output: FunctionOutput::default(),
             log: None,
             nats: None,
+            http_timeout: DEFAULT_HTTP_TIMEOUT,
         }
     }
 }

@@ -48,6 +48,11 @@ pub(crate) struct ServeArgs {
     /// Deliveries in flight per trigger.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// The per-request timeout of HTTP deliveries (to subscribers and dead-letter sinks) whose
+    /// trigger and broker set no `delivery.timeout`; a timed-out request is retried like a
+    /// failed one.
+    #[arg(long, default_value = "10m", value_parser = parse_timeout)]
+    delivery_timeout: Duration,
     /// Prefix each line a function prints with `[namespace/name] `.
     #[arg(long)]
     prefix_output: bool,
@@ -374,6 +379,7 @@ async fn run(args: ServeArgs, resources: Vec<Located>, seen: Watched) -> anyhow:
         },
         log,
         nats: nats.clone(),
+        http_timeout: args.delivery_timeout,
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
