@@ -418,11 +418,17 @@ fn line_of(doc: &str, text: &str) -> (usize, usize) {
         .unwrap_or((1, 1))
 }
 
-/// Where the key `key` is written in `doc` (`key:` in block style, `{key:` or `, key:` in flow
-/// style): the first such place, else that of the text `key`.
+/// Where the key `key` of `spec` is written in `doc` (`key:` in block style, `{key:` or
+/// `, key:` in flow style): the first such place from the top-level `spec:` on (so that a label
+/// of the same name in `metadata` is passed over), else that of the text `key`.
 fn key_position(doc: &str, key: &str) -> (usize, usize) {
+    let spec = doc
+        .lines()
+        .position(|l| l.starts_with("spec:"))
+        .unwrap_or(0);
     doc.lines()
         .enumerate()
+        .skip(spec)
         .find_map(|(i, l)| {
             l.match_indices(key).find_map(|(c, _)| {
                 let before = l[..c].trim_end();
