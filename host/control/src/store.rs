@@ -297,8 +297,8 @@ mod tests {
 
     #[test]
     fn a_module_changed_on_disk_is_refused_not_run() {
-        let dir = std::env::temp_dir().join(format!("wasmesh-store-{}", std::process::id()));
-        let store = ModuleStore::new(&dir);
+        let dir = tempfile::tempdir().expect("dir");
+        let store = ModuleStore::new(dir.path());
         let hex = store.put(b"\0asm module bytes").expect("put");
         assert_eq!(
             store.get(&format!("sha256:{hex}")).expect("get"),
@@ -308,15 +308,14 @@ mod tests {
         std::fs::write(&path, b"\0asm other bytes").expect("corrupt");
         let e = store.get(&hex).expect_err("corrupt");
         assert!(e.contains("is corrupt"), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The same module uploaded several times at once (two `wasmesh push` of one file): each
     /// upload succeeds and the module stored is whole.
     #[test]
     fn the_same_module_put_at_once_is_stored_whole() {
-        let dir = std::env::temp_dir().join(format!("wasmesh-store-race-{}", std::process::id()));
-        let store = ModuleStore::new(&dir);
+        let dir = tempfile::tempdir().expect("dir");
+        let store = ModuleStore::new(dir.path());
         let bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
         for _ in 0..5 {
             let hex = std::thread::scope(|s| {
@@ -333,6 +332,5 @@ mod tests {
             assert_eq!(store.get(&hex).expect("whole"), bytes);
             std::fs::remove_file(store.path(&hex).expect("path")).expect("remove");
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
