@@ -300,6 +300,15 @@ fn a_module_nothing_names_leaves_the_shared_store() {
         Duration::from_secs(20),
         || third.sub_runs(&named),
     );
+    // Uploaded again, it is shared again: the second replica now finds it.
+    let r = first.admin("POST", "/v1/modules", &filter);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = second.admin("POST", "/v1/apply", late.to_string().as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    for r in [&first, &second, &third] {
+        let err = r.stderr();
+        assert!(!err.contains("cannot prune"), "{err}");
+    }
 }
 
 /// The replicas' watch of the shared control state outlives a NATS restart: a change made

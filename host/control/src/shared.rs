@@ -118,7 +118,8 @@ impl Shared {
 
     /// Keeps a module's bytes under its hex digest.
     pub async fn put_module(&self, hex: &str, bytes: &[u8]) -> Result<(), String> {
-        if self.modules.info(hex).await.is_ok() {
+        // A removed object keeps its name with `deleted` set: that one is put again.
+        if self.modules.info(hex).await.is_ok_and(|i| !i.deleted) {
             return Ok(());
         }
         let mut reader = bytes;
