@@ -235,45 +235,60 @@ fn a_swap_through_one_replica_is_live_on_all() {
     assert!(!all.contains("id: sw-"), "no event on the old version");
 }
 
+/// Replica `i` of `files` over `n`, removing modules that nothing names after `grace`.
+fn pruning_replica(n: &NatsServer, files: &tempfile::TempDir, i: usize, grace: &str) -> Serve {
+    let data = files.path().join(format!("replica-{i}"));
+    std::fs::create_dir_all(&data).expect("dir");
+    let url = n.url();
+    Serve::start_replica(
+        files.path(),
+        &data,
+        &["--store", &url, "--module-grace", grace],
+    )
+}
+
+/// Uploads `bytes` through `serve`'s admin API without applying them; returns the digest.
+fn upload(serve: &Serve, bytes: &[u8]) -> String {
+    let r = serve.admin("POST", "/v1/modules", bytes);
+    assert_eq!(r.status, 201, "{}", r.text());
+    serde_json::from_slice::<serde_json::Value>(&r.body).expect("json")["digest"]
+        .as_str()
+        .expect("digest")
+        .to_string()
+}
+
+/// Applies Function `default/<name>` of `module` through `serve`; returns the status and text.
+fn apply_function(serve: &Serve, name: &str, module: &str) -> (u16, String) {
+    let f = serde_json::json!({
+        "apiVersion": "wasmesh.dev/v1alpha1", "kind": "Function",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"module": module},
+    });
+    let r = serve.admin("POST", "/v1/apply", f.to_string().as_bytes());
+    (r.status, r.text())
+}
+
 /// A module that nothing names any more leaves the replicas' shared store (`--module-grace`,
-/// 0s here), so that one replica cannot fetch it from there; one a revision names stays, and a
-/// replica started later runs it.
+/// 0s here), so that one replica cannot fetch it from there, until it is uploaded again; one a
+/// revision names stays, and a replica started later runs it.
 #[test]
 fn a_module_nothing_names_leaves_the_shared_store() {
     let n = NatsServer::start();
     let files = files_with(&function_subscriber("builtin:event-display", "new"));
-    let start = |i: usize| {
-        let data = files.path().join(format!("replica-{i}"));
-        std::fs::create_dir_all(&data).expect("dir");
-        let url = n.url();
-        Serve::start_replica(
-            files.path(),
-            &data,
-            &["--store", &url, "--module-grace", "0s"],
-        )
-    };
-    let (first, second) = (start(0), start(1));
+    let (first, second) = (
+        pruning_replica(&n, &files, 0, "0s"),
+        pruning_replica(&n, &files, 1, "0s"),
+    );
     let tag = std::fs::read(wasmesh_plugins::FIXTURE_TAG).expect("built");
     let named = first.swap_sub(&tag, serde_json::json!({"tag": "new"}));
     wait_for("the new revision on both", Duration::from_secs(20), || {
         first.sub_runs(&named) && second.sub_runs(&named)
     });
-    // Uploaded, never applied.
     let filter = std::fs::read(wasmesh_plugins::TYPE_FILTER).expect("built");
-    let r = first.admin("POST", "/v1/modules", &filter);
-    assert_eq!(r.status, 201, "{}", r.text());
-    let unnamed = serde_json::from_slice::<serde_json::Value>(&r.body).expect("json")["digest"]
-        .as_str()
-        .expect("digest")
-        .to_string();
+    let unnamed = upload(&first, &filter);
     // Any build prunes.
-    let other = serde_json::json!({
-        "apiVersion": "wasmesh.dev/v1alpha1", "kind": "Function",
-        "metadata": {"name": "other", "namespace": "default"},
-        "spec": {"module": "builtin:event-display"},
-    });
-    let r = first.admin("POST", "/v1/apply", other.to_string().as_bytes());
-    assert_eq!(r.status, 200, "{}", r.text());
+    let (status, text) = apply_function(&first, "other", "builtin:event-display");
+    assert_eq!(status, 200, "{text}");
     let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
     first.wait_log(&format!(
         "removed a shared module that nothing names any more module={}",
@@ -285,30 +300,50 @@ fn a_module_nothing_names_leaves_the_shared_store() {
         first.stderr()
     );
     // The second replica never had the upload: the shared store no longer has it either.
-    let late = serde_json::json!({
-        "apiVersion": "wasmesh.dev/v1alpha1", "kind": "Function",
-        "metadata": {"name": "late", "namespace": "default"},
-        "spec": {"module": unnamed},
-    });
-    let r = second.admin("POST", "/v1/apply", late.to_string().as_bytes());
-    assert_eq!(r.status, 422, "{}", r.text());
-    assert!(r.text().contains("no uploaded module"), "{}", r.text());
+    let (status, text) = apply_function(&second, "late", &unnamed);
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("no uploaded module"), "{text}");
     // A replica that starts now fetches the named module from the shared store.
-    let third = start(2);
+    let third = pruning_replica(&n, &files, 2, "0s");
     wait_for(
         "the named revision on a new replica",
         Duration::from_secs(20),
         || third.sub_runs(&named),
     );
     // Uploaded again, it is shared again: the second replica now finds it.
-    let r = first.admin("POST", "/v1/modules", &filter);
-    assert_eq!(r.status, 201, "{}", r.text());
-    let r = second.admin("POST", "/v1/apply", late.to_string().as_bytes());
-    assert_eq!(r.status, 200, "{}", r.text());
+    upload(&first, &filter);
+    let (status, text) = apply_function(&second, "late", &unnamed);
+    assert_eq!(status, 200, "{text}");
     for r in [&first, &second, &third] {
         let err = r.stderr();
         assert!(!err.contains("cannot prune"), "{err}");
     }
+}
+
+/// An upload pushed again after a while waits its whole grace again before it is pruned
+/// (`--module-grace 4s`, pushed again after 5 s, a build right after): another replica still
+/// finds it in the shared store.
+#[test]
+fn a_module_pushed_again_waits_its_grace_again() {
+    let n = NatsServer::start();
+    let files = files_with(&function_subscriber("builtin:event-display", "new"));
+    let (first, second) = (
+        pruning_replica(&n, &files, 0, "4s"),
+        pruning_replica(&n, &files, 1, "4s"),
+    );
+    let filter = std::fs::read(wasmesh_plugins::TYPE_FILTER).expect("built");
+    let digest = upload(&first, &filter);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(upload(&first, &filter), digest);
+    let (status, text) = apply_function(&first, "other", "builtin:event-display");
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = apply_function(&second, "late", &digest);
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        !first.stderr().contains("removed a shared module"),
+        "{}",
+        first.stderr()
+    );
 }
 
 /// The replicas' watch of the shared control state outlives a NATS restart: a change made

@@ -21,6 +21,15 @@ const OVERLAY_KEY: &str = "overlay";
 pub use wasmesh_broker::nats::LEASE_TTL;
 use wasmesh_broker::nats::{key_value_bucket as bucket, lease};
 
+/// How long ago a shared object was last written, in whole seconds (`None`: not recorded).
+fn age_secs(info: &object_store::ObjectInfo) -> Option<u64> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let written = info.modified?.unix_timestamp();
+    Some(now.saturating_sub(u64::try_from(written).unwrap_or(0)))
+}
+
 /// The replicas' shared buckets.
 pub struct Shared {
     control: kv::Store,
@@ -116,10 +125,21 @@ impl Shared {
             .map_err(|e| e.to_string())
     }
 
-    /// Keeps a module's bytes under its hex digest.
-    pub async fn put_module(&self, hex: &str, bytes: &[u8]) -> Result<(), String> {
+    /// Keeps a module's bytes under its hex digest. A build puts only what is missing; an
+    /// upload through the admin API (`refresh_after`: half the grace before pruning) also puts
+    /// the bytes again when they were written longer ago than that, so that the grace starts
+    /// again (`prune_modules` counts from the last write), as it does for the local copy.
+    pub async fn put_module(
+        &self,
+        hex: &str,
+        bytes: &[u8],
+        refresh_after: Option<Duration>,
+    ) -> Result<(), String> {
         // A removed object keeps its name with `deleted` set: that one is put again.
-        if self.modules.info(hex).await.is_ok_and(|i| !i.deleted) {
+        if let Ok(info) = self.modules.info(hex).await
+            && !info.deleted
+            && refresh_after.is_none_or(|r| age_secs(&info).is_some_and(|a| a < r.as_secs()))
+        {
             return Ok(());
         }
         let mut reader = bytes;
@@ -152,16 +172,11 @@ impl Shared {
         // just made may name a module that is old in the store.
         let (overlay, _) = self.load_overlay().await?;
         let named = overlay.module_digests();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         let mut list = self.modules.list().await.map_err(|e| e.to_string())?;
         let mut unnamed = Vec::new();
         while let Some(info) = list.next().await {
             let info = info.map_err(|e| e.to_string())?;
-            let age = info
-                .modified
-                .map(|m| now.saturating_sub(u64::try_from(m.unix_timestamp()).unwrap_or(0)));
+            let age = age_secs(&info);
             if !info.deleted
                 && age.is_some_and(|a| a >= grace.as_secs())
                 && !keep.contains(&info.name)

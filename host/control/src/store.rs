@@ -36,6 +36,12 @@ impl ModuleStore {
             return Err(std::io::Error::other("bad digest"));
         };
         if path.exists() {
+            // Stored again (pushed once more, to be applied): its grace before pruning starts
+            // again, as if it had just been written.
+            let _ = std::fs::File::options()
+                .append(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(SystemTime::now()));
             return Ok(hex);
         }
         std::fs::create_dir_all(&self.dir)?;
@@ -308,6 +314,28 @@ mod tests {
         std::fs::write(&path, b"\0asm other bytes").expect("corrupt");
         let e = store.get(&hex).expect_err("corrupt");
         assert!(e.contains("is corrupt"), "{e}");
+    }
+
+    /// A module stored again (pushed once more, to be applied) waits its whole grace again.
+    #[test]
+    fn a_module_stored_again_waits_its_grace_again() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = ModuleStore::new(dir.path());
+        let hex = store.put(b"\0asm pushed twice").expect("put");
+        let path = store.path(&hex).expect("path");
+        let hours_ago = SystemTime::now() - Duration::from_secs(2 * 3600);
+        let f = std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .expect("open");
+        f.set_modified(hours_ago).expect("mtime");
+        assert_eq!(store.put(b"\0asm pushed twice").expect("put again"), hex);
+        assert!(
+            store
+                .prune(&HashSet::new(), Duration::from_secs(3600))
+                .is_empty()
+        );
+        assert!(store.get(&hex).is_ok());
     }
 
     /// The same module uploaded several times at once (two `wasmesh push` of one file): each

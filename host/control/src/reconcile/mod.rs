@@ -174,7 +174,10 @@ impl Controller {
     /// Keeps an uploaded module where every replica finds it (over NATS).
     pub async fn share_module(&self, hex: &str, bytes: &[u8]) -> Result<(), String> {
         match &self.config.shared {
-            Some(shared) => shared.put_module(hex, bytes).await,
+            Some(shared) => {
+                let grace = self.config.module_grace.unwrap_or(UNNAMED_MODULE_GRACE);
+                shared.put_module(hex, bytes, Some(grace / 2)).await
+            }
             None => Ok(()),
         }
     }
@@ -901,7 +904,7 @@ impl Controller {
         }
         if let Some(shared) = &self.config.shared {
             shared
-                .put_module(&hex, &bytes)
+                .put_module(&hex, &bytes, None)
                 .await
                 .map_err(|e| ("ModuleNotStored", e))?;
         }
