@@ -646,6 +646,24 @@ fn a_paused_lease_holder_that_resumes_starts_nothing_more() {
 /// Events waiting in a trigger's queue longer than the ack wait (one worker, 12 events of
 /// 300 ms each, 2 s ack wait) are kept in progress, not delivered a second time by JetStream,
 /// also after the trigger was rebuilt while its old worker still empties its queue.
+/// A delivery that runs longer than the ack wait (30 s for a trigger without a
+/// `delivery.timeout`) is kept in flight by its replica, not delivered again beside it: a
+/// subscriber that takes 35 s gets the event once.
+#[test]
+fn a_delivery_longer_than_the_ack_wait_is_not_repeated() {
+    let n = NatsServer::start();
+    let sub = HoldingSubscriber::start(Duration::from_secs(35));
+    let files = files_with(&slow_trigger(&sub, ""));
+    let url = n.url();
+    let serve = Serve::start_at(files.path(), &["--store", &url]);
+    send_keyed(&[&serve], "long", &["k"], 1);
+    wait_for("the delivery", Duration::from_secs(60), || {
+        sub.done.load(Ordering::SeqCst) >= 1
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sub.arrived.lock().expect("lock").len(), 1, "delivered once");
+}
+
 #[test]
 fn events_waiting_longer_than_the_ack_wait_are_delivered_once() {
     let n = NatsServer::start();

@@ -40,12 +40,11 @@ pub struct NatsConfig {
     pub replicas: usize,
 }
 
-/// What acknowledges, NAKs or extends one JetStream message; whether its delivery started; for
-/// an ordered trigger, whether this replica still holds the lease it was pulled under.
+/// What acknowledges, NAKs or extends one JetStream message; for an ordered trigger, whether
+/// this replica still holds the lease it was pulled under.
 pub struct AckHandle {
     acker: jetstream::message::Acker,
     lease: Option<Arc<LeaseHold>>,
-    started: AtomicBool,
 }
 
 impl AckHandle {
@@ -53,12 +52,6 @@ impl AckHandle {
     /// it (and the events after it) by now, so this one must not start it.
     pub fn lease_held(&self) -> bool {
         self.lease.as_ref().is_none_or(|hold| hold.holds())
-    }
-
-    /// Its delivery starts: from here on the delivery itself answers for it in time (an
-    /// attempt lasts at most the trigger's timeout, half the ack wait).
-    pub fn start(&self) {
-        self.started.store(true, Ordering::Release);
     }
 }
 
@@ -77,9 +70,9 @@ impl std::ops::Deref for AckHandle {
 }
 
 /// How long JetStream waits for a delivery's acknowledgement before it delivers the event again
-/// (to any replica): twice the trigger's delivery timeout, at least 2 s, 30 s without one. A
-/// crashed replica's events come back after it; an ordered trigger's retries in place send
-/// progress meanwhile.
+/// (to any replica): twice the trigger's delivery timeout, at least 2 s, 30 s without one. The
+/// replica holding a message reports it in progress until its delivery ends (`KeepWaiting`),
+/// so this is how long a crashed replica's events take to come back.
 pub fn ack_wait(timeout: Option<Duration>) -> Duration {
     timeout.map_or(Duration::from_secs(30), |t| {
         t.saturating_mul(2)
@@ -682,7 +675,6 @@ pub(crate) async fn pull<Fut>(
             let acker = Arc::new(AckHandle {
                 acker,
                 lease: lease.clone(),
-                started: AtomicBool::new(false),
             });
             waiting.add(&acker);
             match record::decode_record(&msg.payload) {
@@ -818,10 +810,13 @@ where
     true
 }
 
-/// Messages taken from a consumer wait in the trigger's queues until a worker is free, which
-/// can last longer than the ack wait; JetStream would then deliver them a second time. A task
-/// tells JetStream, often enough for any ack wait, that those not started yet are in progress
-/// (not those pulled under a lease since lost: they are left to come back to its next holder).
+/// Messages taken from a consumer wait in the trigger's queues until a worker is free, and their
+/// deliveries run, retries and backoff included, for as long as the subscriber takes (up to the
+/// trigger's timeout, else ten minutes for an HTTP request): either can last longer than the ack
+/// wait, and JetStream would then deliver them a second time beside this replica's. A task tells
+/// JetStream, often enough for any ack wait, that every message this replica still holds is in
+/// progress (not those pulled under a lease since lost: they are left to come back to its next
+/// holder). A replica that dies stops telling, and its messages come back after one ack wait.
 /// The task outlives the reading (a trigger rebuilt: its old workers still empty their queues)
 /// and ends once the reading has stopped and no message it handed over is left.
 struct KeepWaiting {
@@ -851,7 +846,7 @@ impl KeepWaiting {
                     }
                     h.iter()
                         .filter_map(Weak::upgrade)
-                        .filter(|a| !a.started.load(Ordering::Acquire) && a.lease_held())
+                        .filter(|a| a.lease_held())
                         .collect()
                 };
                 for a in waiting {

@@ -217,7 +217,6 @@ impl Mesh {
         if env.abandoned() {
             return;
         }
-        env.start();
         if let Some(wf) = &t.wasm_filter {
             match wf.matches(&env.event).1 {
                 Ok(called) => {
@@ -344,7 +343,6 @@ impl Mesh {
         if env.abandoned() {
             return;
         }
-        env.start();
         if let Some(wf) = &t.wasm_filter {
             let f = Arc::clone(wf);
             let ev = Arc::clone(&env.event);

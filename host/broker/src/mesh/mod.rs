@@ -90,13 +90,6 @@ impl Envelope {
     fn abandoned(&self) -> bool {
         self.acker.as_ref().is_some_and(|a| !a.lease_held())
     }
-
-    /// Its delivery starts (JetStream: no longer kept waiting by the feeder).
-    fn start(&self) {
-        if let Some(a) = &self.acker {
-            a.start();
-        }
-    }
 }
 
 /// Settings of the data plane.
