@@ -40,11 +40,12 @@ pub struct NatsConfig {
     pub replicas: usize,
 }
 
-/// What acknowledges, NAKs or extends one JetStream message; for an ordered trigger, whether
-/// this replica still holds the lease it was pulled under.
+/// What acknowledges, NAKs or extends one JetStream message; whether its delivery has ended
+/// here; for an ordered trigger, whether this replica still holds the lease it was pulled under.
 pub struct AckHandle {
     acker: jetstream::message::Acker,
     lease: Option<Arc<LeaseHold>>,
+    settled: AtomicBool,
 }
 
 impl AckHandle {
@@ -52,6 +53,12 @@ impl AckHandle {
     /// it (and the events after it) by now, so this one must not start it.
     pub fn lease_held(&self) -> bool {
         self.lease.as_ref().is_none_or(|hold| hold.holds())
+    }
+
+    /// Its delivery ends here (the acknowledgement or NAK is on its way): no more progress is
+    /// reported for it, which could otherwise follow a NAK and undo its delay.
+    pub fn settle(&self) {
+        self.settled.store(true, Ordering::Release);
     }
 }
 
@@ -675,6 +682,7 @@ pub(crate) async fn pull<Fut>(
             let acker = Arc::new(AckHandle {
                 acker,
                 lease: lease.clone(),
+                settled: AtomicBool::new(false),
             });
             waiting.add(&acker);
             match record::decode_record(&msg.payload) {
@@ -707,6 +715,7 @@ pub(crate) async fn pull<Fut>(
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "a message in the stream is not a wasmesh event; dropped");
+                    acker.settle();
                     let _ = acker.ack_with(jetstream::AckKind::Term).await;
                 }
             }
@@ -846,7 +855,7 @@ impl KeepWaiting {
                     }
                     h.iter()
                         .filter_map(Weak::upgrade)
-                        .filter(|a| a.lease_held())
+                        .filter(|a| !a.settled.load(Ordering::Acquire) && a.lease_held())
                         .collect()
                 };
                 for a in waiting {

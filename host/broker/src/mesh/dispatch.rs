@@ -480,6 +480,7 @@ impl Mesh {
                     trigger = %t.name, retry = env.attempts + 1, wait_ms = wait.as_millis() as u64,
                     code = ?f.code, "retrying (JetStream NAK)"
                 );
+                acker.settle();
                 if let Err(e) = acker
                     .ack_with(async_nats::jetstream::AckKind::Nak(Some(wait)))
                     .await
@@ -504,6 +505,7 @@ impl Mesh {
             log.ack(id, seq);
         }
         if let Some(acker) = &env.acker {
+            acker.settle();
             let acker = Arc::clone(acker);
             tokio::spawn(async move {
                 if let Err(e) = acker.ack().await {

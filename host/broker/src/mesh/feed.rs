@@ -94,6 +94,7 @@ impl Mesh {
                 let queue = lanes.for_event(&p.event).clone();
                 async move {
                     if !passes {
+                        p.acker.settle();
                         let _ = p.acker.ack().await;
                         return true;
                     }
