@@ -88,9 +88,9 @@ pub(crate) struct ServeArgs {
     #[arg(long, default_value = "5s", value_parser = parse_age)]
     shutdown_grace: Duration,
     /// How long an uploaded or rebuilt module that nothing names any more (no Function, no
-    /// kept revision) stays stored before it is removed, from the data directory and, over
-    /// NATS, from the replicas' shared store. An upload waits that long for the apply that
-    /// names it.
+    /// kept revision) stays stored, counted from its last upload or build, before it is
+    /// removed from the data directory and, over NATS, from the replicas' shared store. An
+    /// upload waits that long for the apply that names it.
     #[arg(long, default_value = "1h", value_parser = parse_age)]
     module_grace: Duration,
     /// Apply changes to the files while running; a change that does not parse or build is
